@@ -1,0 +1,1 @@
+"""Privacy accounting (placeholder until the accounting module lands)."""

@@ -1,0 +1,1 @@
+"""Batch selection (placeholder until the sampling module lands)."""
