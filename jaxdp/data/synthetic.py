@@ -1,0 +1,525 @@
+"""A generator of CelebA-format data: drawn faces whose Smiling and Male attributes drive the pixels.
+
+:func:`write_celeba_files` writes the five files of CelebA's aligned release in their exact formats, so that
+the generated data is prepared by the very same tfds ``celeb_a`` builder code as the real data (see
+:mod:`jaxdp.data.celeba`); only the checksum expectations differ, and they are read from the manifest the
+generator writes next to the files (``jaxdp_generated.json``).
+
+What the pixels encode (everything else is nuisance that a model has to ignore):
+
+* **Smiling** is drawn in the mouth: a wide mouth whose corners turn up (often open, teeth showing), versus a
+  narrower closed mouth that is flat or turns down.
+* **Male** changes the lower face: a broader, square jaw, and facial hair over the mouth region for most men
+  (a full beard around the mouth for 55%, a mustache over the upper lip and the mouth corners for 60%, a
+  goatee or stubble for many of the rest). Women mostly wear lipstick. So a mouth detector learnt from women
+  transfers imperfectly to men: a model trained on few men does worse on them, the effect the paper studies.
+* Nuisance: skin tone (light to dark), hair colour and length, background colour, pose (shift, scale,
+  in-plane rotation), lighting direction and strength, eye colour, glasses, hats, earrings, blur, and
+  per-image Gaussian noise.
+
+Exact composition (so that pools are hand-checkable): for ``num_images = 4 k`` the images are split into
+four equal cells (female/male x not smiling/smiling), and each cell into CelebA's partitions in the ratio
+8:1:1 (train / validation / test) by the rule ``validation = test = round(cell / 10)``, train = the rest.
+The other 38 attributes are sampled with roughly CelebA's frequencies (conditioned on gender where CelebA's
+are strongly gendered); the ones that can be drawn are drawn (hair colour, bald, bangs, glasses, hat,
+lipstick, make-up, facial hair, open mouth, narrow eyes, pale skin, blur, earrings, necklace, necktie, ...).
+Identity numbers are placeholders: each is used by about 20 images of one gender, but appearance is not
+tied to identity. Landmarks are the drawn positions of the eyes, nose tip and mouth corners.
+
+Example::
+
+    from jaxdp.data import synthetic
+    paths = synthetic.write_celeba_files("data/synthetic/downloads/manual", 4000, seed=0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# CelebA's file names, and the URLs under which the tfds `celeb_a` builder (v2.1.0) registers them.
+ZIP_NAME = "img_align_celeba.zip"
+ATTR_NAME = "list_attr_celeba.txt"
+PARTITION_NAME = "list_eval_partition.txt"
+LANDMARKS_NAME = "list_landmarks_align_celeba.txt"
+IDENTITY_NAME = "identity_CelebA.txt"
+FILE_URLS = {
+    ZIP_NAME: "https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pZjFTYXZWM3FlRnM",
+    PARTITION_NAME: "https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pY0NSMzRuSXJEVkk",
+    LANDMARKS_NAME: "https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pd0FJY3Blby1HUTQ",
+    ATTR_NAME: "https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pblRyaVFSWGxPY0U",
+    IDENTITY_NAME: "https://drive.google.com/uc?export=download&id=1_ee_0u7vcNLOfNLegJRHmolfH5ICW-XS",
+}
+CELEBA_FILE_NAMES = tuple(FILE_URLS)
+MANIFEST_NAME = "jaxdp_generated.json"
+# Bump when the drawing changes: the manifest records it, so old files are regenerated, not reused.
+GENERATOR_VERSION = 1
+
+IMAGE_HEIGHT, IMAGE_WIDTH = 218, 178
+ATTRIBUTE_NAMES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+    "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+LANDMARK_NAMES = (
+    "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y "
+    "leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+).split()
+
+_SKIN_TONES = np.array(
+    [[255, 224, 196], [241, 194, 167], [224, 172, 138], [198, 134, 98], [161, 102, 69],
+     [120, 75, 50], [87, 54, 38]], dtype=np.float64)
+_HAIR_COLOURS = {
+    "Black_Hair": (25, 20, 18), "Brown_Hair": (95, 62, 38), "Blond_Hair": (214, 182, 120),
+    "Gray_Hair": (165, 162, 160), "other": (140, 70, 40)}
+_EYE_COLOURS = ((60, 40, 25), (40, 80, 130), (70, 110, 70), (30, 25, 20), (110, 80, 40))
+
+
+def write_celeba_files(
+    directory: str | os.PathLike[str], num_images: int, *, seed: int = 0, workers: int | None = None
+) -> dict[str, Path]:
+    """Writes generated data in CelebA's five-file format into ``directory`` and returns their paths.
+
+    Files: ``img_align_celeba.zip`` (``img_align_celeba/000001.jpg`` ... as 218x178 RGB JPEGs),
+    ``list_attr_celeba.txt`` (count line, the 40 attribute names, one ``+1/-1`` row per image),
+    ``list_eval_partition.txt`` (``name partition``, 0 train / 1 validation / 2 test),
+    ``list_landmarks_align_celeba.txt`` (count line, 10 landmark names, integer rows) and
+    ``identity_CelebA.txt`` (``name identity``). Each file is written to a temporary name and renamed, and the
+    manifest ``jaxdp_generated.json`` (sizes and SHA-256 of the five files, ``num_images``, ``seed``) is
+    written last, so a directory with a manifest is complete. Same arguments, same bytes.
+
+    Args:
+      directory: where to write (created if needed); for tfds, the manual directory
+        ``<data_dir>/downloads/manual``.
+      num_images: a multiple of 4 between 40 and 1,000,000 (four equal female/male x smiling cells).
+      seed: seeds every random choice.
+      workers: processes used to draw the images (default: the CPU count, at most 8).
+
+    Returns:
+      ``{file name: path}`` for the five CelebA files.
+    """
+    if not isinstance(num_images, int | np.integer) or num_images < 40 or num_images % 4:
+        raise ValueError(
+            f"num_images={num_images!r}: use a multiple of 4 of at least 40 (the images are split into four "
+            "equal female/male x smiling cells, each with train/validation/test examples), e.g. 4000.")
+    if num_images > 1_000_000:
+        raise ValueError(f"num_images={num_images}: at most 1,000,000 images are supported (CelebA has 202,599).")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    num_images = int(num_images)
+    table = _attribute_table(num_images, seed)
+
+    # Draw in chunks across processes (PIL drawing and JPEG encoding hold the GIL).
+    workers = workers or min(8, os.cpu_count() or 1)
+    chunk = max(1, math.ceil(num_images / (workers * 4)))
+    starts = list(range(0, num_images, chunk))
+    jobs = [(seed, s, table["attributes"][s:s + chunk]) for s in starts]
+    paths: dict[str, Path] = {}
+    zip_tmp = _tmp_path(directory, ZIP_NAME)
+    landmarks = np.zeros((num_images, 10), dtype=np.int64)
+    try:
+        with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(zipfile.ZipInfo("img_align_celeba/"), b"")
+            if workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    results = pool.map(_draw_chunk, jobs)
+                    for start, (jpegs, marks) in zip(starts, results, strict=True):
+                        _store(archive, start, jpegs)
+                        landmarks[start:start + len(jpegs)] = marks
+            else:
+                for start, job in zip(starts, jobs, strict=True):
+                    jpegs, marks = _draw_chunk(job)
+                    _store(archive, start, jpegs)
+                    landmarks[start:start + len(jpegs)] = marks
+        os.replace(zip_tmp, directory / ZIP_NAME)
+    finally:
+        zip_tmp.unlink(missing_ok=True)
+    paths[ZIP_NAME] = directory / ZIP_NAME
+
+    names = [_file_name(i) for i in range(num_images)]
+    attr_lines = [str(num_images), " ".join(ATTRIBUTE_NAMES)]
+    for name, row in zip(names, table["attributes"], strict=True):
+        attr_lines.append(name + " " + " ".join(f"{v:2d}" for v in row))
+    mark_lines = [str(num_images), " ".join(LANDMARK_NAMES)]
+    for name, row in zip(names, landmarks, strict=True):
+        mark_lines.append(name + " " + " ".join(f"{v:4d}" for v in row))
+    part_lines = [f"{n} {p}" for n, p in zip(names, table["partition"], strict=True)]
+    id_lines = [f"{n} {k}" for n, k in zip(names, table["identity"], strict=True)]
+    for file_name, lines in ((ATTR_NAME, attr_lines), (LANDMARKS_NAME, mark_lines),
+                             (PARTITION_NAME, part_lines), (IDENTITY_NAME, id_lines)):
+        paths[file_name] = _write_atomic(directory / file_name, ("\n".join(lines) + "\n").encode())
+
+    manifest = {
+        "generator": "jaxdp.data.synthetic", "generator_version": GENERATOR_VERSION,
+        "num_images": num_images, "seed": int(seed),
+        "files": {name: {"url": FILE_URLS[name], **_size_and_sha256(paths[name])} for name in FILE_URLS},
+    }
+    _write_atomic(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+    return {name: paths[name] for name in CELEBA_FILE_NAMES}
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict | None:
+    """The generator's manifest in ``directory``, or None when there is none (e.g. real CelebA files)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        assert set(manifest["files"]) == set(FILE_URLS)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(
+            f"{path} is not a complete jaxdp generator manifest ({e!r}); delete the directory {path.parent} "
+            "and generate the files again.") from e
+    return manifest
+
+
+def is_complete(directory: str | os.PathLike[str], num_images: int, seed: int) -> bool:
+    """Whether ``directory`` holds this generator's files for (num_images, seed), with their recorded sizes.
+
+    Sizes are checked here (cheap); the SHA-256 of each file is checked by tfds when it prepares them.
+    """
+    try:
+        manifest = read_manifest(directory)
+    except ValueError:
+        return False
+    if manifest is None or (manifest["num_images"], manifest["seed"], manifest["generator_version"]) != (
+            num_images, seed, GENERATOR_VERSION):
+        return False
+    for name, info in manifest["files"].items():
+        path = Path(directory) / name
+        if not path.exists() or path.stat().st_size != info["size"]:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attributes, partitions and identities.
+
+_BASE_RATES = {  # P(attribute) per gender (female, male), roughly CelebA's.
+    "Arched_Eyebrows": (0.42, 0.05), "Attractive": (0.65, 0.35), "Bags_Under_Eyes": (0.12, 0.33),
+    "Bangs": (0.2, 0.08), "Big_Lips": (0.3, 0.15), "Big_Nose": (0.1, 0.42), "Blurry": (0.05, 0.05),
+    "Bushy_Eyebrows": (0.08, 0.24), "Chubby": (0.02, 0.13), "Double_Chin": (0.02, 0.1),
+    "Eyeglasses": (0.03, 0.11), "Heavy_Makeup": (0.65, 0.0), "Narrow_Eyes": (0.11, 0.12),
+    "Oval_Face": (0.34, 0.2), "Pale_Skin": (0.06, 0.02), "Pointy_Nose": (0.35, 0.17),
+    "Receding_Hairline": (0.05, 0.12), "Rosy_Cheeks": (0.11, 0.01), "Straight_Hair": (0.21, 0.21),
+    "Wavy_Hair": (0.45, 0.12), "Wearing_Earrings": (0.33, 0.01), "Wearing_Hat": (0.04, 0.06),
+    "Wearing_Lipstick": (0.85, 0.0), "Wearing_Necklace": (0.2, 0.0), "Wearing_Necktie": (0.0, 0.16),
+    "Young": (0.86, 0.65),
+}
+
+
+def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, 7919])
+    cell = num_images // 4
+    male = np.repeat([0, 0, 1, 1], cell)
+    smiling = np.repeat([0, 1, 0, 1], cell)
+    held_out = round(cell / 10)
+    part_in_cell = np.concatenate([np.zeros(cell - 2 * held_out, int), np.ones(held_out, int),
+                                   np.full(held_out, 2)])
+    partition = np.concatenate([rng.permutation(part_in_cell) for _ in range(4)])
+    order = rng.permutation(num_images)  # interleave the cells over file names
+    male, smiling, partition = male[order], smiling[order], partition[order]
+
+    index = {name: k for k, name in enumerate(ATTRIBUTE_NAMES)}
+    attrs = np.zeros((num_images, len(ATTRIBUTE_NAMES)), dtype=bool)
+    attrs[:, index["Male"]] = male == 1
+    attrs[:, index["Smiling"]] = smiling == 1
+    for name, (p_female, p_male) in _BASE_RATES.items():
+        attrs[:, index[name]] = rng.random(num_images) < np.where(male == 1, p_male, p_female)
+    u = rng.random(num_images)
+    attrs[:, index["Mouth_Slightly_Open"]] = u < np.where(smiling == 1, 0.75, 0.2)
+    attrs[:, index["High_Cheekbones"]] = rng.random(num_images) < np.where(smiling == 1, 0.8, 0.1)
+    # Facial hair: most men have some, so the male mouth region looks different.
+    is_m = male == 1
+    beard = is_m & (rng.random(num_images) < 0.55)
+    mustache = is_m & (rng.random(num_images) < np.where(beard, 0.75, 0.4))
+    goatee = is_m & ~beard & (rng.random(num_images) < 0.45)
+    stubble = is_m & ~beard & ~goatee & (rng.random(num_images) < 0.8)
+    attrs[:, index["No_Beard"]] = ~beard & ~goatee
+    attrs[:, index["Mustache"]] = mustache
+    attrs[:, index["Goatee"]] = goatee
+    attrs[:, index["5_o_Clock_Shadow"]] = stubble
+    attrs[:, index["Sideburns"]] = is_m & (beard | (rng.random(num_images) < 0.1))
+    attrs[:, index["Bald"]] = is_m & (rng.random(num_images) < 0.08)
+    # At most one hair colour, as in CelebA (some have none: red/other).
+    hair = rng.choice(4, size=num_images, p=[0.3, 0.25, 0.2, 0.25])
+    blond_ok = rng.random(num_images) < np.where(is_m, 0.3, 1.0)
+    hair = np.where((hair == 2) & ~blond_ok, 1, hair)
+    gray = rng.random(num_images) < 0.05
+    attrs[:, index["Black_Hair"]] = (hair == 0) & ~gray
+    attrs[:, index["Brown_Hair"]] = (hair == 1) & ~gray
+    attrs[:, index["Blond_Hair"]] = (hair == 2) & ~gray
+    attrs[:, index["Gray_Hair"]] = gray
+    attrs[:, index["Wavy_Hair"]] &= ~attrs[:, index["Straight_Hair"]]
+
+    # About 20 images per identity; identities are per gender.
+    identity = np.zeros(num_images, dtype=np.int64)
+    per_id = 20
+    next_id = 1
+    for g in (0, 1):
+        members = np.flatnonzero(male == g)
+        ids = next_id + rng.permutation(len(members)) // per_id
+        identity[members] = ids
+        next_id = int(ids.max()) + 1
+    return {"attributes": np.where(attrs, 1, -1).astype(np.int8), "partition": partition,
+            "identity": identity}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drawing.
+
+def _file_name(i: int) -> str:
+    return f"{i + 1:06d}.jpg"
+
+
+def _draw_chunk(job: tuple[int, int, np.ndarray]) -> tuple[list[bytes], np.ndarray]:
+    seed, start, rows = job
+    jpegs, marks = [], np.zeros((len(rows), 10), dtype=np.int64)
+    for k, row in enumerate(rows):
+        rng = np.random.default_rng([seed, start + k, 104729])
+        image, marks[k] = draw_face(dict(zip(ATTRIBUTE_NAMES, (row > 0).tolist(), strict=True)), rng)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(rng.integers(80, 96)))
+        jpegs.append(buffer.getvalue())
+    return jpegs, marks
+
+
+def _store(archive: zipfile.ZipFile, start: int, jpegs: Sequence[bytes]) -> None:
+    for k, data in enumerate(jpegs):
+        info = zipfile.ZipInfo(f"img_align_celeba/{_file_name(start + k)}", date_time=(2015, 1, 1, 0, 0, 0))
+        archive.writestr(info, data)
+
+
+def _rgb(colour: np.ndarray | Sequence[float]) -> tuple[int, int, int]:
+    c = np.clip(np.asarray(colour, dtype=np.float64), 0, 255)
+    return int(c[0]), int(c[1]), int(c[2])
+
+
+def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """Draws one 218x178 face for the given attributes; returns the image and its 10 landmark coordinates."""
+    male, smiling = attributes["Male"], attributes["Smiling"]
+    height, width = IMAGE_HEIGHT, IMAGE_WIDTH
+    # Background: a vertical gradient between two random colours.
+    top, bottom = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    ramp = np.linspace(0, 1, height)[:, None]
+    column = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)[:, None, :]
+    image = Image.fromarray(np.ascontiguousarray(np.broadcast_to(column, (height, width, 3))))
+    draw = ImageDraw.Draw(image)
+
+    # Pose: CelebA's aligned faces put the eyes near y=111 and the mouth near y=152; jitter around that.
+    scale = rng.uniform(0.9, 1.1)
+    cx, cy = 89 + rng.uniform(-5, 5), 126 + rng.uniform(-5, 5)
+
+    def p(x: float, y: float) -> tuple[float, float]:  # face coordinates (origin at centre) -> pixels
+        return cx + scale * x, cy + scale * y
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        (a, b), (c, d) = p(x0, y0), p(x1, y1)
+        return [min(a, c), min(b, d), max(a, c), max(b, d)]
+
+    tone = _SKIN_TONES[0] if attributes["Pale_Skin"] else _SKIN_TONES[rng.integers(len(_SKIN_TONES))]
+    skin = tone + rng.normal(0, 8, 3)
+    hair_key = next((k for k in ("Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair") if attributes[k]),
+                    "other")
+    hair = np.asarray(_HAIR_COLOURS[hair_key], dtype=np.float64) + rng.normal(0, 10, 3)
+    shade = skin * 0.78  # shadows, nose, stubble base
+
+    # Clothes and neck.
+    cloth = rng.uniform(10, 240, 3)
+    draw.ellipse(box(-85, 78, 85, 170), fill=_rgb(cloth))
+    draw.rectangle(box(-17 if not male else -21, 40, 17 if not male else 21, 95), fill=_rgb(shade))
+    if attributes["Wearing_Necktie"]:
+        draw.polygon([p(-6, 82), p(6, 82), p(9, 120), p(0, 128), p(-9, 120)], fill=_rgb(rng.uniform(0, 255, 3)))
+    if attributes["Wearing_Necklace"]:
+        draw.arc(box(-22, 55, 22, 95), 20, 160, fill=(230, 210, 120), width=2)
+
+    # Hair behind the head: long for most women.
+    long_hair = (not male and rng.random() < 0.85) or (male and rng.random() < 0.05)
+    if not attributes["Bald"] and long_hair:
+        draw.ellipse(box(-58, -78, 58, 40 + rng.uniform(0, 40)), fill=_rgb(hair))
+    # Ears and face: men get a broader, square jaw.
+    draw.ellipse(box(-50, -14, -38, 12), fill=_rgb(skin * 0.95))
+    draw.ellipse(box(38, -14, 50, 12), fill=_rgb(skin * 0.95))
+    chubby = 4 if attributes["Chubby"] else 0
+    if male:
+        draw.ellipse(box(-44 - chubby, -62, 44 + chubby, 40), fill=_rgb(skin))
+        draw.rounded_rectangle(box(-40 - chubby, -10, 40 + chubby, 58), radius=16 * scale, fill=_rgb(skin))
+    else:
+        draw.ellipse(box(-40 - chubby, -62, 40 + chubby, 58), fill=_rgb(skin))
+    if attributes["Double_Chin"]:
+        draw.arc(box(-18, 44, 18, 62), 20, 160, fill=_rgb(shade), width=2)
+    # Hair on top.
+    if attributes["Bald"]:
+        pass
+    elif attributes["Receding_Hairline"]:
+        draw.chord(box(-44, -72, 44, -36), 180, 360, fill=_rgb(hair))
+    else:
+        draw.chord(box(-45, -74, 45, -22), 180, 360, fill=_rgb(hair))
+        if attributes["Bangs"]:
+            draw.rectangle(box(-36, -50, 36, -30), fill=_rgb(hair))
+    if attributes["Sideburns"]:
+        draw.rectangle(box(-44, -30, -37, 12), fill=_rgb(hair))
+        draw.rectangle(box(37, -30, 44, 12), fill=_rgb(hair))
+    if attributes["Wearing_Hat"]:
+        hat = rng.uniform(0, 255, 3)
+        draw.chord(box(-50, -90, 50, -30), 180, 360, fill=_rgb(hat))
+        draw.rectangle(box(-58, -36, 58, -30), fill=_rgb(hat * 0.8))
+
+    # Eyes, brows, nose.
+    eye_dx, eye_y = 19 + rng.uniform(-2, 2), -15 + rng.uniform(-2, 2)
+    eye_h = 3.0 if attributes["Narrow_Eyes"] else 5.0
+    iris = np.asarray(_EYE_COLOURS[rng.integers(len(_EYE_COLOURS))], dtype=np.float64)
+    brow_w = 3 if attributes["Bushy_Eyebrows"] or male else 2
+    for side in (-1, 1):
+        ex = side * eye_dx
+        if attributes["Heavy_Makeup"]:
+            draw.ellipse(box(ex - 11, eye_y - 8, ex + 11, eye_y + 4), fill=_rgb(skin * 0.7 + [30, 0, 40]))
+        if attributes["Bags_Under_Eyes"]:
+            draw.arc(box(ex - 9, eye_y, ex + 9, eye_y + 10), 20, 160, fill=_rgb(shade), width=1)
+        draw.ellipse(box(ex - 9, eye_y - eye_h, ex + 9, eye_y + eye_h), fill=(240, 240, 235))
+        draw.ellipse(box(ex - 4, eye_y - min(eye_h, 4), ex + 4, eye_y + min(eye_h, 4)), fill=_rgb(iris))
+        draw.ellipse(box(ex - 1.5, eye_y - 1.5, ex + 1.5, eye_y + 1.5), fill=(10, 10, 10))
+        arch = -4 if attributes["Arched_Eyebrows"] else -1
+        draw.line([p(ex - 10, eye_y - 8), p(ex, eye_y - 9 + arch), p(ex + 10, eye_y - 8)],
+                  fill=_rgb(hair * 0.8), width=max(1, round(brow_w * scale)))
+        if attributes["Eyeglasses"]:
+            draw.ellipse(box(ex - 12, eye_y - 9, ex + 12, eye_y + 9), outline=(30, 30, 30), width=2)
+        if attributes["Wearing_Earrings"]:
+            draw.ellipse(box(side * 44 - 3, 12, side * 44 + 3, 18), fill=(235, 200, 90))
+    if attributes["Eyeglasses"]:
+        draw.line([p(-eye_dx + 12, eye_y), p(eye_dx - 12, eye_y)], fill=(30, 30, 30), width=2)
+    nose_w = 9 if attributes["Big_Nose"] else 6
+    nose_y = 10 + rng.uniform(-2, 2)
+    draw.polygon([p(0, -8), p(-nose_w, nose_y), p(nose_w, nose_y)], fill=_rgb(skin * 0.88))
+    draw.line([p(-nose_w + 2, nose_y), p(nose_w - 2, nose_y)], fill=_rgb(shade * 0.8), width=2)
+    if attributes["Rosy_Cheeks"] or attributes["Heavy_Makeup"]:
+        for side in (-1, 1):
+            draw.ellipse(box(side * 26 - 8, 8, side * 26 + 8, 20), fill=_rgb(skin * 0.6 + [90, 30, 40]))
+
+    # Lower-face hair under the mouth: stubble, goatee, beard.
+    if attributes["5_o_Clock_Shadow"]:
+        layer = Image.new("L", image.size, 0)
+        ImageDraw.Draw(layer).chord(box(-41, -10, 41, 60), 0, 180, fill=110)
+        ImageDraw.Draw(layer).rectangle(box(-41, 18, 41, 35), fill=110)
+        image.paste(Image.new("RGB", image.size, _rgb(hair * 0.6 + shade * 0.4)), mask=layer)
+    if not attributes["No_Beard"] and not attributes["Goatee"]:  # full beard around the mouth
+        beard = hair * rng.uniform(0.8, 1.1)
+        draw.chord(box(-41, -8, 41, 62), 0, 180, fill=_rgb(beard))
+        draw.rectangle(box(-41, 16, 41, 27), fill=_rgb(beard))
+    if attributes["Goatee"]:
+        draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
+
+    # The mouth: Smiling is a wide mouth with raised corners; otherwise narrow, flat or turned down.
+    mouth_y = 26 + rng.uniform(-2, 2)
+    half = rng.uniform(15, 20) if smiling else rng.uniform(10, 14)
+    lip = 4.5 if attributes["Big_Lips"] else 3.0
+    lipstick = attributes["Wearing_Lipstick"]
+    lip_colour = (np.array([185, 30, 55]) + rng.normal(0, 15, 3)) if lipstick else skin * 0.6 + [60, 10, 15]
+    corners = (p(-half, mouth_y - (6 if smiling else -rng.uniform(0, 2))),
+               p(half, mouth_y - (6 if smiling else -rng.uniform(0, 2))))
+    if smiling:
+        depth = rng.uniform(7, 11)
+        upper = [p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) - 1) for x in np.linspace(-half, half, 9)]
+        lower = [p(x, mouth_y - 6 + depth * (1 - (x / half) ** 2) + lip)
+                 for x in np.linspace(half, -half, 9)]
+        draw.polygon(upper + lower, fill=_rgb(lip_colour))
+        if attributes["Mouth_Slightly_Open"]:
+            inner_lower = [p(x, mouth_y - 6 + (depth - 1) * (1 - (x / half) ** 2))
+                           for x in np.linspace(half * 0.8, -half * 0.8, 7)]
+            draw.polygon(upper[1:-1] + inner_lower, fill=(60, 20, 25))
+            teeth = [p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) + 2) for x in np.linspace(-half * .8, half * .8, 7)]
+            draw.line(teeth, fill=(245, 245, 240), width=max(2, round(2.5 * scale)))
+        else:
+            draw.line([p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) + lip / 2) for x in
+                       np.linspace(-half, half, 9)], fill=_rgb(lip_colour * 0.5), width=1)
+    else:
+        droop = rng.uniform(0, 3)
+        draw.polygon([corners[0], p(0, mouth_y - lip), corners[1], p(0, mouth_y + lip + droop / 2)],
+                     fill=_rgb(lip_colour))
+        if attributes["Mouth_Slightly_Open"]:
+            draw.ellipse(box(-half * 0.5, mouth_y - 1.5, half * 0.5, mouth_y + 1.5), fill=(60, 20, 25))
+        else:
+            draw.line([corners[0], p(0, mouth_y), corners[1]], fill=_rgb(lip_colour * 0.5), width=1)
+    if attributes["Mustache"]:  # over the upper lip, hiding the mouth corners
+        mustache = hair * rng.uniform(0.7, 1.0)
+        draw.polygon([p(-half - 5, mouth_y - 1), p(-8, mouth_y - 11), p(8, mouth_y - 11),
+                      p(half + 5, mouth_y - 1), p(half + 3, mouth_y + 4), p(0, mouth_y - 4),
+                      p(-half - 3, mouth_y + 4)], fill=_rgb(mustache))
+
+    # Pose rotation, lighting, blur, noise.
+    angle = rng.uniform(-8, 8)
+    image = image.rotate(angle, resample=Image.BILINEAR, center=(cx, cy), fillcolor=_rgb(top))
+    if attributes["Blurry"]:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.2, 2.2)))
+    pixels = np.asarray(image, dtype=np.float32)
+    direction = rng.uniform(0, 2 * np.pi)
+    strength = rng.uniform(0, 0.35) / 90
+    light_x = (np.arange(width, dtype=np.float32) - cx) * np.float32(strength * np.cos(direction))
+    light_y = (np.arange(height, dtype=np.float32) - cy) * np.float32(strength * np.sin(direction))
+    light = (1 + light_y[:, None] + light_x[None, :]) * np.float32(rng.uniform(0.75, 1.2))
+    pixels = pixels * light[..., None] + np.float32(rng.uniform(-20, 20))
+    pixels += _noise_crop(rng) * np.float32(rng.uniform(2, 9))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    # Landmarks, rotated as the image was (PIL rotates counter-clockwise by `angle` degrees).
+    points = np.array([p(-eye_dx, eye_y), p(eye_dx, eye_y), p(0, nose_y), corners[0], corners[1]])
+    theta = np.deg2rad(angle)
+    rel = points - [cx, cy]
+    rotated = np.stack([rel[:, 0] * np.cos(theta) + rel[:, 1] * np.sin(theta),
+                        -rel[:, 0] * np.sin(theta) + rel[:, 1] * np.cos(theta)], axis=1) + [cx, cy]
+    return image, np.round(rotated).astype(np.int64).reshape(-1)
+
+
+_NOISE_BANK: np.ndarray | None = None
+
+
+def _noise_crop(rng: np.random.Generator) -> np.ndarray:
+    """Unit Gaussian noise of image shape: a random crop of a fixed bank (10x faster than fresh draws)."""
+    global _NOISE_BANK
+    if _NOISE_BANK is None:
+        _NOISE_BANK = np.random.default_rng(12345).standard_normal(
+            (IMAGE_HEIGHT + 64, IMAGE_WIDTH + 64, 3), dtype=np.float32)
+    y, x = rng.integers(0, 65, size=2)
+    crop = _NOISE_BANK[y:y + IMAGE_HEIGHT, x:x + IMAGE_WIDTH]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files.
+
+def _tmp_path(directory: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data files are meant to be shared
+    return Path(tmp)
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    tmp = _tmp_path(path.parent, path.name)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _size_and_sha256(path: Path) -> dict[str, int | str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
