@@ -329,13 +329,14 @@ def calibrate_noise(
     tol: float = 1e-3,
     *,
     max_noise_multiplier: float = 1000.0,
+    pld_value_discretization: float | None = None,
 ) -> float:
     """The smallest noise multiplier z (to relative tolerance ``tol``) with epsilon(z) <= target_epsilon.
 
     Bisection on z between a value whose epsilon exceeds the target and one that meets it. The returned
     z always satisfies ``epsilon(z, ...) <= target_epsilon`` exactly as computed by :func:`epsilon` with
-    the same arguments, and z * (1 - tol) does not (up to monotonicity of the accountant). Raises if even
-    ``max_noise_multiplier`` does not reach the target.
+    the same arguments (``pld_value_discretization`` included), and z * (1 - tol) does not. Raises if
+    even ``max_noise_multiplier`` does not reach the target.
 
     Paper setting (q = 32/24000, 45,000 steps, delta 1e-6): rdp_classic takes about 0.5 s, pld about 15 s.
     """
@@ -349,7 +350,16 @@ def calibrate_noise(
         raise ValueError("steps=0 spends no privacy; there is no noise multiplier to calibrate.")
 
     def eps(z: float) -> float:
-        return epsilon(z, sampling_prob, steps, delta, accountant, sampling, dataset_size)
+        return epsilon(
+            z,
+            sampling_prob,
+            steps,
+            delta,
+            accountant,
+            sampling,
+            dataset_size,
+            pld_value_discretization=pld_value_discretization,
+        )
 
     hi = 1.0
     while eps(hi) > target:
