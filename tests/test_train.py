@@ -1,0 +1,181 @@
+"""The training loop: device-count equivalence, kill-and-resume, BatchNorm refusal, checkpoint corruption."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdp import train
+from jaxdp.checkpoint import Checkpointer
+from jaxdp.config import base_config
+
+
+class Split:
+    def __init__(self, images, label, group):
+        self.images, self.label, self.group = images, label, group
+
+
+def tiny_datasets(n_train=96, n_test=48, size=16, seed=0):
+    """Smiling = a bright lower half; males (group 1) have a darker face. Learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        label = rng.integers(0, 2, n).astype(np.int32)
+        group = (rng.random(n) < 0.3).astype(np.int32)
+        images = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+        images[label == 1, size // 2 :] += 150
+        images[group == 1] //= 2
+        return Split(images, label, group)
+
+    return make(n_train), make(n_test)
+
+
+def tiny_config(**overrides):
+    c = base_config()
+    c.data.image_size = 16
+    c.model.stage_sizes = (1,)
+    c.model.width = 8
+    c.model.num_groups = 4
+    c.dp.noise_multiplier = 0.5
+    c.dp.l2_clip_norm = 1.0
+    c.optim.learning_rate = 1e-2
+    c.train.batch_size = 16
+    c.train.epochs = 1
+    c.train.eval_every_steps = 3
+    c.train.checkpoint_every_steps = 2
+    c.train.eval_batch_size = 16
+    c.train.progress = False
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def final_params(workdir):
+    restored = Checkpointer(Path(workdir) / "checkpoints").restore_latest()
+    assert restored is not None
+    return restored[1]["params"]
+
+
+def assert_trees_close(a, b, **kwargs):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kwargs)
+
+
+def test_run_writes_history_and_final(tmp_path):
+    final = train.train_and_evaluate(tiny_config(), tmp_path, datasets=tiny_datasets())
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]  # 96 / 16 = 6 steps, evaluation every 3
+    for key in ("accuracy_0", "accuracy_1", "tpr_1", "epsilon", "clip_fraction_0", "grad_norm_mean_1", "train_loss"):
+        assert key in rows[-1]
+    assert rows[0]["epsilon"] < rows[1]["epsilon"]
+    assert 0.0 <= rows[-1]["clip_fraction_0"] <= 1.0
+    assert final["steps"] == 6 and final["sampling"] == "poisson"
+    assert set(final["epsilon"]) == {"pld", "rdp", "rdp_classic"}
+    assert final["metrics"] == rows[-1]
+    assert json.loads((tmp_path / "final.json").read_text()) == final
+    # Finished runs are not redone.
+    assert train.train_and_evaluate(tiny_config(), tmp_path, datasets=tiny_datasets()) == final
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_one_two_and_four_devices_follow_the_same_trajectory(tmp_path, private):
+    assert jax.device_count() >= 4, "tests/conftest.py asks XLA for 4 host devices"
+    params = {}
+    for n in (1, 2, 4):
+        config = tiny_config(**{"train.num_devices": n, "dp.enabled": private, "train.epochs": 0.5})
+        train.train_and_evaluate(config, tmp_path / str(n), datasets=tiny_datasets())
+        params[n] = final_params(tmp_path / str(n))
+    assert_trees_close(params[1], params[2], rtol=1e-4, atol=1e-5)
+    assert_trees_close(params[1], params[4], rtol=1e-4, atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 1.5})  # 9 steps, checkpoints every 2, evaluations every 3
+    reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
+
+    def die_at_step_5(step, total, info):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    assert not (tmp_path / "run" / "final.json").exists()
+    resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
+    assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
+    for key in ("accuracy", "accuracy_0", "accuracy_1", "epsilon", "clip_fraction_0", "train_loss"):
+        assert resumed["metrics"][key] == reference["metrics"][key]
+    ref_rows = (tmp_path / "ref" / "history.jsonl").read_text().splitlines()
+    run_rows = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "wall_time_s"} for r in rows]
+    assert strip(ref_rows) == strip(run_rows)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 1.5})
+    reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
+
+    def die_at_step_5(step, total, info):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    ckpt = tmp_path / "run" / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    # Damage every array file of the newest step (as a disk error or a truncated copy would).
+    for path in (ckpt / "4" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and path.suffix != ".json":
+            path.write_bytes(b"\0" * 7)
+    assert Checkpointer(ckpt).restore_latest()[0] == 2
+    resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
+    assert resumed["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
+    assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
+
+
+def test_batchnorm_is_refused_under_dp(tmp_path):
+    with pytest.raises(ValueError, match="BatchNorm on batch statistics makes each example's gradient depend"):
+        train.train_and_evaluate(tiny_config(**{"model.norm": "batch"}), tmp_path, datasets=tiny_datasets())
+
+
+def test_batchnorm_trains_without_dp(tmp_path):
+    config = tiny_config(**{"model.norm": "batch", "dp.enabled": False, "train.num_devices": 2})
+    final = train.train_and_evaluate(config, tmp_path, datasets=tiny_datasets())
+    assert final["epsilon"] == {"pld": None, "rdp": None, "rdp_classic": None}
+    assert np.isnan(final["metrics"]["clip_fraction_0"] if final["metrics"]["clip_fraction_0"] is not None else np.nan)
+
+
+def test_a_workdir_with_another_config_is_refused(tmp_path):
+    data = tiny_datasets()
+    train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=data)
+    (tmp_path / "final.json").unlink()
+    with pytest.raises(ValueError, match="holds a different config"):
+        train.train_and_evaluate(
+            tiny_config(**{"train.epochs": 0.5, "dp.noise_multiplier": 2.0}), tmp_path, datasets=data
+        )
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("data.female_fraction", 1.0, r"config.data.female_fraction=1.0 must be in \(0, 1\)"),
+        ("dp.l2_clip_norm", 0.0, "config.dp.l2_clip_norm=0.0 must be > 0"),
+        ("dp.sampling", "uniform", "config.dp.sampling='uniform'; choose 'poisson' or 'fixed'"),
+        ("optim.name", "nosuchopt", "config.optim.name='nosuchopt' is not an optax optimiser"),
+        ("train.num_devices", 64, "num_devices must be between 1 and"),
+    ],
+)
+def test_invalid_config_values_are_named(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(tiny_config(**{key: value}), tmp_path, datasets=tiny_datasets())
+    shutil.rmtree(tmp_path, ignore_errors=True)
