@@ -247,7 +247,7 @@ def _fmt(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", str(value))
 
 
-def run_name(config: ml_collections.ConfigDict, axes: Mapping[str, Any] = ()) -> str:
+def run_name(config: ml_collections.ConfigDict, axes: Mapping[str, Any] | None = None) -> str:
     """The directory name of a run, e.g. ``medium-ff0.99-clip5-seed0`` or ``nondp-ff0.7-seed0``.
 
     It always spells out the privacy level, female fraction, clip bound (DP runs) and seed; a noise
@@ -265,7 +265,7 @@ def run_name(config: ml_collections.ConfigDict, axes: Mapping[str, Any] = ()) ->
         elif preset.get("dp.noise_multiplier") != dp.noise_multiplier:
             parts.append(f"z{_fmt(float(dp.noise_multiplier))}")
     parts.append(f"seed{int(config.train.seed)}")
-    for path, value in axes.items():
+    for path, value in (axes or {}).items():
         if path not in _NAMED_AXES and path not in ("dp.noise_multiplier", "dp.enabled",
                                                      "dp.target_epsilon"):
             parts.append(f"{path.split('.')[-1]}{_fmt(value)}")

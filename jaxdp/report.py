@@ -1,0 +1,653 @@
+"""Tables and figures of a sweep working directory, with the paper's published numbers alongside.
+
+:func:`write_report` reads every run directory under a workdir (``sweep_run.json`` + ``final.json`` +
+``history.jsonl``) and writes, without training anything:
+
+- ``summary.csv``: one row per finished run — swept axes, privacy level, noise multiplier, clip bound, epsilon
+  under each accountant, and every final test metric with its 95% confidence interval;
+- ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
+  non-DP baseline at 90% female), ours next to the paper's;
+- ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
+  (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
+  equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
+  (``jaxdp/resources/paper_results.csv``) are drawn as hollow markers on dotted lines where the setting
+  (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
+  (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
+
+Groups: group 0 = female, group 1 = male (jaxdp.fairness' convention); gaps are female minus male. Error bars
+are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
+Newcombe's square-and-add method (Newcombe 1998, method 10), which is what a researcher would compute by hand.
+Runs that differ only in seed are averaged in the figures (each seed's point is drawn faintly).
+The tables are byte-identical when regenerated from the same workdir.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import io
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxdp.sweep import FINAL, PRIVACY_ORDER, RUN_RECORD, find_run_dirs
+
+GROUPS = (("0", "female"), ("1", "male"))
+ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
+PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "nondp": "#1f77b4"}
+GROUP_STYLE = {"female": dict(ls="-", marker="o"), "male": dict(ls="--", marker="s"),
+               "overall": dict(ls=":", marker="^")}
+# The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
+GAPS = {"delta_accuracy": ("accuracy", 1.0), "delta_demographic_parity": ("demographic_parity", 1.0),
+        "delta_equal_opportunity": ("tpr", 1.0), "delta_fpr": ("fpr", 1.0)}
+_FIRST_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
+                  "delta_equal_opportunity", "delta_fpr")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def load_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The evaluation rows of ``history.jsonl``, in step order (a resumed run's repeated steps: last wins)."""
+    path = Path(run_dir) / "history.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[int(row.get("step", len(by_step)))] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _num(x: Any) -> float:
+    try:
+        return float(x) if x is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def newcombe_interval(p0: float, lo0: float, hi0: float, p1: float, lo1: float,
+                      hi1: float) -> tuple[float, float]:
+    """95% interval of p0 - p1 from the two groups' own 95% intervals (Newcombe's square-and-add).
+
+    >>> newcombe_interval(0.8, 0.7, 0.9, 0.5, 0.4, 0.6)   # 0.3 - sqrt(0.1**2 + 0.1**2), 0.3 + ...
+    (0.15857864376269052, 0.4414213562373095)
+    """
+    d = p0 - p1
+    return (d - math.sqrt((p0 - lo0) ** 2 + (hi1 - p1) ** 2),
+            d + math.sqrt((hi0 - p0) ** 2 + (p1 - lo1) ** 2))
+
+
+def _gap_intervals(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for gap, (rate, _) in GAPS.items():
+        if f"{gap}_ci_low" in metrics:
+            continue
+        keys = [f"{rate}_0", f"{rate}_0_ci_low", f"{rate}_0_ci_high",
+                f"{rate}_1", f"{rate}_1_ci_low", f"{rate}_1_ci_high"]
+        if all(k in metrics for k in keys):
+            lo, hi = newcombe_interval(*(_num(metrics[k]) for k in keys))
+            out[f"{gap}_ci_low"], out[f"{gap}_ci_high"] = lo, hi
+    return out
+
+
+def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep."""
+    records = []
+    axes_seen: list[str] = []
+    for run_dir in find_run_dirs(workdir):
+        if not (run_dir / FINAL).exists():
+            continue
+        record, final = _read_json(run_dir / RUN_RECORD), _read_json(run_dir / FINAL)
+        records.append((run_dir, record, final))
+        for axis in record.get("axes", {}):
+            if axis not in axes_seen:
+                axes_seen.append(axis)
+    extra_axes = [a for a in axes_seen if a not in ("privacy", "data.female_fraction", "dp.l2_clip_norm",
+                                                    "train.seed", "dp.privacy_level")]
+    rows = []
+    for run_dir, record, final in records:
+        c = record["config"]
+        dp = c["dp"]
+        eps = final.get("epsilon") or {}
+        level = dp["privacy_level"] if dp["enabled"] else "nondp"
+        row: dict[str, Any] = {
+            "run": run_dir.name, "grids": ";".join(record.get("grids", [])), "privacy_level": level,
+            "dp_enabled": bool(dp["enabled"]),
+            "noise_multiplier": dp["noise_multiplier"] if dp["enabled"] else None,
+            "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
+            "female_fraction": c["data"]["female_fraction"], "seed": c["train"]["seed"],
+            "variant": re.sub(r"^.*?-seed\d+-?", "", run_dir.name),
+        }
+        for axis in extra_axes:
+            row[axis] = record.get("axes", {}).get(axis)
+        row.update({"data_source": c["data"]["source"], "image_size": c["data"]["image_size"],
+                    "sampling": final.get("sampling", dp.get("sampling")), "delta": final.get("delta"),
+                    "steps": final.get("steps"), "epochs": c["train"]["epochs"]})
+        for acc in ACCOUNTANTS:
+            row[f"epsilon_{acc}"] = eps.get(acc)
+        row["wall_time_s"] = final.get("wall_time_s")
+        metrics = dict(final.get("metrics", {}))
+        metrics.update(_gap_intervals(metrics))
+        for k in _FIRST_METRICS:
+            if k in metrics:
+                row[k] = metrics[k]
+        for k in sorted(metrics):
+            if k not in row:
+                row[k] = metrics[k]
+        rows.append(row)
+    rows.sort(key=_row_sort_key)
+    return rows
+
+
+def _row_sort_key(row: Mapping[str, Any]) -> tuple:
+    level = row["privacy_level"]
+    rank = PRIVACY_ORDER.index(level) if level in PRIVACY_ORDER else len(PRIVACY_ORDER)
+    return (rank, level, _num(row["female_fraction"]), _num(row["l2_clip_norm"] or 0.0), row["variant"],
+            int(row["seed"]), row["run"])
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    if isinstance(v, list | tuple):
+        return "x".join(_cell(x) for x in v)
+    return str(v)
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for row in rows:
+        w.writerow([_cell(row.get(k)) for k in columns])
+    return buf.getvalue()
+
+
+def paper_results() -> list[dict[str, Any]]:
+    """The paper's published numbers (jaxdp/resources/paper_results.csv) as dicts of floats/strings."""
+    text = importlib.resources.files("jaxdp").joinpath("resources/paper_results.csv").read_text()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    out = []
+    for rec in csv.DictReader(lines):
+        out.append({k: (v if k == "privacy" else _num(v) if v != "" else None) for k, v in rec.items()})
+    return out
+
+
+def _paper_match(paper: Sequence[Mapping[str, Any]], level: str, female_fraction: float,
+                 clip: float | None) -> Mapping[str, Any] | None:
+    for p in paper:
+        if p["privacy"] != level or not math.isclose(p["female_pct"], 100 * female_fraction, abs_tol=1e-6):
+            continue
+        if level == "nondp" or (clip is not None and math.isclose(p["clip"], clip)):
+            return p
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+
+
+def _groups(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, list[Mapping]]:
+    out: dict[tuple, list[Mapping]] = defaultdict(list)
+    for row in rows:
+        out[tuple(row[k] for k in keys)].append(row)
+    return dict(out)
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    vals = [_num(r.get(key)) for r in rows]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _reference_clip(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    clips = [r["l2_clip_norm"] for r in rows if r["dp_enabled"]]
+    if not clips:
+        return None
+    if any(math.isclose(c, 5.0) for c in clips):
+        return 5.0  # the paper's clip bound for the imbalance study
+    return max(set(clips), key=clips.count)
+
+
+def _imbalance_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    ref = _reference_clip(rows)
+    return [r for r in rows if not r["dp_enabled"] or math.isclose(r["l2_clip_norm"], ref)]
+
+
+def _series_label(level: str, variant: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    if level == "nondp":
+        label = "non-DP"
+    else:
+        eps = _mean(rows, "epsilon_pld")
+        z = _mean(rows, "noise_multiplier")
+        label = f"{level} (z={z:g}" + (f", ε={eps:.3g})" if not math.isnan(eps) else ")")
+    return f"{label} {variant}".strip()
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def table1(rows: Sequence[Mapping[str, Any]],
+           female_fraction: float = 0.9) -> tuple[list[dict[str, Any]], float | None]:
+    """Table 1: overall accuracy per privacy level and its change from non-DP, ours vs the paper.
+
+    Uses the runs at ``female_fraction`` (the paper's 0.9; the nearest fraction present otherwise) and the
+    reference clip bound (5 when present). Seeds are averaged. Returns (rows, fraction used).
+    """
+    rows = _imbalance_rows(rows)
+    fractions = sorted({r["female_fraction"] for r in rows})
+    if not fractions:
+        return [], None
+    ff = min(fractions, key=lambda f: (abs(f - female_fraction), f))
+    at = [r for r in rows if r["female_fraction"] == ff]
+    paper = paper_results()
+    by_level = _groups(at, ("privacy_level", "variant"))
+    base_rows = [r for r in at if r["privacy_level"] == "nondp"]
+    base = _mean(base_rows, "accuracy") if base_rows else math.nan
+    paper_base = _paper_match(paper, "nondp", ff, None)
+    out = []
+    for (level, variant), rs in sorted(by_level.items(), key=lambda kv: _row_sort_key(kv[1][0])):
+        clip = rs[0]["l2_clip_norm"]
+        p = _paper_match(paper, level, ff, clip)
+        acc = _mean(rs, "accuracy")
+        out.append({
+            "privacy_level": level, "variant": variant, "noise_multiplier": rs[0]["noise_multiplier"],
+            "l2_clip_norm": clip, "female_fraction": ff, "seeds": len(rs),
+            **{f"epsilon_{a}": _mean(rs, f"epsilon_{a}") if rs[0]["dp_enabled"] else None
+               for a in ACCOUNTANTS},
+            "accuracy": acc, "accuracy_ci_low": _mean(rs, "accuracy_ci_low"),
+            "accuracy_ci_high": _mean(rs, "accuracy_ci_high"),
+            "delta_vs_nondp": acc - base, "accuracy_female": _mean(rs, "accuracy_0"),
+            "accuracy_male": _mean(rs, "accuracy_1"),
+            "paper_epsilon": p["epsilon_paper"] if p else None,
+            "paper_accuracy": p["acc_overall"] if p else None,
+            "paper_delta_vs_nondp": (p["acc_overall"] - paper_base["acc_overall"])
+            if p and paper_base else None,
+        })
+    return out, ff
+
+
+def _f(v: Any, fmt: str = ".2f") -> str:
+    v = _num(v)
+    return "–" if math.isnan(v) else format(v, fmt)
+
+
+def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
+    """Table 1 as markdown, ours next to the paper's (paper values at the same privacy level and fraction)."""
+    head = (f"**Table 1: overall test accuracy at {100 * (ff or 0):g}% female and its change from the non-DP "
+            f"baseline (percentage points); ours vs Farrand et al. 2020.**\n\n"
+            "| privacy level | z | clip | ε (PLD) | ε (RDP) | ε (RDP, classic) | accuracy (%) [95% CI] | Δ vs "
+            "non-DP | female / male (%) | paper ε | paper accuracy (%) | paper Δ |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    body = []
+    for r in rows:
+        ci = (f" [{_f(r['accuracy_ci_low'])}, {_f(r['accuracy_ci_high'])}]"
+              if not math.isnan(_num(r["accuracy_ci_low"])) else "")
+        level = r["privacy_level"] + (f" {r['variant']}" if r["variant"] else "")
+        seeds = f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
+        body.append(
+            f"| {level}{seeds} | {_f(r['noise_multiplier'], 'g')} | {_f(r['l2_clip_norm'], 'g')} | "
+            f"{_f(r['epsilon_pld'])} | {_f(r['epsilon_rdp'])} | {_f(r['epsilon_rdp_classic'])} | "
+            f"{_f(r['accuracy'])}{ci} | {_f(r['delta_vs_nondp'], '+.2f')} | "
+            f"{_f(r['accuracy_female'])} / {_f(r['accuracy_male'])} | {_f(r['paper_epsilon'], 'g')} | "
+            f"{_f(r['paper_accuracy'])} | {_f(r['paper_delta_vs_nondp'], '+.2f')} |")
+    return head + "\n".join(body) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(center: float, lo: float, hi: float) -> tuple[float, float]:
+    if any(math.isnan(v) for v in (center, lo, hi)):
+        return (0.0, 0.0)
+    return (max(center - lo, 0.0), max(hi - center, 0.0))
+
+
+def _abs_interval(d: float, lo: float, hi: float) -> tuple[float, float, float]:
+    if lo <= 0.0 <= hi:
+        return abs(d), 0.0, max(abs(lo), abs(hi))
+    a, b = sorted((abs(lo), abs(hi)))
+    return abs(d), a, b
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return path
+
+
+def _pct_label(ff: float) -> str:
+    return f"{100 * ff:g}%"
+
+
+def _paper_handle(ax: Any) -> None:
+    ax.plot([], [], color="0.4", ls=":", marker="o", mfc="none", label="paper (CelebA, ResNet18)")
+
+
+def _plot_vs_category(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, xs: Sequence[float],
+                      value: str, *, scale: float = 1.0, absolute: bool = False, ls: str = "-",
+                      marker: str = "o", label_suffix: str = "", paper_key: str | None = None,
+                      paper_scale: float = 1.0, paper_ff: float | None = None, label: bool = True) -> None:
+    """Mean over seeds of ``value`` per x category, one line per (privacy level, variant), CI error bars."""
+    paper = paper_results()
+    pos = {x: i for i, x in enumerate(xs)}
+    for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
+                                       key=lambda kv: _row_sort_key(kv[1][0])):
+        color = PRIVACY_COLORS.get(level, "0.3")
+        px, py, lo_err, hi_err = [], [], [], []
+        for x, seed_rows in sorted(_groups(rs, (x_key,)).items()):
+            x = x[0]
+            if x not in pos:
+                continue
+            vals = []
+            for r in seed_rows:
+                v, lo, hi = (_num(r.get(value)), _num(r.get(f"{value}_ci_low")),
+                             _num(r.get(f"{value}_ci_high")))
+                if absolute:
+                    v, lo, hi = _abs_interval(v, lo, hi)
+                vals.append((v * scale, lo * scale, hi * scale))
+            if len(vals) > 1:
+                ax.plot([pos[x]] * len(vals), [v[0] for v in vals], ".", color=color, alpha=0.3)
+            v = sum(t[0] for t in vals) / len(vals)
+            lo = sum(t[1] for t in vals) / len(vals)
+            hi = sum(t[2] for t in vals) / len(vals)
+            e = _err(v, lo, hi)
+            px.append(pos[x])
+            py.append(v)
+            lo_err.append(e[0])
+            hi_err.append(e[1])
+        if not px:
+            continue
+        ax.errorbar(px, py, yerr=[lo_err, hi_err], color=color, ls=ls, marker=marker, ms=5, capsize=3,
+                    label=(_series_label(level, variant, rs) + label_suffix) if label else None)
+        if paper_key and not variant:
+            qx, qy = [], []
+            for x in xs:
+                ff = paper_ff if paper_ff is not None else x
+                clip = x if x_key == "l2_clip_norm" else rs[0]["l2_clip_norm"]
+                p = _paper_match(paper, level, ff, clip)
+                if p is not None and p.get(paper_key) is not None:
+                    qx.append(pos[x])
+                    qy.append(abs(p[paper_key]) * paper_scale if absolute else p[paper_key] * paper_scale)
+            if qx:
+                ax.plot(qx, qy, color=color, ls=":", marker=marker, mfc="none", ms=6, lw=1, alpha=0.8)
+
+
+def _category_axis(ax: Any, xs: Sequence[float], labels: Sequence[str], xlabel: str) -> None:
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels(labels)
+    ax.set_xlim(-0.4, len(xs) - 0.6)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def _source_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    srcs = sorted({f"{r['data_source']} {r['image_size']}px" for r in rows})
+    return f"ours: {', '.join(srcs)}"
+
+
+def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
+    """Paper Figure 1: per-group accuracy, and female - male accuracy gap, vs female share, per privacy level."""
+    rows = _imbalance_rows(rows)
+    xs = sorted({r["female_fraction"] for r in rows})
+    if len(xs) < 2:
+        return "Figure 1 needs runs at two or more female fractions"
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    _plot_vs_category(a, rows, "female_fraction", xs, "accuracy_0", paper_key="acc_female",
+                      **GROUP_STYLE["female"], label_suffix="")
+    _plot_vs_category(a, rows, "female_fraction", xs, "accuracy_1", paper_key="acc_male",
+                      **GROUP_STYLE["male"], label=False)
+    a.plot([], [], color="0.3", **GROUP_STYLE["female"], label="female")
+    a.plot([], [], color="0.3", **GROUP_STYLE["male"], label="male")
+    _paper_handle(a)
+    a.set_ylabel("test accuracy (%)")
+    a.set_title("(a) accuracy per group")
+    _category_axis(a, xs, [_pct_label(x) for x in xs], "female share of the data")
+    a.legend(fontsize=7.5, loc="lower left")
+    _plot_vs_category(b, rows, "female_fraction", xs, "delta_accuracy", paper_key="delta_acc")
+    _paper_handle(b)
+    b.axhline(0, color="0.5", lw=0.8)
+    b.set_ylabel("Δ accuracy, female − male (pp)")
+    b.set_title("(b) accuracy gap (Figure 1)")
+    _category_axis(b, xs, [_pct_label(x) for x in xs], "female share of the data")
+    b.legend(fontsize=7.5, loc="upper left")
+    fig.suptitle(f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
+                 f"95% CI", fontsize=10)
+    return _save(fig, path)
+
+
+def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
+    """Paper Figure 2: accuracy per group and the gap vs the clip bound, per privacy level."""
+    dp = [r for r in rows if r["dp_enabled"]]
+    by_ff = _groups(dp, ("female_fraction",))
+    if not by_ff:
+        return "Figure 2 needs DP runs"
+    (ff,), rs = max(by_ff.items(), key=lambda kv: (len({r["l2_clip_norm"] for r in kv[1]}), -kv[0][0]))
+    xs = sorted({r["l2_clip_norm"] for r in rs})
+    if len(xs) < 2:
+        return "Figure 2 needs DP runs at two or more clip bounds at one female fraction (configs/clipping.py)"
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    a, b = axes
+    for (group, name) in (("accuracy", "overall"), ("accuracy_0", "female"), ("accuracy_1", "male")):
+        paper_key = {"overall": "acc_overall", "female": "acc_female", "male": "acc_male"}[name]
+        _plot_vs_category(a, rs, "l2_clip_norm", xs, group, paper_key=paper_key, paper_ff=ff,
+                          **GROUP_STYLE[name], label=name == "female")
+        a.plot([], [], color="0.3", **GROUP_STYLE[name], label=name)
+    _paper_handle(a)
+    a.set_ylabel("test accuracy (%)")
+    a.set_title("(a) accuracy per group")
+    _category_axis(a, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
+    a.legend(fontsize=7.5)
+    _plot_vs_category(b, rs, "l2_clip_norm", xs, "delta_accuracy", paper_key="delta_acc", paper_ff=ff)
+    _paper_handle(b)
+    b.axhline(0, color="0.5", lw=0.8)
+    b.set_ylabel("Δ accuracy, female − male (pp)")
+    b.set_title("(b) accuracy gap")
+    _category_axis(b, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
+    b.legend(fontsize=7.5)
+    fig.suptitle(f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
+                 f"{_source_note(rs)}; error bars: 95% CI", fontsize=10)
+    return _save(fig, path)
+
+
+def _history_panel(ax: Any, run_dirs: Sequence[Path], title: str) -> None:
+    hist = [load_history(d) for d in run_dirs]
+    hist = [h for h in hist if h]
+    if not hist:
+        ax.set_title(title + " (no history)")
+        return
+    for key, name, color in (("accuracy", "overall", "black"), ("accuracy_0", "female", "#c44e52"),
+                             ("accuracy_1", "male", "#4c72b0")):
+        steps = [r["step"] for r in hist[0]]
+        n = min(len(h) for h in hist)
+        ys = [sum(_num(h[i].get(key)) for h in hist) / len(hist) for i in range(n)]
+        ax.plot(steps[:n], ys, color=color, ls=GROUP_STYLE[name]["ls"], label=name)
+        lo = [sum(_num(h[i].get(f"{key}_ci_low")) for h in hist) / len(hist) for i in range(n)]
+        hi = [sum(_num(h[i].get(f"{key}_ci_high")) for h in hist) / len(hist) for i in range(n)]
+        if not any(math.isnan(v) for v in lo + hi):
+            ax.fill_between(steps[:n], lo, hi, color=color, alpha=0.15, lw=0)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+
+
+def _run_dirs(workdir: Path, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    return [workdir / r["run"] for r in rows]
+
+
+def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
+                               path: Path) -> Path | str:
+    """Paper Figure 3: accuracy by group vs training step, one panel per privacy level, least imbalance."""
+    rows = _imbalance_rows(rows)
+    if not rows:
+        return "Figure 3 needs finished runs"
+    ff = min(r["female_fraction"] for r in rows)
+    panels = sorted(_groups([r for r in rows if r["female_fraction"] == ff],
+                            ("privacy_level", "variant")).items(), key=lambda kv: _row_sort_key(kv[1][0]))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, ((level, variant), rs) in zip(axes[0], panels, strict=True):
+        _history_panel(ax, _run_dirs(workdir, rs), _series_label(level, variant, rs))
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
+                 f"bands: 95% CI — {_source_note(rows)}", fontsize=10)
+    return _save(fig, path)
+
+
+def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], workdir: Path,
+                                 path: Path) -> Path | str:
+    """Paper Figure 4: accuracy by group vs training step, one panel per female fraction, medium privacy."""
+    rows = _imbalance_rows(rows)
+    levels = [lv for lv in ("medium", "low", "high") if any(r["privacy_level"] == lv for r in rows)]
+    if not levels:
+        return "Figure 4 needs DP runs"
+    at = [r for r in rows if r["privacy_level"] == levels[0] and not r["variant"]]
+    panels = sorted(_groups(at, ("female_fraction",)).items())
+    if len(panels) < 2:
+        return "Figure 4 needs DP runs at two or more female fractions"
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, ((ff,), rs) in zip(axes[0], panels, strict=True):
+        _history_panel(ax, _run_dirs(workdir, rs), f"{_pct_label(ff)} female")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Accuracy by group during training at each imbalance (Figure 4), "
+                 f"{_series_label(levels[0], '', at)}; bands: 95% CI — {_source_note(at)}", fontsize=10)
+    return _save(fig, path)
+
+
+def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
+    """Paper Figure 5: |Δ demographic parity| and |Δ equal opportunity| vs female share, per privacy level."""
+    rows = _imbalance_rows(rows)
+    xs = sorted({r["female_fraction"] for r in rows})
+    if len(xs) < 2:
+        return "Figure 5 needs runs at two or more female fractions"
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, key, paper_key, title in (
+            (a, "delta_demographic_parity", "delta_demp", "(a) |Δ demographic parity|"),
+            (b, "delta_equal_opportunity", "delta_eo", "(b) |Δ equal opportunity| (TPR gap)")):
+        _plot_vs_category(ax, rows, "female_fraction", xs, key, absolute=True, paper_key=paper_key)
+        _paper_handle(ax)
+        ax.set_title(title)
+        ax.set_ylabel("absolute gap, female vs male")
+        _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
+        ax.legend(fontsize=7.5, loc="upper left")
+    fig.suptitle(f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
+                 f"(Newcombe)", fontsize=10)
+    return _save(fig, path)
+
+
+def _history_mean(run_dir: Path, key: str) -> float:
+    vals = [_num(r.get(key)) for r in load_history(run_dir)]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path,
+                                path: Path) -> Path | str:
+    """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step."""
+    rows = [r for r in _imbalance_rows(rows) if r["dp_enabled"]]
+    if not rows:
+        return "clipping diagnostics need DP runs"
+    xs = sorted({r["female_fraction"] for r in rows})
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    pos = {x: i for i, x in enumerate(xs)}
+    for col, (key, ylabel) in enumerate((("clip_fraction", "fraction of examples clipped"),
+                                         ("grad_norm_mean", "mean per-example gradient norm"))):
+        ax = axes[0][col]
+        for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
+                                           key=lambda kv: _row_sort_key(kv[1][0])):
+            for g, name in GROUPS:
+                pts = sorted((pos[r["female_fraction"]], _history_mean(workdir / r["run"], f"{key}_{g}"))
+                             for r in rs)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=PRIVACY_COLORS.get(level, "0.3"),
+                        ls=GROUP_STYLE[name]["ls"], marker=GROUP_STYLE[name]["marker"],
+                        label=_series_label(level, variant, rs) if name == "female" else None)
+        for _, name in GROUPS:
+            ax.plot([], [], color="0.3", ls=GROUP_STYLE[name]["ls"], marker=GROUP_STYLE[name]["marker"],
+                    label=name)
+        _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
+        ax.set_ylabel(ylabel + "\n(mean over training)")
+        ax.legend(fontsize=7.5)
+        level = next(lv for lv in ("medium", "low", "high", *sorted({r["privacy_level"] for r in rows}))
+                     if any(r["privacy_level"] == lv for r in rows))
+        ax = axes[1][col]
+        cmap = plt.get_cmap("viridis")
+        lv_rows = [r for r in rows if r["privacy_level"] == level and not r["variant"]]
+        for i, ((ff,), rs) in enumerate(sorted(_groups(lv_rows, ("female_fraction",)).items())):
+            hist = load_history(workdir / rs[0]["run"])
+            color = cmap(i / max(len(xs) - 1, 1))
+            for g, name in GROUPS:
+                ax.plot([h["step"] for h in hist], [_num(h.get(f"{key}_{g}")) for h in hist], color=color,
+                        ls=GROUP_STYLE[name]["ls"], label=f"{_pct_label(ff)} {name}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel + "\n(since previous evaluation)")
+        ax.set_title(f"{level} privacy, per female share (seed {lv_rows[0]['seed'] if lv_rows else '-'})",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Clipping per group: the minority's gradients are larger and clipped more — "
+                 f"{_source_note(rows)}", fontsize=10)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: bool = True) -> list[Path]:
+    """Write summary.csv, table1.csv, table1.md and figures/*.png for ``workdir``; returns written paths."""
+    root = Path(workdir)
+    rows = summary_rows(root)
+    written: list[Path] = []
+    (root / "summary.csv").write_text(_csv_text(rows))
+    written.append(root / "summary.csv")
+    t1, ff = table1(rows)
+    (root / "table1.csv").write_text(_csv_text(t1))
+    (root / "table1.md").write_text(table1_markdown(t1, ff))
+    written += [root / "table1.csv", root / "table1.md"]
+    if figures and rows:
+        fig_dir = root / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        for result in (
+                figure_imbalance(rows, fig_dir / "fig1_accuracy_vs_imbalance.png"),
+                figure_clipping(rows, fig_dir / "fig2_accuracy_vs_clip.png"),
+                figure_training_by_privacy(rows, root, fig_dir / "fig3_training_by_privacy.png"),
+                figure_training_by_imbalance(rows, root, fig_dir / "fig4_training_by_imbalance.png"),
+                figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
+                figure_clipping_diagnostics(rows, root, fig_dir / "fig6_clipping_per_group.png")):
+            if isinstance(result, Path):
+                written.append(result)
+            elif verbose:
+                print(f"skipped: {result}")
+    return written

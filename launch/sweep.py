@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Run the paper's study (or any sweep config) and write its results, tables and figures.
+
+    python launch/sweep.py --config configs/demo.py                    # train + report, results/demo/
+    python launch/sweep.py --config configs/medium.py --config.train.epochs=10
+    python launch/sweep.py --config configs/paper.py --dry_run         # list the 26 runs and their state
+    python launch/sweep.py --config configs/paper.py --launcher slurm --slurm_partition gpu --slurm_time_min 1440
+    python launch/sweep.py report --workdir results/demo                # figures + tables, no training
+
+Rerunning the same command skips finished runs and resumes interrupted ones from their checkpoints. A run
+directory holding a different config is refused (choose another --workdir, or --overwrite to retrain it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parent.parent
+if str(_REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(_REPO))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Sweep config file, e.g. configs/demo.py; override values as --config.train.epochs=3.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "report"],
+                          "run: train the unfinished runs, then write the report; report: only the report. "
+                          "A positional `report` is the same as --mode=report.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Results directory (default results/<config name>/).")
+_LAUNCHER = flags.DEFINE_string("launcher", "local",
+                                "local (this process, runs in order) | slurm (one submitit job per run) | "
+                                "submitit_local (one local subprocess job per run, to test the job path).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Delete and retrain run directories whose stored config differs from the new "
+                               "one (without it such a sweep is refused).")
+_RUNS = flags.DEFINE_string("runs", None, "Regular expression: only run the runs whose name matches.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their state (new/partial/finished); "
+                             "train nothing, write nothing.")
+_REPORT = flags.DEFINE_bool("report", True, "Write summary.csv, Table 1 and figures after training.")
+_WAIT = flags.DEFINE_bool("wait", None, "submitit launchers: wait for the jobs, then write the report "
+                          "(default: yes for submitit_local, no for slurm).")
+_CACHE = flags.DEFINE_string("compilation_cache_dir", None,
+                             "JAX persistent compilation cache (default <workdir>/.xla_cache); runs with the "
+                             "same shapes reuse compiled programs from it.")
+_S_PARTITION = flags.DEFINE_string("slurm_partition", None, "SLURM partition.")
+_S_ACCOUNT = flags.DEFINE_string("slurm_account", None, "SLURM account.")
+_S_QOS = flags.DEFINE_string("slurm_qos", None, "SLURM QOS.")
+_S_CONSTRAINT = flags.DEFINE_string("slurm_constraint", None, "SLURM constraint, e.g. a GPU type.")
+_S_TIME = flags.DEFINE_integer("slurm_time_min", 24 * 60, "Time limit per job, minutes.")
+_S_NODES = flags.DEFINE_integer("slurm_nodes", 1, "Nodes per run (multi-host data parallelism).")
+_S_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs per node.")
+_S_TASKS = flags.DEFINE_integer("slurm_tasks_per_node", 1, "Tasks (processes) per node.")
+_S_CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 8, "CPUs per task (data loading).")
+_S_MEM = flags.DEFINE_float("slurm_mem_gb", None, "Memory per node, GB.")
+_S_ARRAY = flags.DEFINE_integer("slurm_array_parallelism", 64, "Most jobs of the array running at once.")
+
+FLAGS = flags.FLAGS
+
+
+def _die(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with the config file and override mistakes turned into one-line errors."""
+    path = _config_path(argv)
+    if path is not None:
+        file = path.split(":", 1)[0]
+        if not os.path.isfile(file):
+            _die(f"config file {file!r} does not exist (relative to {os.getcwd()}); "
+                 f"pass one of {sorted(str(p.relative_to(_REPO)) for p in (_REPO / 'configs').glob('*.py'))}")
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).strip("\"'")
+        overrides = [a for a in argv if a.startswith("--config.")]
+        culprit = [a for a in overrides if a[2:].split("=")[0] in message
+                   or message.split("'")[0].strip() in a.split("=")[0].split(".")]
+        if not culprit and not isinstance(e, flags.Error):
+            culprit = overrides
+        if culprit:
+            _die(f"cannot apply config override {' '.join(culprit)}: no such key ({message}). The keys a "
+                 f"config accepts are those of jaxdp/config.py base_config() (sections data, model, dp, "
+                 f"optim, train) and the file's sweep grids; check the spelling")
+        _die(f"{message}\nrun `python launch/sweep.py --helpfull` for the flags")
+    return []  # unreachable
+
+
+def main(argv: list[str]) -> None:
+    from jaxdp import report, sweep
+
+    mode = _MODE.value
+    extra = argv[1:]
+    if extra == ["report"]:
+        mode = "report"
+    elif extra:
+        _die(f"unexpected arguments {extra}; the only positional argument is `report`")
+    config = _CONFIG.value
+    if config is None and mode == "run":
+        _die("pass --config configs/<name>.py (e.g. --config configs/demo.py), or `report --workdir DIR`")
+    workdir = _WORKDIR.value or os.path.join("results", str(config.name))
+    if mode == "report":
+        if not sweep.find_run_dirs(workdir):
+            _die(f"{workdir!r} holds no sweep runs (no */{sweep.RUN_RECORD}); pass the --workdir a sweep "
+                 f"wrote to")
+        written = report.write_report(workdir)
+        print("\n".join(f"wrote {p}" for p in written))
+        return
+    if _LAUNCHER.value not in sweep.LAUNCHERS:
+        _die(f"unknown --launcher={_LAUNCHER.value!r}; choose one of {', '.join(sweep.LAUNCHERS)}")
+    slurm = sweep.SlurmOptions(
+        partition=_S_PARTITION.value, account=_S_ACCOUNT.value, qos=_S_QOS.value,
+        constraint=_S_CONSTRAINT.value, time_min=_S_TIME.value, nodes=_S_NODES.value,
+        gpus_per_node=_S_GPUS.value, tasks_per_node=_S_TASKS.value, cpus_per_task=_S_CPUS.value,
+        mem_gb=_S_MEM.value, array_parallelism=_S_ARRAY.value)
+    wait = _WAIT.value if _WAIT.value is not None else _LAUNCHER.value != "slurm"
+    try:
+        if _DRY_RUN.value:
+            runs = sweep.expand(config)
+            statuses = sweep.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)
+            print(f"{len(statuses)} runs in {os.path.abspath(workdir)}")
+            print(sweep.summarize_plan(statuses))
+            return
+        result = sweep.run_sweep(config, workdir, launcher=_LAUNCHER.value, overwrite=_OVERWRITE.value,
+                                 cache_dir=_CACHE.value, slurm=slurm, wait=wait, run_filter=_RUNS.value)
+    except sweep.SweepError as e:
+        _die(str(e))
+    if not wait:
+        print(f"jobs submitted; when they finish: python launch/sweep.py report --workdir {workdir}")
+        return
+    if _REPORT.value:
+        written = report.write_report(result.workdir)
+        print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, figures/)")
+    if result.failed:
+        for name, err in result.failed.items():
+            sys.stderr.write(f"run {name} failed: {err}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
