@@ -356,9 +356,11 @@ def _plot_vs_category(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, xs
                       paper_scale: float = 1.0, paper_ff: float | None = None, label: bool = True) -> None:
     """Mean over seeds of ``value`` per x category, one line per (privacy level, variant), CI error bars."""
     paper = paper_results()
-    pos = {x: i for i, x in enumerate(xs)}
-    for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
-                                       key=lambda kv: _row_sort_key(kv[1][0])):
+    series = sorted(_groups(rows, ("privacy_level", "variant")).items(),
+                    key=lambda kv: _row_sort_key(kv[1][0]))
+    for i, ((level, variant), rs) in enumerate(series):
+        # Series side by side around each category, so overlapping error bars stay readable.
+        pos = {x: j + 0.07 * (i - (len(series) - 1) / 2) for j, x in enumerate(xs)}
         color = PRIVACY_COLORS.get(level, "0.3")
         px, py, lo_err, hi_err = [], [], [], []
         for x, seed_rows in sorted(_groups(rs, (x_key,)).items()):
@@ -399,6 +401,16 @@ def _plot_vs_category(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, xs
                 ax.plot(qx, qy, color=color, ls=":", marker=marker, mfc="none", ms=6, lw=1, alpha=0.8)
 
 
+def _figure_legend(fig: Any, axes: Sequence[Any]) -> None:
+    """One legend under the panels (series, group line styles, the paper's style), never over the data."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 4), fontsize=8.5, frameon=False)
+
+
 def _category_axis(ax: Any, xs: Sequence[float], labels: Sequence[str], xlabel: str) -> None:
     ax.set_xticks(range(len(xs)))
     ax.set_xticklabels(labels)
@@ -430,14 +442,12 @@ def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | st
     a.set_ylabel("test accuracy (%)")
     a.set_title("(a) accuracy per group")
     _category_axis(a, xs, [_pct_label(x) for x in xs], "female share of the data")
-    a.legend(fontsize=7.5, loc="lower left")
     _plot_vs_category(b, rows, "female_fraction", xs, "delta_accuracy", paper_key="delta_acc")
-    _paper_handle(b)
     b.axhline(0, color="0.5", lw=0.8)
     b.set_ylabel("Δ accuracy, female − male (pp)")
     b.set_title("(b) accuracy gap (Figure 1)")
     _category_axis(b, xs, [_pct_label(x) for x in xs], "female share of the data")
-    b.legend(fontsize=7.5, loc="upper left")
+    _figure_legend(fig, (a, b))
     fig.suptitle(f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
                  f"95% CI", fontsize=10)
     return _save(fig, path)
@@ -463,16 +473,14 @@ def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str
         a.plot([], [], color="0.3", **GROUP_STYLE[name], label=name)
     _paper_handle(a)
     a.set_ylabel("test accuracy (%)")
-    a.set_title("(a) accuracy per group")
+    a.set_title("(a) accuracy per group (overall / female / male)")
     _category_axis(a, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
-    a.legend(fontsize=7.5)
     _plot_vs_category(b, rs, "l2_clip_norm", xs, "delta_accuracy", paper_key="delta_acc", paper_ff=ff)
-    _paper_handle(b)
     b.axhline(0, color="0.5", lw=0.8)
     b.set_ylabel("Δ accuracy, female − male (pp)")
     b.set_title("(b) accuracy gap")
     _category_axis(b, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
-    b.legend(fontsize=7.5)
+    _figure_legend(fig, (a, b))
     fig.suptitle(f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
                  f"{_source_note(rs)}; error bars: 95% CI", fontsize=10)
     return _save(fig, path)
@@ -557,11 +565,11 @@ def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path 
             (a, "delta_demographic_parity", "delta_demp", "(a) |Δ demographic parity|"),
             (b, "delta_equal_opportunity", "delta_eo", "(b) |Δ equal opportunity| (TPR gap)")):
         _plot_vs_category(ax, rows, "female_fraction", xs, key, absolute=True, paper_key=paper_key)
-        _paper_handle(ax)
         ax.set_title(title)
         ax.set_ylabel("absolute gap, female vs male")
         _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
-        ax.legend(fontsize=7.5, loc="upper left")
+    _paper_handle(a)
+    _figure_legend(fig, (a, b))
     fig.suptitle(f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
                  f"(Newcombe)", fontsize=10)
     return _save(fig, path)
@@ -581,7 +589,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         return "clipping diagnostics need DP runs"
     xs = sorted({r["female_fraction"] for r in rows})
     plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     pos = {x: i for i, x in enumerate(xs)}
     for col, (key, ylabel) in enumerate((("clip_fraction", "fraction of examples clipped"),
                                          ("grad_norm_mean", "mean per-example gradient norm"))):

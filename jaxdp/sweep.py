@@ -49,6 +49,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxdp.config import validate_run_config
+
 # Paper settings (Farrand et al. 2020, Sec. 4): noise multiplier z per privacy level; clip S = 5, delta = 1e-6.
 PRIVACY_LEVELS: dict[str, dict[str, Any]] = {
     "high": {"dp.enabled": True, "dp.privacy_level": "high", "dp.noise_multiplier": 1.5},
@@ -216,6 +218,10 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
             name = run_name(run_config, values)
             with run_config.unlocked():
                 run_config.name = name
+            try:
+                validate_run_config(run_config)
+            except ValueError as e:
+                raise SweepError(f"run {name} of grid '{grid_name}' in sweep '{sweep_name}': {e}") from None
             if name in runs:
                 if config_to_dict(runs[name].config) != config_to_dict(run_config):
                     raise SweepError(
@@ -396,8 +402,13 @@ def run_one(config: ml_collections.ConfigDict | Mapping[str, Any], run_dir: str 
     This is the unit of work of every launcher: the local launcher calls it in-process, the submitit
     launchers pickle it into a job. Under a multi-task SLURM job it initialises jax.distributed first.
     """
-    if not isinstance(config, ml_collections.ConfigDict):
-        config = ml_collections.ConfigDict(dict(config))
+    config = ml_collections.ConfigDict(
+        config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config))
+    # The sweep draws its own progress line (on_progress); the trainer's bar would duplicate it. Always off,
+    # so the config the trainer stores is the same on every (re)invocation.
+    config.train.progress = False
+    if on_progress is None:
+        on_progress = RunProgress(str(config.name), log_every_s=60.0)
     if cache_dir is not None:
         enable_compilation_cache(cache_dir)
     if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SUBMITIT_EXECUTOR" in os.environ:

@@ -1,0 +1,109 @@
+"""Tests of jaxdp.report: summary.csv, Table 1, figures, and the `report` mode of launch/sweep.py."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from test_sweep import FakeTrain, load_cli, small_sweep
+
+from jaxdp import report, sweep
+
+FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
+           "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",
+           "fig6_clipping_per_group.png"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sweep")
+    sweep.run_sweep(small_sweep(), wd, train_fn=FakeTrain())
+    report.write_report(wd, verbose=False)
+    return wd
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_has_one_row_per_run_with_hand_checkable_numbers(workdir):
+    rows = _rows(workdir / "summary.csv")
+    assert len(rows) == 10
+    assert [r["run"] for r in rows[:4]] == ["high-ff0.7-clip5-seed0", "high-ff0.9-clip5-seed0",
+                                             "high-ff0.99-clip5-seed0", "medium-ff0.7-clip1-seed0"]
+    r = {row["run"]: row for row in rows}["high-ff0.9-clip5-seed0"]
+    # FakeTrain: female 67 + 2 = 69%, male 67 - 3 - 60 * (0.9 - 0.7) = 52%; 540 / 60 test images.
+    assert float(r["accuracy_0"]) == 69.0 and float(r["accuracy_1"]) == pytest.approx(52.0)
+    assert float(r["accuracy"]) == pytest.approx((69 * 540 + 52 * 60) / 600)
+    assert float(r["delta_accuracy"]) == pytest.approx(17.0)
+    assert (r["privacy_level"], r["noise_multiplier"], r["l2_clip_norm"], r["female_fraction"]) == \
+        ("high", "1.5", "5.0", "0.9")
+    assert float(r["epsilon_pld"]) == pytest.approx(2 / 1.5) and float(r["epsilon_rdp_classic"]) == \
+        pytest.approx(2 / 1.5 * 1.3)
+    # The gap's interval: Newcombe's square-and-add of the two groups' own intervals.
+    lo = 17.0 - math.sqrt((69 - float(r["accuracy_0_ci_low"])) ** 2 + (float(r["accuracy_1_ci_high"]) - 52)
+                          ** 2)
+    assert float(r["delta_accuracy_ci_low"]) == pytest.approx(lo)
+    nondp = {row["run"]: row for row in rows}["nondp-ff0.7-seed0"]
+    assert nondp["noise_multiplier"] == "" and nondp["epsilon_pld"] == "" and nondp["dp_enabled"] == "false"
+
+
+def test_newcombe_interval_by_hand():
+    lo, hi = report.newcombe_interval(0.8, 0.7, 0.9, 0.5, 0.4, 0.6)
+    assert lo == pytest.approx(0.3 - math.sqrt(0.02)) and hi == pytest.approx(0.3 + math.sqrt(0.02))
+
+
+def test_table1_matches_paper_layout_and_numbers(workdir):
+    rows = _rows(workdir / "table1.csv")
+    assert [r["privacy_level"] for r in rows] == ["high", "medium", "nondp"]
+    high = rows[0]
+    nondp_acc = (92 * 540 + 87 * 60) / 600  # FakeTrain non-DP at 90%: female 92, male 87
+    assert float(high["accuracy"]) == pytest.approx((69 * 540 + 52 * 60) / 600)
+    assert float(high["delta_vs_nondp"]) == pytest.approx((69 * 540 + 52 * 60) / 600 - nondp_acc)
+    # The paper's Table 1: high 71.05, non-DP 91.65 -> -20.6; medium 85.61 -> -6.04.
+    assert float(high["paper_accuracy"]) == 71.05 and float(high["paper_delta_vs_nondp"]) == \
+        pytest.approx(-20.6)
+    assert float(rows[1]["paper_delta_vs_nondp"]) == pytest.approx(-6.04)
+    md = (workdir / "table1.md").read_text()
+    assert "at 90% female" in md and "| 71.05 | -20.60 |" in md
+
+
+def test_every_figure_is_written(workdir):
+    assert {p.name for p in (workdir / "figures").glob("*.png")} == FIGURES
+    assert all(p.stat().st_size > 20_000 for p in (workdir / "figures").glob("*.png"))
+
+
+def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
+    before = {n: (workdir / n).read_bytes() for n in ("summary.csv", "table1.csv", "table1.md")}
+    for n in before:
+        (workdir / n).unlink()
+    mod = load_cli()
+    mod.FLAGS.unparse_flags()
+    try:
+        mod.main(mod._parse_flags(["sweep.py", "report", "--workdir", str(workdir)]))
+    finally:
+        mod.FLAGS.unparse_flags()
+    assert "wrote" in capsys.readouterr().out
+    assert {n: (workdir / n).read_bytes() for n in before} == before
+
+
+def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
+    c = small_sweep()
+    c.sweep.imbalance.data.female_fraction = (0.7,)
+    del c.sweep["clipping"]
+    sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    written = report.write_report(tmp_path)
+    out = capsys.readouterr().out
+    assert "skipped: Figure 1 needs runs at two or more female fractions" in out
+    assert "skipped: Figure 2 needs DP runs at two or more clip bounds" in out
+    assert {p.name for p in written if p.suffix == ".png"} == {"fig3_training_by_privacy.png",
+                                                               "fig6_clipping_per_group.png"}
+
+
+def test_paper_results_are_packaged():
+    paper = report.paper_results()
+    assert len(paper) == 26
+    row = [p for p in paper if p["privacy"] == "medium" and p["female_pct"] == 99.9 and p["clip"] == 5][0]
+    assert (row["acc_female"], row["acc_male"], row["delta_eo"]) == (86.62, 33.33, 0.3302)
