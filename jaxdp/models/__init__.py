@@ -1,0 +1,17 @@
+"""Flax models: the GroupNorm ResNet18 of the paper's reproduction and its family, torchvision conversion."""
+
+from jaxdp.models import torchvision
+from jaxdp.models.factory import create_model, init_variables
+from jaxdp.models.resnet import BasicBlock, ResNet, ResNet18
+from jaxdp.models.torchvision import convert_resnet18_state_dict, load_torchvision_checkpoint
+
+__all__ = [
+    "BasicBlock",
+    "ResNet",
+    "ResNet18",
+    "convert_resnet18_state_dict",
+    "create_model",
+    "init_variables",
+    "load_torchvision_checkpoint",
+    "torchvision",
+]
