@@ -43,8 +43,8 @@ PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "non
 GROUP_STYLE = {"female": dict(ls="-", marker="o"), "male": dict(ls="--", marker="s"),
                "overall": dict(ls=":", marker="^")}
 # The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
-GAPS = {"delta_accuracy": ("accuracy", 1.0), "delta_demographic_parity": ("demographic_parity", 1.0),
-        "delta_equal_opportunity": ("tpr", 1.0), "delta_fpr": ("fpr", 1.0)}
+GAPS = {"delta_accuracy": "accuracy", "delta_demographic_parity": "demographic_parity",
+        "delta_equal_opportunity": "tpr", "delta_fpr": "fpr"}
 _FIRST_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
                   "delta_equal_opportunity", "delta_fpr")
 
@@ -89,14 +89,18 @@ def newcombe_interval(p0: float, lo0: float, hi0: float, p1: float, lo1: float,
 
 
 def _gap_intervals(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """95% intervals of the gaps, where the metrics lack them: signed for delta_accuracy, else of |gap|."""
     out: dict[str, float] = {}
-    for gap, (rate, _) in GAPS.items():
+    for gap, rate in GAPS.items():
         if f"{gap}_ci_low" in metrics:
             continue
         keys = [f"{rate}_0", f"{rate}_0_ci_low", f"{rate}_0_ci_high",
                 f"{rate}_1", f"{rate}_1_ci_low", f"{rate}_1_ci_high"]
         if all(k in metrics for k in keys):
-            lo, hi = newcombe_interval(*(_num(metrics[k]) for k in keys))
+            vals = [_num(metrics[k]) for k in keys]
+            lo, hi = newcombe_interval(*vals)
+            if gap != "delta_accuracy":  # the other gaps are absolute differences
+                _, lo, hi = _abs_interval(vals[0] - vals[3], lo, hi)
             out[f"{gap}_ci_low"], out[f"{gap}_ci_high"] = lo, hi
     return out
 

@@ -40,6 +40,7 @@ _RUNS = flags.DEFINE_string("runs", None, "Regular expression: only run the runs
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their state (new/partial/finished); "
                              "train nothing, write nothing.")
 _REPORT = flags.DEFINE_bool("report", True, "Write summary.csv, Table 1 and figures after training.")
+_FIGURES = flags.DEFINE_bool("figures", True, "Draw the figures (--nofigures: tables only, faster).")
 _WAIT = flags.DEFINE_bool("wait", None, "submitit launchers: wait for the jobs, then write the report "
                           "(default: yes for submitit_local, no for slurm).")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", None,
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> None:
         if not sweep.find_run_dirs(workdir):
             _die(f"{workdir!r} holds no sweep runs (no */{sweep.RUN_RECORD}); pass the --workdir a sweep "
                  f"wrote to")
-        written = report.write_report(workdir)
+        written = report.write_report(workdir, figures=_FIGURES.value)
         print("\n".join(f"wrote {p}" for p in written))
         return
     if _LAUNCHER.value not in sweep.LAUNCHERS:
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> None:
         print(f"jobs submitted; when they finish: python launch/sweep.py report --workdir {workdir}")
         return
     if _REPORT.value:
-        written = report.write_report(result.workdir)
+        written = report.write_report(result.workdir, figures=_FIGURES.value)
         print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, figures/)")
     if result.failed:
         for name, err in result.failed.items():

@@ -82,7 +82,7 @@ def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
     mod = load_cli()
     mod.FLAGS.unparse_flags()
     try:
-        mod.main(mod._parse_flags(["sweep.py", "report", "--workdir", str(workdir)]))
+        mod.main(mod._parse_flags(["sweep.py", "report", "--workdir", str(workdir), "--nofigures"]))
     finally:
         mod.FLAGS.unparse_flags()
     assert "wrote" in capsys.readouterr().out
