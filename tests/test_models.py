@@ -87,7 +87,7 @@ def test_batch_variables_helper_matches_real_init_structure(tiny_group_variables
     assert jax.tree.map(np.shape, ours) == jax.tree.map(np.shape, real)
 
 
-@pytest.mark.parametrize("size", [32, 47, 64])
+@pytest.mark.parametrize("size", [32, 47, 224])
 def test_forward_any_input_size(size, tiny_group_variables):
     model = ResNet(**TINY)
     images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
@@ -144,9 +144,9 @@ def test_batchnorm_train_updates_running_stats_with_torch_momentum(tiny_group_va
     model = ResNet(norm="batch", **TINY)
     images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) + 3.0
     variables = batch_variables(tiny_group_variables)
-    _, state = model.apply(
-        variables, images, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
-    )
+    _, state = jax.jit(
+        partial(model.apply, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+    )(variables, images)
     stem = state["intermediates"]["conv1"]["__call__"][0]  # the stem convolution's output, input of norm1
     # One step from (mean 0, var 1): 0.9 * old + 0.1 * batch statistic, i.e. torch's momentum 0.1
     # (Flax updates with the biased batch variance, torch with the unbiased one: a factor n/(n-1) = 1024/1023 here).
@@ -157,7 +157,7 @@ def test_batchnorm_train_updates_running_stats_with_torch_momentum(tiny_group_va
         state["batch_stats"]["norm1"]["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
     )
     # Evaluation mode leaves the statistics alone.
-    _, unchanged = model.apply(variables, images, train=False, mutable=["batch_stats"])
+    _, unchanged = jax.jit(partial(model.apply, train=False, mutable=["batch_stats"]))(variables, images)
     np.testing.assert_array_equal(unchanged["batch_stats"]["norm1"]["mean"], np.zeros(8))
 
 
@@ -306,7 +306,7 @@ def test_data_parallel_prefix_and_groupnorm_checkpoints_without_running_stats_co
     np.testing.assert_array_equal(params["norm1"]["scale"], sd["bn1.weight"])
 
 
-def _torch_semantics_forward(sd: dict, images_nchw: np.ndarray, num_groups: int = 32) -> np.ndarray:
+def _torch_semantics_forward(sd: dict, images_nchw: jax.Array, num_groups: int = 32) -> jax.Array:
     """ResNet18 with GroupNorm written directly in torch's conventions (NCHW, OIHW, explicit padding)."""
 
     def conv(x, name, stride, padding):
@@ -332,7 +332,7 @@ def _torch_semantics_forward(sd: dict, images_nchw: np.ndarray, num_groups: int 
             if f"{p}.downsample.0.weight" in sd:
                 x = group_norm(conv(x, f"{p}.downsample.0", stride, 0), f"{p}.downsample.1")
             x = jax.nn.relu(y + x)
-    return np.asarray(x.mean(axis=(2, 3)) @ sd["fc.weight"].T + sd["fc.bias"])
+    return x.mean(axis=(2, 3)) @ sd["fc.weight"].T + sd["fc.bias"]
 
 
 def test_converted_resnet18_computes_the_torch_layout_forward():
@@ -342,8 +342,9 @@ def test_converted_resnet18_computes_the_torch_layout_forward():
     images = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     params = convert_resnet18_state_dict(sd, num_classes=2)
     with jax.default_matmul_precision("highest"):
-        ours = ResNet18().apply({"params": params}, jnp.transpose(images, (0, 2, 3, 1)))
-    np.testing.assert_allclose(np.asarray(ours), _torch_semantics_forward(sd, images), rtol=1e-4, atol=1e-4)
+        ours = jax.jit(ResNet18().apply)({"params": params}, jnp.transpose(images, (0, 2, 3, 1)))
+        reference = jax.jit(_torch_semantics_forward)(sd, images)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-4, atol=1e-4)
 
 
 def test_matches_real_torchvision_when_installed():
@@ -410,3 +411,14 @@ def test_checkpoint_file_errors_tell_what_to_do(tmp_path, monkeypatch):
     other.write_bytes(b"")
     with pytest.raises(ValueError, match=r"\.npz"):
         load_torchvision_checkpoint(other)
+
+
+def test_load_pth_checkpoint_when_torch_is_installed(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = torchvision_state_dict(num_classes=2)
+    tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+    torch.save(tensors, tmp_path / "plain.pth")
+    torch.save({"epoch": 3, "state_dict": tensors}, tmp_path / "wrapped.pt")  # a training checkpoint
+    for name in ("plain.pth", "wrapped.pt"):
+        params = load_torchvision_checkpoint(tmp_path / name, num_classes=2)
+        np.testing.assert_array_equal(params["fc"]["kernel"], sd["fc.weight"].T)
