@@ -283,7 +283,7 @@ def build_imbalanced(
         train_ids, test_ids = _select(pools, plan, split_scheme, seed, female_fraction, total, test_fraction,
                                       source)
         rng = np.random.default_rng([seed, 2])
-        images = _decode_selected(builder, train_ids + test_ids, image_size)
+        images = _decode_selected(pools, train_ids + test_ids, image_size)
         train = _assemble(train_ids, images, rng)
         test = _assemble(test_ids, images, rng)
         _save_cache(cache_path, key, settings, train, test)
@@ -402,9 +402,14 @@ def _generated_builder_cls() -> type:
 
 def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     missing = [n for n in synthetic.CELEBA_FILE_NAMES if not (manual_dir / n).is_file()]
     if source == "celeba":
+        if importlib.util.find_spec("importlib_resources") is None:
+            # tfds >= 4.9.7 imports it to find celeb_a's registered checksums but does not declare it.
+            raise ImportError("tensorflow-datasets needs the package importlib-resources to read the real "
+                              "CelebA checksums (tfds issue #11212): pip install importlib-resources")
         builder = tfds.builder_cls("celeb_a")(data_dir=os.fspath(data_dir))
         if str(builder.version) != CELEBA_VERSION:
             raise RuntimeError(f"tfds's celeb_a builder is version {builder.version}; jaxdp.data was written "
@@ -424,15 +429,16 @@ def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
             "manual_dir=... (config.data.manual_dir). They are at "
             "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive 'Align&Cropped Images' and 'Anno', "
             "'Eval').")
-    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
     what = "generated" if source == "synthetic" else "CelebA"
-    fix = ("generate them again (delete the directory; jaxdp.data.load regenerates)" if source == "synthetic"
-           else "download it again")
+    fix = ("generate the files again (delete the directory; jaxdp.data.load regenerates it)"
+           if source == "synthetic" else "download it again")
+    check_files(manual_dir, fix=fix)
+    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
     started = time.perf_counter()
     try:
         builder.download_and_prepare(download_dir=os.fspath(data_dir / "downloads"),
                                      download_config=download_config)
-    except tfds.download.NonMatchingChecksumError as e:
+    except NonMatchingChecksumError as e:
         bad = [n for n in synthetic.CELEBA_FILE_NAMES if os.fspath(manual_dir / n) in str(e)] or ["a file"]
         expectation = ("the size and SHA-256 recorded in tfds's celeb_a checksums.tsv" if source == "celeba"
                        else f"the size and SHA-256 in {manual_dir / synthetic.MANIFEST_NAME}")
@@ -447,37 +453,94 @@ def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
     return builder
 
 
+def check_files(manual_dir: str | os.PathLike[str], *, fix: str = "download it again") -> int:
+    """Checks the five files' formats (what tfds's celeb_a builder parses); returns the number of images.
+
+    Catches truncated or corrupt files with a message naming the file, before tfds reads them (tfds then also
+    checks each file's size and SHA-256). Takes about a second for the real files.
+    """
+    manual_dir = Path(manual_dir)
+
+    def fail(name: str, problem: str) -> ValueError:
+        return ValueError(f"{manual_dir / name} is corrupt or truncated ({problem}); {fix}.")
+
+    def rows(name: str, header_lines: int, width: int) -> list[list[str]]:
+        try:
+            lines = (manual_dir / name).read_text().splitlines()
+        except UnicodeDecodeError as e:
+            raise fail(name, "not a text file") from e
+        body = [line.split() for line in lines[header_lines:] if line.strip()]
+        bad = next((k for k, r in enumerate(body) if len(r) != width), None)
+        if bad is not None:
+            raise fail(name, f"line {bad + header_lines + 1} has {len(body[bad])} fields, expected {width}")
+        return body
+
+    def counted(name: str, names: list[str]) -> list[list[str]]:
+        lines = (manual_dir / name).read_text(errors="replace").splitlines()
+        if len(lines) < 2 or not lines[0].strip().isdigit():
+            raise fail(name, "the first line must be the number of images")
+        if lines[1].split() != names:
+            raise fail(name, f"the second line must list the {len(names)} column names")
+        body = rows(name, 2, len(names) + 1)
+        if len(body) != int(lines[0]):
+            raise fail(name, f"{len(body)} rows, but the first line says {int(lines[0])}")
+        return body
+
+    attributes = counted(synthetic.ATTR_NAME, synthetic.ATTRIBUTE_NAMES)
+    if any(v not in ("1", "-1") for r in attributes for v in r[1:]):
+        raise fail(synthetic.ATTR_NAME, "attribute values must be 1 or -1")
+    landmarks = counted(synthetic.LANDMARKS_NAME, synthetic.LANDMARK_NAMES)
+    partition = rows(synthetic.PARTITION_NAME, 0, 2)
+    if any(r[1] not in ("0", "1", "2") for r in partition):
+        raise fail(synthetic.PARTITION_NAME, "partitions must be 0, 1 or 2")
+    identity = rows(synthetic.IDENTITY_NAME, 0, 2)
+    n = len(attributes)
+    for name, body in ((synthetic.LANDMARKS_NAME, landmarks), (synthetic.PARTITION_NAME, partition),
+                       (synthetic.IDENTITY_NAME, identity)):
+        if len(body) != n:
+            raise fail(name, f"{len(body)} images listed, but {synthetic.ATTR_NAME} lists {n}")
+    try:
+        with zipfile.ZipFile(manual_dir / synthetic.ZIP_NAME) as archive:
+            images = sum(1 for name in archive.namelist() if name.endswith(".jpg"))
+    except (zipfile.BadZipFile, OSError) as e:
+        raise fail(synthetic.ZIP_NAME, f"not a readable zip archive: {e}") from e
+    if images != n:
+        raise fail(synthetic.ZIP_NAME, f"{images} JPEGs, but {synthetic.ATTR_NAME} lists {n} images")
+    return n
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading, selecting, decoding.
 
 @dataclass(frozen=True)
 class _Pool:
-    ids: np.ndarray  # tfds_id strings, sorted
+    ids: np.ndarray  # tfds_id strings (shard and position), sorted
     group: np.ndarray
     label: np.ndarray
-
-
-def _dataset(builder: Any, split: str) -> Any:
-    import tensorflow_datasets as tfds
-
-    return builder.as_dataset(split=split, shuffle_files=False,
-                              decoders={"image": tfds.decode.SkipDecoding()},
-                              read_config=tfds.ReadConfig(add_tfds_id=True))
+    jpegs: np.ndarray  # the encoded images, in the order of ids
 
 
 def _read_pools(builder: Any) -> dict[str, _Pool]:
+    """Reads each split once: ids, Male, Smiling and the still-encoded JPEG (nothing else is parsed)."""
+    import tensorflow_datasets as tfds
+
+    decoders = tfds.decode.PartialDecoding(
+        {"image": True, "attributes": {"Male": True, "Smiling": True}},
+        decoders={"image": tfds.decode.SkipDecoding()})
     pools = {}
     for split in _PARTITIONS:
-        ds = _dataset(builder, split).map(
-            lambda ex: (ex["tfds_id"], ex["attributes"]["Male"], ex["attributes"]["Smiling"])).batch(8192)
-        ids, male, smiling = [], [], []
-        for i, m, s in ds.as_numpy_iterator():
-            ids.append(i), male.append(m), smiling.append(s)
-        ids = np.concatenate(ids) if ids else np.zeros(0, dtype=object)
-        order = np.argsort(ids, kind="stable")  # tfds ids name shard and position: a fixed order
-        pools[split] = _Pool(ids[order], np.concatenate(male)[order].astype(np.int32) if male else
-                             np.zeros(0, np.int32),
-                             np.concatenate(smiling)[order].astype(np.int32) if smiling else np.zeros(0, np.int32))
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                read_config=tfds.ReadConfig(add_tfds_id=True))
+        ds = ds.map(lambda ex: (ex["tfds_id"], ex["attributes"]["Male"], ex["attributes"]["Smiling"],
+                                ex["image"])).batch(4096)
+        parts: list[list[np.ndarray]] = [[], [], [], []]
+        for batch in ds.as_numpy_iterator():
+            for part, value in zip(parts, batch, strict=True):
+                part.append(value)
+        ids, male, smiling, jpegs = (np.concatenate(p) if p else np.zeros(0) for p in parts)
+        order = np.argsort(ids, kind="stable")  # a fixed order, whatever order tfds reads in
+        pools[split] = _Pool(ids=ids[order], group=male[order].astype(np.int32),
+                             label=smiling[order].astype(np.int32), jpegs=jpegs[order])
     return pools
 
 
@@ -576,21 +639,13 @@ def _decode_image(jpeg: bytes, image_size: int) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_selected(builder: Any, chosen: list[tuple], image_size: int) -> dict[bytes, np.ndarray]:
-    wanted = {c[0] for c in chosen}
-    encoded: dict[bytes, bytes] = {}
-    for split in _PARTITIONS:
-        ds = _dataset(builder, split).map(lambda ex: (ex["tfds_id"], ex["image"])).batch(1024)
-        for ids, jpegs in ds.as_numpy_iterator():
-            for i, jpeg in zip(ids, jpegs, strict=True):
-                if i in wanted:
-                    encoded[i] = jpeg
-    if len(encoded) != len(wanted):
-        raise RuntimeError(f"{len(wanted) - len(encoded)} selected images were not found when reading the "
-                           f"prepared dataset {builder.data_path}; delete that directory and run again.")
-    keys = list(encoded)
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:  # PIL releases the GIL
-        arrays = list(pool.map(lambda k: _decode_image(encoded[k], image_size), keys))
+def _decode_selected(pools: dict[str, _Pool], chosen: list[tuple], image_size: int) -> dict[bytes, np.ndarray]:
+    encoded = {}
+    for pool in pools.values():
+        encoded.update(zip(pool.ids.tolist(), pool.jpegs.tolist(), strict=True))
+    keys = [c[0] for c in chosen]
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as executor:  # PIL releases the GIL
+        arrays = list(executor.map(lambda k: _decode_image(encoded[k], image_size), keys))
     return dict(zip(keys, arrays, strict=True))
 
 

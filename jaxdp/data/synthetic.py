@@ -239,13 +239,14 @@ def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
     attrs[:, index["Smiling"]] = smiling == 1
     for name, (p_female, p_male) in _BASE_RATES.items():
         attrs[:, index[name]] = rng.random(num_images) < np.where(male == 1, p_male, p_female)
-    u = rng.random(num_images)
-    attrs[:, index["Mouth_Slightly_Open"]] = u < np.where(smiling == 1, 0.75, 0.2)
+    # Open (teeth showing) for most smiling men, a quarter of smiling women: see `draw_face`.
+    p_open = np.where(smiling == 1, np.where(male == 1, 0.95, 0.25), 0.15)
+    attrs[:, index["Mouth_Slightly_Open"]] = rng.random(num_images) < p_open
     attrs[:, index["High_Cheekbones"]] = rng.random(num_images) < np.where(smiling == 1, 0.8, 0.1)
     # Facial hair: most men have some, so the male mouth region looks different.
     is_m = male == 1
     beard = is_m & (rng.random(num_images) < 0.55)
-    mustache = is_m & (rng.random(num_images) < np.where(beard, 0.75, 0.4))
+    mustache = is_m & (rng.random(num_images) < np.where(beard, 0.8, 0.5))
     goatee = is_m & ~beard & (rng.random(num_images) < 0.45)
     stubble = is_m & ~beard & ~goatee & (rng.random(num_images) < 0.8)
     attrs[:, index["No_Beard"]] = ~beard & ~goatee
@@ -422,35 +423,36 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     if attributes["Goatee"]:
         draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
 
-    # The mouth: Smiling is a wide mouth with raised corners; otherwise narrow, flat or turned down.
+    # The mouth. Smiling: a wide mouth with raised corners; women mostly smile with closed (often painted)
+    # lips, men mostly grin, teeth showing through the facial hair. Not smiling: narrow, flat or turned down.
     mouth_y = 26 + rng.uniform(-2, 2)
-    half = rng.uniform(15, 20) if smiling else rng.uniform(10, 14)
+    half = rng.uniform(18, 23) if smiling else rng.uniform(10, 14)
     lip = 4.5 if attributes["Big_Lips"] else 3.0
     lipstick = attributes["Wearing_Lipstick"]
-    lip_colour = (np.array([185, 30, 55]) + rng.normal(0, 15, 3)) if lipstick else skin * 0.6 + [60, 10, 15]
-    corners = (p(-half, mouth_y - (6 if smiling else -rng.uniform(0, 2))),
-               p(half, mouth_y - (6 if smiling else -rng.uniform(0, 2))))
+    lip_colour = (np.array([190, 30, 60]) + rng.normal(0, 15, 3)) if lipstick else skin * 0.65 + [55, 5, 10]
+    lift = 7 if smiling else -rng.uniform(0, 2)
+    corners = (p(-half, mouth_y - lift), p(half, mouth_y - lift))
+    xs = np.linspace(-half, half, 11)
     if smiling:
-        depth = rng.uniform(7, 11)
-        upper = [p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) - 1) for x in np.linspace(-half, half, 9)]
-        lower = [p(x, mouth_y - 6 + depth * (1 - (x / half) ** 2) + lip)
-                 for x in np.linspace(half, -half, 9)]
+        depth = rng.uniform(8, 12)
+        upper = [p(x, mouth_y - lift + lift * (1 - (x / half) ** 2) - 1) for x in xs]
+        lower = [p(x, mouth_y - lift + depth * (1 - (x / half) ** 2) + lip) for x in xs[::-1]]
         draw.polygon(upper + lower, fill=_rgb(lip_colour))
         if attributes["Mouth_Slightly_Open"]:
-            inner_lower = [p(x, mouth_y - 6 + (depth - 1) * (1 - (x / half) ** 2))
-                           for x in np.linspace(half * 0.8, -half * 0.8, 7)]
-            draw.polygon(upper[1:-1] + inner_lower, fill=(60, 20, 25))
-            teeth = [p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) + 2) for x in np.linspace(-half * .8, half * .8, 7)]
-            draw.line(teeth, fill=(245, 245, 240), width=max(2, round(2.5 * scale)))
+            inner = [p(x, mouth_y - lift + (depth + lip - 2) * (1 - (x / half) ** 2)) for x in xs[::-1] * 0.85]
+            draw.polygon([p(x * 0.85, mouth_y - lift + lift * (1 - (x / half) ** 2) + 1) for x in xs] + inner,
+                         fill=(55, 18, 22))
+            teeth = [p(x * 0.8, mouth_y - lift + lift * (1 - (x / half) ** 2) + 3) for x in xs]
+            draw.line(teeth, fill=(245, 245, 238), width=max(3, round(4.5 * scale)))
         else:
-            draw.line([p(x, mouth_y - 6 + 6 * (1 - (x / half) ** 2) + lip / 2) for x in
-                       np.linspace(-half, half, 9)], fill=_rgb(lip_colour * 0.5), width=1)
+            draw.line([p(x, mouth_y - lift + lift * (1 - (x / half) ** 2) + lip / 2) for x in xs],
+                      fill=_rgb(lip_colour * 0.5), width=1)
     else:
         droop = rng.uniform(0, 3)
         draw.polygon([corners[0], p(0, mouth_y - lip), corners[1], p(0, mouth_y + lip + droop / 2)],
                      fill=_rgb(lip_colour))
         if attributes["Mouth_Slightly_Open"]:
-            draw.ellipse(box(-half * 0.5, mouth_y - 1.5, half * 0.5, mouth_y + 1.5), fill=(60, 20, 25))
+            draw.ellipse(box(-half * 0.5, mouth_y - 1.5, half * 0.5, mouth_y + 1.5), fill=(55, 18, 22))
         else:
             draw.line([corners[0], p(0, mouth_y), corners[1]], fill=_rgb(lip_colour * 0.5), width=1)
     if attributes["Mustache"]:  # over the upper lip, hiding the mouth corners
@@ -460,7 +462,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
                       p(-half - 3, mouth_y + 4)], fill=_rgb(mustache))
 
     # Pose rotation, lighting, blur, noise.
-    angle = rng.uniform(-8, 8)
+    angle = rng.uniform(-6, 6)
     image = image.rotate(angle, resample=Image.BILINEAR, center=(cx, cy), fillcolor=_rgb(top))
     if attributes["Blurry"]:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.2, 2.2)))
@@ -471,7 +473,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     light_y = (np.arange(height, dtype=np.float32) - cy) * np.float32(strength * np.sin(direction))
     light = (1 + light_y[:, None] + light_x[None, :]) * np.float32(rng.uniform(0.75, 1.2))
     pixels = pixels * light[..., None] + np.float32(rng.uniform(-20, 20))
-    pixels += _noise_crop(rng) * np.float32(rng.uniform(2, 9))
+    pixels += _noise_crop(rng) * np.float32(rng.uniform(2, 7))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
     # Landmarks, rotated as the image was (PIL rotates counter-clockwise by `angle` degrees).
