@@ -1,0 +1,384 @@
+"""Speed benchmark of a full DP-SGD training step: jaxdp's clipping strategies, side by side with Opacus.
+
+One *step* is what a training loop does per batch: gradients (per-example clipped and summed under DP),
+Gaussian noise (:func:`jaxdp.dp_noise`) and an Adam update. The model is the paper's GroupNorm ResNet18 with a
+2-way head (:func:`jaxdp.models.ResNet18`; smaller family members via ``stage_sizes``/``width``) on random
+images. Entries:
+
+* ``jax nonprivate (flax conv)``: ``jax.grad`` of the plain Flax model, Adam.
+* ``jax nonprivate (matmul conv)``: the same with small-map convolutions as patches x matmul
+  (:func:`jaxdp.fastclip.matmul_convs`), the fastest non-private JAX step we have: the honest baseline for
+  "DP cost".
+* ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
+* with ``compare_opacus=True``: ``torch nonprivate`` and ``opacus <mode>`` for each Opacus grad-sample mode
+  (``hooks``, ``ghost`` = fast gradient clipping, ``functorch``, ``ew``), the same architecture written in
+  PyTorch (torchvision's resnet18 layout, GroupNorm replacing BatchNorm), batch, loss and optimiser.
+
+How it is measured (every figure in the output is one of these):
+
+* ``examples_per_s``: batch size / the median wall time of the timed steps (each ended with
+  ``block_until_ready`` / a synchronous torch step), after a warm-up step. Timed steps are taken in
+  *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
+  hit all entries alike.
+* ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
+* ``peak_memory_bytes``: XLA's ``compiled.memory_analysis().peak_memory_in_bytes`` of the compiled step,
+  i.e. the buffer assignment's peak (arguments, outputs and temporaries; parameters and optimiser state are
+  donated). Not an RSS measurement; torch entries report ``None``.
+* ratios: ``vs_jax_nonprivate`` = examples/s over the fastest JAX non-private entry's;
+  ``vs_fastest_opacus`` = examples/s over the fastest Opacus mode's; ``memory_vs_nonprivate`` = peak memory
+  over the plain-Flax non-private step's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxdp
+from jaxdp import fastclip
+from jaxdp.models import ResNet18
+
+OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+TORCH_INSTALL = "pip install torch==2.13.0 opacus"  # or: pip install 'jaxdp[bench]'
+
+
+@dataclasses.dataclass
+class Entry:
+    """One benchmarked training step and its measurements."""
+
+    name: str
+    framework: str  # "jax" | "torch"
+    private: bool
+    step_s: list[float] = dataclasses.field(default_factory=list)
+    compile_s: float | None = None
+    peak_memory_bytes: int | None = None
+    error: str | None = None
+    examples_per_s: float | None = None
+    vs_jax_nonprivate: float | None = None
+    vs_fastest_opacus: float | None = None
+    memory_vs_nonprivate: float | None = None
+    _run: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
+
+
+def random_params(model: Any, example_inputs: jax.Array, seed: int = 0) -> Any:
+    """He-normal kernels, zero biases, unit scales, drawn with numpy from the model's parameter shapes.
+
+    The speed of a step does not depend on the weights' values; ``model.init`` would compile a random-number
+    graph per parameter (tens of seconds on a small CPU) before the benchmark even starts.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example_inputs)["params"]
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if len(leaf.shape) < 2:
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) * np.sqrt(2.0 / fan_in))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *, stage_sizes, width: int,
+                 num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
+                 seed: int, max_pixels: int) -> list[Entry]:
+    model = ResNet18(num_classes=2, stage_sizes=stage_sizes, width=width, num_groups=num_groups)
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32))
+    labels = jnp.asarray(rng.integers(0, 2, batch_size), dtype=jnp.int32)
+    mask = jnp.ones(batch_size, bool)
+    init_params = random_params(model, images[:1], seed)
+
+    def loss_fn(params, x, y):
+        return _cross_entropy(model.apply({"params": params}, x), y)
+
+    entries = []
+
+    def add(name: str, private: bool, build: Callable[[], tuple[optax.GradientTransformation, Callable]]):
+        entry = Entry(name, "jax", private)
+        try:
+            optimizer, grads_of = build()
+
+            def step(params, opt_state, x, y, m):
+                updates, opt_state = optimizer.update(grads_of(params, x, y, m), opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            params = jax.tree_util.tree_map(jnp.copy, init_params)
+            opt_state = optimizer.init(params)
+            start = time.perf_counter()
+            compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, images, labels, mask).compile()
+            entry.compile_s = time.perf_counter() - start
+            entry.peak_memory_bytes = int(compiled.memory_analysis().peak_memory_in_bytes)
+            state = {"params": params, "opt_state": opt_state}
+
+            def run():
+                state["params"], state["opt_state"] = compiled(state["params"], state["opt_state"], images,
+                                                               labels, mask)
+                jax.block_until_ready(state["params"])
+
+            run()  # warm-up
+            entry._run = run
+        except Exception as error:  # noqa: BLE001 - a failing entry is reported, the others still run
+            entry.error = f"{type(error).__name__}: {error}"
+        entries.append(entry)
+
+    def nonprivate(loss):
+        return lambda: (optax.adam(learning_rate), lambda p, x, y, m: jax.grad(loss)(p, x, y))
+
+    def private(strategy):
+        def build():
+            grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm, strategy=strategy)
+            noise = jaxdp.dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
+            return optax.chain(noise, optax.adam(learning_rate)), lambda p, x, y, m: grad_fn(p, x, y, m)[0]
+
+        return build
+
+    add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
+    add("jax nonprivate (matmul conv)", False, nonprivate(fastclip.matmul_convs(loss_fn, max_pixels)))
+    for strategy in strategies:
+        add(f"jax dp {strategy}", True, private(strategy))
+    return entries
+
+
+def _torch_resnet18(stage_sizes, width: int, num_groups: int, num_classes: int = 2):
+    """torchvision's resnet18 layout with GroupNorm(min(num_groups, C), C) in place of BatchNorm."""
+    import torch.nn as tnn
+
+    def norm(c):
+        return tnn.GroupNorm(min(num_groups, c), c, eps=1e-5)
+
+    class Block(tnn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.norm1 = norm(cout)
+            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.norm2 = norm(cout)
+            self.relu1, self.relu2 = tnn.ReLU(), tnn.ReLU()
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+
+        def forward(self, x):
+            out = self.norm2(self.conv2(self.relu1(self.norm1(self.conv1(x)))))
+            return self.relu2(out + (x if self.downsample is None else self.downsample(x)))
+
+    layers = [tnn.Conv2d(3, width, 7, 2, 3, bias=False), norm(width), tnn.ReLU(), tnn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for k, blocks in enumerate(stage_sizes):
+        cout = width * 2**k
+        for j in range(blocks):
+            layers.append(Block(cin, cout, 2 if (k > 0 and j == 0) else 1))
+            cin = cout
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes)]
+    return tnn.Sequential(*layers)
+
+
+def _require_torch():
+    try:
+        import opacus  # noqa: F401
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"--compare-opacus needs PyTorch and Opacus, which are not installed ({error}). Install them with "
+            f"`{TORCH_INSTALL}` (the optional 'bench' extra), or run without --compare-opacus."
+        ) from error
+    return torch
+
+
+def _torch_entries(image_size: int, batch_size: int, modes: Sequence[str], *, stage_sizes, width: int,
+                   num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
+                   seed: int) -> list[Entry]:
+    torch = _require_torch()
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(rng.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32))
+    labels = torch.from_numpy(rng.integers(0, 2, batch_size))
+    entries = []
+
+    def add(name: str, mode: str | None):
+        entry = Entry(name, "torch", mode is not None)
+        try:
+            model = _torch_resnet18(stage_sizes, width, num_groups)
+            optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+            criterion = torch.nn.CrossEntropyLoss()
+            if mode is not None:
+                loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    made = PrivacyEngine().make_private(
+                        module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                        noise_multiplier=noise_multiplier, max_grad_norm=l2_clip_norm, poisson_sampling=False,
+                        grad_sample_mode=mode)
+                if mode == "ghost":
+                    model, optimizer, criterion, _ = made
+                else:
+                    model, optimizer, _ = made
+
+            def run():
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(images), labels)
+                loss.backward()
+                optimizer.step()
+
+            run()  # warm-up
+            entry._run = run
+        except Exception as error:  # noqa: BLE001
+            entry.error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        entries.append(entry)
+
+    add("torch nonprivate", None)
+    for mode in modes:
+        add(f"opacus {mode}", mode)
+    return entries
+
+
+def run_benchmark(
+    image_size: int = 64,
+    batch_size: int = 32,
+    *,
+    strategies: Sequence[str] | None = None,
+    compare_opacus: bool = False,
+    opacus_modes: Sequence[str] = OPACUS_MODES,
+    rounds: int = 3,
+    steps_per_round: int = 1,
+    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+    width: int = 64,
+    num_groups: int = 32,
+    l2_clip_norm: float = 5.0,
+    noise_multiplier: float = 0.7,
+    learning_rate: float = 5e-5,
+    max_pixels: int = fastclip.DEFAULT_MATMUL_MAX_PIXELS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Benchmarks full training steps (see the module docstring); returns a JSON-ready dict.
+
+    ``strategies`` defaults to every strategy of :func:`jaxdp.clipping.available_strategies`. Each entry is
+    timed ``rounds * steps_per_round`` times, round-robin across entries. An entry that fails to build or
+    run (e.g. an Opacus mode that does not support a layer) is reported with its ``error`` and no speed.
+
+    >>> result = run_benchmark(image_size=16, batch_size=4, stage_sizes=(1,), width=8, rounds=1)
+    >>> sorted(result)
+    ['config', 'environment', 'results']
+    """
+    if image_size < 8 or batch_size < 1 or rounds < 1 or steps_per_round < 1:
+        raise ValueError(
+            f"Need image_size >= 8, batch_size >= 1, rounds >= 1, steps_per_round >= 1; got image_size="
+            f"{image_size}, batch_size={batch_size}, rounds={rounds}, steps_per_round={steps_per_round}.")
+    if strategies is None:
+        strategies = jaxdp.clipping.available_strategies()
+    unknown = [s for s in strategies if s not in jaxdp.clipping.available_strategies()]
+    if unknown:
+        raise ValueError(f"Unknown strategies {unknown}; choose from {list(jaxdp.clipping.available_strategies())}.")
+    unknown = [m for m in opacus_modes if m not in OPACUS_MODES]
+    if unknown:
+        raise ValueError(f"Unknown Opacus modes {unknown}; choose from {list(OPACUS_MODES)}.")
+    common = dict(stage_sizes=tuple(stage_sizes), width=width, num_groups=num_groups, l2_clip_norm=l2_clip_norm,
+                  noise_multiplier=noise_multiplier, learning_rate=learning_rate, seed=seed)
+    torch_entries = []
+    if compare_opacus:
+        _require_torch()  # fail before the long JAX compiles
+    entries = _jax_entries(image_size, batch_size, strategies, max_pixels=max_pixels, **common)
+    if compare_opacus:
+        torch_entries = _torch_entries(image_size, batch_size, opacus_modes, **common)
+        entries += torch_entries
+
+    for _ in range(rounds):
+        for entry in entries:
+            if entry._run is None:
+                continue
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                entry._run()
+                entry.step_s.append(time.perf_counter() - start)
+
+    for entry in entries:
+        if entry.step_s:
+            entry.examples_per_s = batch_size / statistics.median(entry.step_s)
+
+    def best(predicate):
+        speeds = [e.examples_per_s for e in entries if predicate(e) and e.examples_per_s]
+        return max(speeds) if speeds else None
+
+    jax_nonprivate = best(lambda e: e.framework == "jax" and not e.private)
+    fastest_opacus = best(lambda e: e.framework == "torch" and e.private)
+    flax_memory = entries[0].peak_memory_bytes
+    for entry in entries:
+        if entry.examples_per_s and jax_nonprivate:
+            entry.vs_jax_nonprivate = entry.examples_per_s / jax_nonprivate
+        if entry.examples_per_s and fastest_opacus:
+            entry.vs_fastest_opacus = entry.examples_per_s / fastest_opacus
+        if entry.peak_memory_bytes and flax_memory:
+            entry.memory_vs_nonprivate = entry.peak_memory_bytes / flax_memory
+
+    environment = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if compare_opacus:
+        import opacus
+        import torch
+
+        environment.update(torch=torch.__version__, opacus=opacus.__version__, torch_threads=torch.get_num_threads())
+    config = dict(image_size=image_size, batch_size=batch_size, strategies=list(strategies), rounds=rounds,
+                  steps_per_round=steps_per_round, max_pixels=max_pixels, compare_opacus=compare_opacus,
+                  opacus_modes=list(opacus_modes) if compare_opacus else [], **common)
+    config["stage_sizes"] = list(config["stage_sizes"])
+    results = [{k: v for k, v in dataclasses.asdict(e).items() if not k.startswith("_")} for e in entries]
+    return {"config": config, "environment": environment, "results": results}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table of a :func:`run_benchmark` result."""
+
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    config = result["config"]
+    lines = [
+        f"{config['image_size']}x{config['image_size']}, batch {config['batch_size']}, "
+        f"{result['environment']['device']}, {result['environment']['date']}",
+        "",
+        "| step | examples/s | vs JAX non-private | vs fastest Opacus | compile s | peak memory MB | memory vs non-private |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        if r["error"]:
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        memory = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        lines.append(
+            f"| {r['name']} | {num(r['examples_per_s'], '.1f')} | {num(r['vs_jax_nonprivate'], '.2f')} | "
+            f"{num(r['vs_fastest_opacus'], '.2f')} | {num(r['compile_s'], '.1f')} | {num(memory, '.0f')} | "
+            f"{num(r['memory_vs_nonprivate'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
