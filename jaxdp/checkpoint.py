@@ -10,6 +10,8 @@ the fact is caught on restore (orbax error, or a fingerprint mismatch) and the p
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,19 +70,21 @@ class Checkpointer:
                 )
                 state, record = restored["state"], restored["record"]
             except Exception as error:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
-                log.warning(
-                    "Checkpoint step %d under %s is unreadable (%s); trying an older one.", step, self.directory, error
-                )
+                self._quarantine(step, f"is unreadable ({error})")
                 continue
             if not np.allclose(fingerprint(state), record.get("fingerprint", [np.nan, np.nan]), rtol=1e-9, atol=0):
-                log.warning(
-                    "Checkpoint step %d under %s fails its fingerprint check; trying an older one.",
-                    step,
-                    self.directory,
-                )
+                self._quarantine(step, "fails its fingerprint check")
                 continue
             return step, state, record
         return None
+
+    def _quarantine(self, step: int, why: str) -> None:
+        """Moves a bad step out of the manager's view (kept for inspection, never reused or deleted)."""
+        target = self.directory.parent / f"{self.directory.name}-corrupt" / f"{step}-{int(time.time())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
+        log.warning("Checkpoint %d in %s %s; moved to %s, trying an older one.", step, self.directory, why, target)
 
     def close(self) -> None:
         self._manager.wait_until_finished()

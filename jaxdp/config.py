@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # expected batch size under Poisson sampling
-    c.train.epochs = 60
+    c.train.epochs = 60.0
     c.train.seed = 0
     c.train.random_flip = True
     c.train.eval_every_steps = 750
@@ -102,6 +102,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         _require(
             p.accountant in ("pld", "rdp", "rdp_classic"),
             f"config.dp.accountant={p.accountant!r}; choose 'pld', 'rdp' or 'rdp_classic'.",
+        )
+        _require(
+            not (p.sampling == "fixed" and p.accountant == "pld"),
+            "config.dp.accountant='pld' cannot count config.dp.sampling='fixed' (dp-accounting's PLD accountant has "
+            "no event for sampling without replacement); set config.dp.accountant='rdp' (or 'rdp_classic').",
         )
         if p.target_epsilon is not None:
             _require(float(p.target_epsilon) > 0.0, f"config.dp.target_epsilon={p.target_epsilon} must be > 0.")

@@ -138,6 +138,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         if path.is_file() and path.stat().st_size > 0 and path.suffix != ".json":
             path.write_bytes(b"\0" * 7)
     assert Checkpointer(ckpt).restore_latest()[0] == 2
+    assert (tmp_path / "run" / "checkpoints-corrupt").is_dir()  # moved aside, not deleted
     resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
     assert resumed["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
     assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
