@@ -363,7 +363,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{config['image_size']}x{config['image_size']}, batch {config['batch_size']}, "
         f"{result['environment']['device']}, {result['environment']['date']}",
         "",
-        "| step | examples/s | vs JAX non-private | vs fastest Opacus | compile s | peak memory MB | memory vs non-private |",
+        "| step | examples/s | vs JAX non-private | vs fastest Opacus | compile s | peak memory MB "
+        "| memory vs non-private |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
