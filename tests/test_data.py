@@ -287,6 +287,17 @@ def test_cache_is_keyed_by_the_source_files(generated: Path, tmp_path: Path, dec
     assert set(fingerprints(a.images)) != set(fingerprints(b.images))
 
 
+def test_crash_while_writing_the_cache_leaves_nothing(generated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(file, **arrays) -> None:
+        file.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(celeba.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(generated, female_fraction=0.7, total=40, seed=31)
+    assert not [p for p in (generated / "jaxdp_subsets").iterdir() if "-s31-" in p.name]
+
+
 def test_stale_or_unreadable_cache_file_is_rebuilt(generated: Path, decode_counter: list[int]) -> None:
     build(generated, female_fraction=0.7, total=40, seed=21)
     (path,) = (generated / "jaxdp_subsets").glob("*-s21-*.npz")
@@ -351,6 +362,15 @@ def test_real_builder_rejects_generated_files(generated: Path, tmp_path: Path) -
                                          r"checksums.tsv.*download it again"):
         build_imbalanced(female_fraction=0.9, total=200, data_dir=tmp_path, source="celeba")
     assert_nothing_half_prepared(tmp_path)
+
+
+def test_generated_files_use_the_real_builders_urls_and_file_names() -> None:
+    import tensorflow_datasets as tfds
+
+    registered = tfds.builder_cls("celeb_a").url_infos  # tfds's own checksums.tsv, as the real path uses
+    assert {url: info.filename for url, info in registered.items()} == {
+        url: name for name, url in synthetic.FILE_URLS.items()}
+    assert registered[synthetic.FILE_URLS[synthetic.ZIP_NAME]].size == 1_443_490_838
 
 
 def test_truncated_zip_is_named(generated: Path, tmp_path: Path) -> None:

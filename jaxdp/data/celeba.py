@@ -142,6 +142,7 @@ def cell_counts(total: int, female_fraction: float) -> dict[Cell, int]:
     >>> cell_counts(30000, 0.999)
     {(0, 0): 14985, (0, 1): 14985, (1, 0): 15, (1, 1): 15}
     """
+    total = int(total)
     females = round_half_up(total * _exact(female_fraction))
     males = total - females
     return {(0, 0): females - females // 2, (0, 1): females // 2,
