@@ -69,7 +69,7 @@ FILE_URLS = {
 CELEBA_FILE_NAMES = tuple(FILE_URLS)
 MANIFEST_NAME = "jaxdp_generated.json"
 # Bump when the drawing changes: the manifest records it, so old files are regenerated, not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 218, 178
 ATTRIBUTE_NAMES = (
