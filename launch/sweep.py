@@ -101,7 +101,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    from absl import logging
+
     from jaxdp import report, sweep
+
+    if not FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; keep the run lines readable
+        logging.set_verbosity(logging.WARNING)
 
     mode = _MODE.value
     extra = argv[1:]

@@ -340,3 +340,41 @@ def test_cli_dry_run_lists_runs_and_overrides_apply(tmp_path):
     assert "17 runs in" in r.stdout and "nondp-ff0.99-seed0" in r.stdout
     assert "medium-ff0.7-clip10-seed0" in r.stdout and "ff0.999" not in r.stdout
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_real_training_tiny_sweep_end_to_end(tmp_path):
+    """configs/tiny.py shrunk to one run on the real trainer: every artefact, then a skip on rerun.
+
+    The run is non-private because its program compiles in a fraction of the DP step's time; the DP path of
+    the trainer is tested in tests/test_train.py, and the sweep treats both alike.
+    """
+    import importlib.util
+
+    from jaxdp import report
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.data.data_dir = str(tmp_path / "data")
+    c.sweep.imbalance = sweep.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
+    result = sweep.run_sweep(c, tmp_path / "w")
+    assert result.trained == ["nondp-ff0.7-seed0"]
+    run_dir = tmp_path / "w" / "nondp-ff0.7-seed0"
+    final = json.loads((run_dir / "final.json").read_text())
+    # 200 images, 20% test -> 160 train; batch 32 -> 5 steps for the one epoch; balanced test of 40.
+    assert final["steps"] == 5 and final["metrics"]["n_0"] == 20 and final["metrics"]["n_1"] == 20
+    assert final["epsilon"] == {"pld": None, "rdp": None, "rdp_classic": None}
+    assert [json.loads(x)["step"] for x in (run_dir / "history.jsonl").read_text().splitlines()] == [4, 5]
+    import jax
+
+    # The persistent compilation cache is in use: <workdir>/.xla_cache, or the one this process already had.
+    cache = jax.config.jax_compilation_cache_dir
+    assert cache and list(Path(cache).iterdir())
+    written = {p.name for p in report.write_report(tmp_path / "w", verbose=False)}
+    assert {"summary.csv", "table1.md", "fig3_training_by_privacy.png"} <= written
+    rows = (tmp_path / "w" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("nondp-ff0.7-seed0,imbalance,nondp,false,,,0.7,0")
+    again = sweep.run_sweep(c, tmp_path / "w")
+    assert again.skipped == ["nondp-ff0.7-seed0"] and again.trained == []
