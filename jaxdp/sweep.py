@@ -568,13 +568,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
     out = stream or sys.stdout
     if launcher not in LAUNCHERS:
         raise SweepError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
-    runs = expand(config)
-    if run_filter:
-        pattern = re.compile(run_filter)
-        runs = [r for r in runs if pattern.search(r.name)]
-        if not runs:
-            raise SweepError(f"--runs={run_filter!r} matches none of the sweep's run names; list them with "
-                             f"--dry_run")
+    runs = select_runs(expand(config), run_filter)
     statuses = prepare_workdir(workdir, runs, overwrite=overwrite)
     root = statuses[0].run_dir.parent if statuses else Path(workdir).resolve()
     cache = str(cache_dir) if cache_dir is not None else str(root / ".xla_cache")
@@ -595,6 +589,21 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
             launcher, root / "submitit", job_name=str(config.get("name", "jaxdp")), slurm=slurm)
         _run_submitit(ex, todo, n, len(skipped), cache, train_fn, result, wait, out)
     return result
+
+
+def select_runs(runs: Sequence[Run], run_filter: str | None) -> list[Run]:
+    """The runs whose name matches the regular expression ``run_filter`` (all when it is None or empty)."""
+    if not run_filter:
+        return list(runs)
+    try:
+        pattern = re.compile(run_filter)
+    except re.error as e:
+        raise SweepError(f"--runs={run_filter!r} is not a regular expression ({e})") from None
+    chosen = [r for r in runs if pattern.search(r.name)]
+    if not chosen:
+        raise SweepError(f"--runs={run_filter!r} matches none of the sweep's run names; list them with "
+                         f"--dry_run")
+    return chosen
 
 
 def _run_local(todo: list[RunStatus], n: int, n_done: int, cache: str, train_fn: TrainFn | None,

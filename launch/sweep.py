@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
     wait = _WAIT.value if _WAIT.value is not None else _LAUNCHER.value != "slurm"
     try:
         if _DRY_RUN.value:
-            runs = sweep.expand(config)
+            runs = sweep.select_runs(sweep.expand(config), _RUNS.value)
             statuses = sweep.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)
             print(f"{len(statuses)} runs in {os.path.abspath(workdir)}")
             print(sweep.summarize_plan(statuses))

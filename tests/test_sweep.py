@@ -160,6 +160,14 @@ def test_run_names_spell_out_settings_and_extra_axes():
     assert sweep.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
 
 
+def test_run_filter_selects_by_name():
+    runs = sweep.expand(small_sweep())
+    assert [r.name for r in sweep.select_runs(runs, "nondp|clip1")] == [
+        "medium-ff0.7-clip1-seed0", "nondp-ff0.7-seed0", "nondp-ff0.9-seed0", "nondp-ff0.99-seed0"]
+    with pytest.raises(sweep.SweepError, match="matches none of the sweep's run names"):
+        sweep.select_runs(runs, "ultra")
+
+
 @pytest.mark.parametrize("axes, message", [
     ({"data.femal_fraction": (0.7,)}, "'data.femal_fraction' is not a key of the config"),
     ({"privacy": ("medium", "ultra")}, "unknown level(s) ['ultra']"),
