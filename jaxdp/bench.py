@@ -10,6 +10,8 @@ images. Entries:
   (:func:`jaxdp.fastclip.matmul_convs`), the fastest non-private JAX step we have: the honest baseline for
   "DP cost".
 * ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
+* ``jax dp noise+adam only``: ``dp_noise`` + Adam on zero gradients: the part of a DP step's time that no
+  clipping strategy can remove (one Gaussian draw per parameter).
 * with ``compare_opacus=True``: ``torch nonprivate`` and ``opacus <mode>`` for each Opacus grad-sample mode
   (``hooks``, ``ghost`` = fast gradient clipping, ``functorch``, ``ew``), the same architecture written in
   PyTorch (torchvision's resnet18 layout, GroupNorm replacing BatchNorm), batch, loss and optimiser.
@@ -21,16 +23,21 @@ How it is measured (every figure in the output is one of these):
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
   hit all entries alike.
 * ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
-* ``peak_memory_bytes``: XLA's ``compiled.memory_analysis().peak_memory_in_bytes`` of the compiled step,
-  i.e. the buffer assignment's peak (arguments, outputs and temporaries; parameters and optimiser state are
-  donated). Not an RSS measurement; torch entries report ``None``.
+* ``peak_memory_bytes``: the largest growth of the process's resident memory during one timed step, over
+  all timed steps: before each step free heap memory is returned to the OS (``malloc_trim``), the kernel's
+  peak-RSS counter is reset (``/proc/self/clear_refs``) and ``VmHWM - VmRSS(before)`` is read afterwards.
+  So it counts the step's temporaries (activations, per-example quantities, patches), not the parameters
+  and optimiser state that persist between steps (JAX donates them). Same method for JAX and torch; Linux
+  only (``None`` elsewhere). XLA's ``compiled.memory_analysis()`` was not used: on CPU it reports no
+  temporaries.
 * ratios: ``vs_jax_nonprivate`` = examples/s over the fastest JAX non-private entry's;
   ``vs_fastest_opacus`` = examples/s over the fastest Opacus mode's; ``memory_vs_nonprivate`` = peak memory
-  over the plain-Flax non-private step's.
+  over the same framework's plain non-private step's (plain Flax; plain torch).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import platform
@@ -97,7 +104,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *, stage_sizes, width: int,
                  num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
-                 seed: int, max_pixels: int) -> list[Entry]:
+                 seed: int, max_pixels: int, include_noise_only: bool) -> list[Entry]:
     model = ResNet18(num_classes=2, stage_sizes=stage_sizes, width=width, num_groups=num_groups)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32))
@@ -124,7 +131,6 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
             start = time.perf_counter()
             compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, images, labels, mask).compile()
             entry.compile_s = time.perf_counter() - start
-            entry.peak_memory_bytes = int(compiled.memory_analysis().peak_memory_in_bytes)
             state = {"params": params, "opt_state": opt_state}
 
             def run():
@@ -149,10 +155,18 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
 
         return build
 
+    def noise_only():
+        # The DP step's cost that is not clipping: noise for every parameter plus the update (zero gradients).
+        noise = jaxdp.dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
+        return (optax.chain(noise, optax.adam(learning_rate)),
+                lambda p, x, y, m: jax.tree_util.tree_map(jnp.zeros_like, p))
+
     add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
     add("jax nonprivate (matmul conv)", False, nonprivate(fastclip.matmul_convs(loss_fn, max_pixels)))
     for strategy in strategies:
         add(f"jax dp {strategy}", True, private(strategy))
+    if include_noise_only:
+        add("jax dp noise+adam only", True, noise_only)
     return entries
 
 
@@ -254,6 +268,33 @@ def _torch_entries(image_size: int, batch_size: int, modes: Sequence[str], *, st
     return entries
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _start_peak_rss() -> int | None:
+    """Returns the current RSS after trimming the heap and resetting the peak-RSS counter (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_rss_growth(before: int | None) -> int | None:
+    peak = _proc_status_bytes("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0)
+
+
 def run_benchmark(
     image_size: int = 64,
     batch_size: int = 32,
@@ -270,6 +311,7 @@ def run_benchmark(
     noise_multiplier: float = 0.7,
     learning_rate: float = 5e-5,
     max_pixels: int = fastclip.DEFAULT_MATMUL_MAX_PIXELS,
+    include_noise_only: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Benchmarks full training steps (see the module docstring); returns a JSON-ready dict.
@@ -299,7 +341,8 @@ def run_benchmark(
     torch_entries = []
     if compare_opacus:
         _require_torch()  # fail before the long JAX compiles
-    entries = _jax_entries(image_size, batch_size, strategies, max_pixels=max_pixels, **common)
+    entries = _jax_entries(image_size, batch_size, strategies, max_pixels=max_pixels,
+                           include_noise_only=include_noise_only, **common)
     if compare_opacus:
         torch_entries = _torch_entries(image_size, batch_size, opacus_modes, **common)
         entries += torch_entries
@@ -309,9 +352,13 @@ def run_benchmark(
             if entry._run is None:
                 continue
             for _ in range(steps_per_round):
+                before = _start_peak_rss()
                 start = time.perf_counter()
                 entry._run()
                 entry.step_s.append(time.perf_counter() - start)
+                growth = _peak_rss_growth(before)
+                if growth is not None:
+                    entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
 
     for entry in entries:
         if entry.step_s:
@@ -322,15 +369,19 @@ def run_benchmark(
         return max(speeds) if speeds else None
 
     jax_nonprivate = best(lambda e: e.framework == "jax" and not e.private)
+    # The noise-only entry is a cost breakdown, not a training step; it is not compared as one.
     fastest_opacus = best(lambda e: e.framework == "torch" and e.private)
-    flax_memory = entries[0].peak_memory_bytes
+    baseline_memory = {  # per framework: the first non-private entry (plain Flax; plain torch)
+        framework: next((e.peak_memory_bytes for e in entries if e.framework == framework and not e.private), None)
+        for framework in ("jax", "torch")
+    }
     for entry in entries:
         if entry.examples_per_s and jax_nonprivate:
             entry.vs_jax_nonprivate = entry.examples_per_s / jax_nonprivate
         if entry.examples_per_s and fastest_opacus:
             entry.vs_fastest_opacus = entry.examples_per_s / fastest_opacus
-        if entry.peak_memory_bytes and flax_memory:
-            entry.memory_vs_nonprivate = entry.peak_memory_bytes / flax_memory
+        if entry.peak_memory_bytes and baseline_memory[entry.framework]:
+            entry.memory_vs_nonprivate = entry.peak_memory_bytes / baseline_memory[entry.framework]
 
     environment = {
         "jax": jax.__version__,
@@ -374,7 +425,7 @@ def format_table(result: dict[str, Any]) -> str:
         memory = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
         lines.append(
             f"| {r['name']} | {num(r['examples_per_s'], '.1f')} | {num(r['vs_jax_nonprivate'], '.2f')} | "
-            f"{num(r['vs_fastest_opacus'], '.2f')} | {num(r['compile_s'], '.1f')} | {num(memory, '.0f')} | "
+            f"{num(r['vs_fastest_opacus'], '.2f')} | {num(r['compile_s'], '.1f')} | {num(memory, '.1f')} | "
             f"{num(r['memory_vs_nonprivate'], '.2f')} |"
         )
     return "\n".join(lines)

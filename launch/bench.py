@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--max-pixels", type=int, default=bench.fastclip.DEFAULT_MATMUL_MAX_PIXELS,
                         help="convolutions on maps of at most this many pixels run as patches x matmul")
+    parser.add_argument("--no-noise-only", action="store_true",
+                        help="skip the 'noise+adam only' entry (the cost breakdown of the DP step's noise)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     args = parser.parse_args(argv)
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             opacus_modes=[m for m in args.opacus_modes.split(",") if m],
             rounds=args.rounds, steps_per_round=args.steps_per_round,
             stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), width=args.width,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels, include_noise_only=not args.no_noise_only,
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
