@@ -629,8 +629,8 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Clipping per group: the minority's gradients are larger and clipped more — "
-                 f"{_source_note(rows)}", fontsize=10)
+    fig.suptitle(f"Clipping per group (female solid, male dashed): share of training examples whose "
+                 f"gradient was clipped, and their mean pre-clip L2 norm — {_source_note(rows)}", fontsize=10)
     return _save(fig, path)
 
 
