@@ -633,6 +633,12 @@ def _run_local(todo: list[RunStatus], n: int, n_done: int, cache: str, train_fn:
 
 def _run_submitit(ex: Any, todo: list[RunStatus], n: int, n_done: int, cache: str,
                   train_fn: TrainFn | None, result: SweepResult, wait: bool, out: Any) -> None:
+    # Jobs unpickle run_one by importing jaxdp: make this very checkout importable there even when it is not
+    # pip-installed (submitit's local jobs and sbatch both inherit this environment).
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if package_root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *[p for p in paths if p]])
     jobs = []
     batch = getattr(ex, "batch", None)
     ctx = batch() if batch is not None else contextlib.nullcontext()

@@ -257,7 +257,7 @@ def test_submitit_local_executor_path(tmp_path, monkeypatch):
 
     # FakeTrain lives in this test module, which the job subprocess cannot import: ship it by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # run_sweep must make jaxdp importable in the job itself
     c = base_config()
     c.name = "sub"
     c.sweep.g = sweep.grid({"privacy": ("medium", "nondp")})
