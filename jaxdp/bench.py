@@ -28,8 +28,10 @@ How it is measured (every figure in the output is one of these):
   peak-RSS counter is reset (``/proc/self/clear_refs``) and ``VmHWM - VmRSS(before)`` is read afterwards.
   So it counts the step's temporaries (activations, per-example quantities, patches), not the parameters
   and optimiser state that persist between steps (JAX donates them). Same method for JAX and torch; Linux
-  only (``None`` elsewhere). XLA's ``compiled.memory_analysis()`` was not used: on CPU it reports no
-  temporaries.
+  only (``None`` elsewhere). On CPU XLA's ``compiled.memory_analysis()`` is not used: it reports no
+  temporaries there. On a GPU/TPU the JAX entries instead report device memory from that analysis:
+  ``temp + argument + output - alias`` bytes of the compiled step (this includes parameters and optimiser
+  state, so ratios there are not comparable with the CPU ones).
 * ratios: ``vs_jax_nonprivate`` = examples/s over the fastest JAX non-private entry's;
   ``vs_fastest_opacus`` = examples/s over the fastest Opacus mode's; ``memory_vs_nonprivate`` = peak memory
   over the same framework's plain non-private step's (plain Flax; plain torch).
@@ -131,6 +133,10 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
             start = time.perf_counter()
             compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, images, labels, mask).compile()
             entry.compile_s = time.perf_counter() - start
+            if jax.default_backend() != "cpu":  # accelerator memory: XLA's buffer assignment (see docstring)
+                stats = compiled.memory_analysis()
+                entry.peak_memory_bytes = int(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                                              + stats.output_size_in_bytes - stats.alias_size_in_bytes)
             state = {"params": params, "opt_state": opt_state}
 
             def run():
@@ -357,7 +363,7 @@ def run_benchmark(
                 entry._run()
                 entry.step_s.append(time.perf_counter() - start)
                 growth = _peak_rss_growth(before)
-                if growth is not None:
+                if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
                     entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
 
     for entry in entries:
@@ -389,6 +395,8 @@ def run_benchmark(
         "device": str(jax.devices()[0].device_kind),
         "cpu": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "memory_method": ("rss growth per step" if jax.default_backend() == "cpu"
+                          else "xla memory_analysis temp+argument+output-alias (jax); rss growth (torch)"),
     }
     if compare_opacus:
         import opacus

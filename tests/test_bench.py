@@ -20,22 +20,24 @@ def _check_entry(entry, *, jax_entry):
     assert len(entry["step_s"]) == 2 and all(t > 0 for t in entry["step_s"])
     assert entry["examples_per_s"] > 0 and entry["vs_jax_nonprivate"] > 0
     if jax_entry:
-        assert entry["compile_s"] > 0 and entry["peak_memory_bytes"] > 0 and entry["memory_vs_nonprivate"] > 0
+        # A tiny step may reuse resident pages and grow RSS by nothing, so only presence is checked.
+        assert entry["compile_s"] > 0 and entry["peak_memory_bytes"] >= 0
 
 
 def test_run_benchmark_jax_only():
     result = bench.run_benchmark(strategies=["bookkeeping"], **TINY)
     names = [r["name"] for r in result["results"]]
-    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping"]
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
+                     "jax dp noise+adam only"]
     for entry in result["results"]:
         _check_entry(entry, jax_entry=True)
         assert entry["vs_fastest_opacus"] is None
-    assert result["results"][0]["memory_vs_nonprivate"] == 1.0
+    assert result["environment"]["memory_method"] == "rss growth per step"
     assert max(r["vs_jax_nonprivate"] for r in result["results"] if not r["private"]) == 1.0
     assert result["config"]["batch_size"] == 2 and result["environment"]["backend"] == "cpu"
     json.dumps(result)  # JSON-ready
     table = bench.format_table(result)
-    assert table.count("\n| jax ") == 3
+    assert table.count("\n| jax ") == 4
 
 
 def test_compare_opacus_without_torch_says_how_to_install(monkeypatch):
