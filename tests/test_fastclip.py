@@ -165,6 +165,7 @@ def test_unsupported_layers_fall_back_and_stay_exact():
     _assert_same(out, ref)
 
 
+@pytest.mark.slow
 def test_resnet18_family_member_matches_vmap():
     # The paper's architecture (smaller): 7x7 stride-2 stem with padding 3, max-pool, a projection block.
     model = ResNet18(num_classes=2, stage_sizes=(1, 1), width=8, num_groups=4)
