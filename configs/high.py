@@ -6,7 +6,8 @@ batch 32, Adam 5e-5, 60 epochs (the schema defaults in jaxdp/config.py). Five ru
     python launch/sweep.py --config configs/high.py            # results in results/high/
 
 Batches are Poisson-sampled, which is what the accountants assume; the paper used shuffled fixed-size batches
-(`--config.dp.sampling=fixed` reproduces that, with the accountant's guarantee then only nominal).
+(`--config.dp.sampling=fixed --config.dp.accountant=rdp_classic` reproduces that and the paper's epsilon
+accounting, whose guarantee is then only nominal: the accountant assumes Poisson sampling).
 """
 
 from jaxdp.config import base_config
