@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.synthetic_num_images = 4_000  # used when source == "synthetic"
+    c.data.synthetic_seed = 0  # seed of the generated images (data.seed picks the subset)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet18"
