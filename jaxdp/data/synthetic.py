@@ -8,16 +8,16 @@ generator writes next to the files (``jaxdp_generated.json``).
 What the pixels encode (everything else is nuisance that a model has to ignore):
 
 * **Smiling** is drawn in the mouth: a wide mouth whose corners turn up, versus a narrower closed mouth that
-  is flat or turns down. Smiling women mostly keep their (usually painted) lips closed (teeth show in 25%);
-  smiling men mostly grin, teeth showing (95%).
+  is flat or turns down. Smiling women mostly grin, teeth showing (90%); smiling men mostly keep their lips
+  closed under their facial hair (teeth show in 20%), so their smile is the subtler cue of the mouth's shape.
 * **Male** changes the lower face: a broader, square jaw, and facial hair over the mouth region for most men
   (a full beard around the mouth for 55%, a mustache over the upper lip and the mouth corners for about 66%,
-  a goatee or stubble for most of the rest). So the smile a model learns from women (the shape of red lips
-  on skin) is not the cue that men show (teeth inside facial hair): a model trained on few men does worse
-  on them, the effect the paper studies, while a balanced training set makes both learnable. Measured with
-  a small CNN on 32x32 crops (non-private, 400 Adam steps, 1,600 training images, balanced test of 400):
-  male test accuracy 0.935 / 0.955 (two seeds) at female_fraction 0.7 and 0.825 / 0.860 at 0.99; female
-  accuracy 0.945 / 0.970 and 0.940 / 0.990.
+  a goatee or stubble for most of the rest). So the smile a model learns first from women (bright teeth,
+  the strongest contrast in the mouth region) is not the cue most men show (the shape of closed lips,
+  partly hidden by a mustache): a model trained on few men does worse on them, the effect the paper studies,
+  while a balanced training set makes both learnable. Generator version 2 had it the other way round (men
+  grinning); under DP the easy teeth cue was learned first and men scored *higher*, so version 3 gives the
+  majority the easy cue. ``python -m jaxdp.data.generator_effect`` measures the effect.
 * Nuisance: skin tone (light to dark), hair colour and length, background colour, pose (shift, scale,
   in-plane rotation), lighting direction and strength, eye colour, glasses, hats, earrings, blur, and
   per-image Gaussian noise.
@@ -69,7 +69,7 @@ FILE_URLS = {
 CELEBA_FILE_NAMES = tuple(FILE_URLS)
 MANIFEST_NAME = "jaxdp_generated.json"
 # Bump when the drawing changes: the manifest records it, so old files are regenerated, not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 218, 178
 ATTRIBUTE_NAMES = (
@@ -244,8 +244,8 @@ def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
     attrs[:, index["Smiling"]] = smiling == 1
     for name, (p_female, p_male) in _BASE_RATES.items():
         attrs[:, index[name]] = rng.random(num_images) < np.where(male == 1, p_male, p_female)
-    # Open (teeth showing) for most smiling men, a quarter of smiling women: see `draw_face`.
-    p_open = np.where(smiling == 1, np.where(male == 1, 0.95, 0.25), 0.15)
+    # Open (teeth showing) for most smiling women, a fifth of smiling men: see `draw_face`.
+    p_open = np.where(smiling == 1, np.where(male == 1, 0.2, 0.9), 0.15)
     attrs[:, index["Mouth_Slightly_Open"]] = rng.random(num_images) < p_open
     attrs[:, index["High_Cheekbones"]] = rng.random(num_images) < np.where(smiling == 1, 0.8, 0.1)
     # Facial hair: most men have some, so the male mouth region looks different.
@@ -428,8 +428,8 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     if attributes["Goatee"]:
         draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
 
-    # The mouth. Smiling: a wide mouth with raised corners; women mostly smile with closed (often painted)
-    # lips, men mostly grin, teeth showing through the facial hair. Not smiling: narrow, flat or turned down.
+    # The mouth. Smiling: a wide mouth with raised corners; women mostly grin, teeth showing, men mostly smile
+    # with closed lips under their facial hair. Not smiling: narrow, flat or turned down.
     mouth_y = 26 + rng.uniform(-2, 2)
     half = rng.uniform(18, 23) if smiling else rng.uniform(10, 14)
     lip = 4.5 if attributes["Big_Lips"] else 3.0
