@@ -324,15 +324,24 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+# Settings that do not change what a run computes: a workdir may be resumed with other values.
+_RESUMABLE_SETTINGS = (("train", "progress"), ("train", "num_devices"))
+
+
+def _comparable(config: dict) -> dict:
+    config = json.loads(json.dumps(_json_safe(config)))
+    for section, key in _RESUMABLE_SETTINGS:
+        config.get(section, {}).pop(key, None)
+    return config
+
+
 def _check_workdir_config(workdir: Path, resolved: dict) -> None:
     path = workdir / "config.json"
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != _json_safe(resolved):
-            raise ValueError(
-                f"{path} holds a different config than this run's; a workdir belongs to one config. "
-                "Use another workdir, or delete this one to start over."
-            )
+    if path.exists() and _comparable(json.loads(path.read_text())) != _comparable(resolved):
+        raise ValueError(
+            f"{path} holds a different config than this run's; a workdir belongs to one config. "
+            "Use another workdir, or delete this one to start over."
+        )
 
 
 def train_and_evaluate(
