@@ -97,7 +97,8 @@ class Interrupt(Exception):
     pass
 
 
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+def reference_and_interrupted_run(tmp_path):
+    """A 9-step run to the end in ref/, and the same run killed after step 5 in run/ (checkpoints at 2 and 4)."""
     data = tiny_datasets()
     config = tiny_config(**{"train.epochs": 1.5})  # 9 steps, checkpoints every 2, evaluations every 3
     reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
@@ -108,6 +109,11 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
     with pytest.raises(Interrupt):
         train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    return config, data, reference
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    config, data, reference = reference_and_interrupted_run(tmp_path)
     assert not (tmp_path / "run" / "final.json").exists()
     resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
     assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
@@ -120,16 +126,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-    data = tiny_datasets()
-    config = tiny_config(**{"train.epochs": 1.5})
-    reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
-
-    def die_at_step_5(step, total, info):
-        if step == 5:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    config, data, reference = reference_and_interrupted_run(tmp_path)
     ckpt = tmp_path / "run" / "checkpoints"
     steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
     assert steps == [2, 4]
