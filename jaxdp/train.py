@@ -86,7 +86,6 @@ class _Setup:
     sampler: Any
     tx: optax.GradientTransformation
     total_steps: int
-    steps_per_epoch: float
     noise_multiplier: float | None
     mutable: list[str]
 
@@ -96,8 +95,8 @@ def _build_sampler(config, dataset_size: int, mesh) -> Any:
     seed = int(config.train.seed)
     scheme = config.dp.sampling
     if scheme == "poisson":
-        default = sampling.PoissonSampler(dataset_size, expected_batch_size=batch_size, seed=seed)
-        physical = parallel.round_up_to_devices(default.physical_batch_size, mesh)
+        default = sampling.default_physical_batch_size(dataset_size, batch_size / dataset_size)
+        physical = parallel.round_up_to_devices(default, mesh)
         return sampling.PoissonSampler(
             dataset_size, expected_batch_size=batch_size, physical_batch_size=physical, seed=seed
         )
@@ -117,8 +116,7 @@ def _setup(config, train_size: int) -> _Setup:
     mesh = parallel.make_mesh(config.train.num_devices)
     model = models.create_model(config.model, private=bool(config.dp.enabled))
     sampler = _build_sampler(config, train_size, mesh)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = max(1, int(round(float(config.train.epochs) * steps_per_epoch)))
+    total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
     noise_multiplier = None
     key = jax.random.key(int(config.train.seed))
     noise_key = jax.random.fold_in(key, 1)
@@ -139,7 +137,7 @@ def _setup(config, train_size: int) -> _Setup:
         first = optax.scale(1.0 / float(config.train.batch_size))
     tx = optax.chain(first, make_optimizer(config))
     mutable = ["batch_stats"] if config.model.norm == "batch" else []
-    return _Setup(config, model, mesh, sampler, tx, total_steps, steps_per_epoch, noise_multiplier, mutable)
+    return _Setup(config, model, mesh, sampler, tx, total_steps, noise_multiplier, mutable)
 
 
 def _init_state(setup: _Setup) -> dict:
@@ -385,6 +383,8 @@ def train_and_evaluate(
         _write_json_atomic(workdir / "config.json", resolved)
 
     accumulate, apply_update, predict = _make_step_fns(setup)
+    # One compiled call per step rather than one eager dispatch per parameter leaf.
+    zeros_like_params = jax.jit(lambda params: jax.tree_util.tree_map(jnp.zeros_like, params))
     mesh = setup.mesh
     state = _init_state(setup)
     checkpointer = Checkpointer(workdir / "checkpoints")
@@ -413,7 +413,7 @@ def train_and_evaluate(
     try:
         for step in range(start_step, total):
             batch = setup.sampler.batch(step)
-            grad_acc = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+            grad_acc = zeros_like_params(state["params"])
             model_state = state["model_state"]
             for chunk in range(batch.indices.shape[0]):
                 idx = batch.indices[chunk]
@@ -435,7 +435,11 @@ def train_and_evaluate(
                 ledger.record(setup.sampler, setup.noise_multiplier)
             done = step + 1
             if done % eval_every == 0 or done == total:
-                row = {"step": done, "epoch": done / setup.steps_per_epoch, "wall_time_s": time.time() - started}
+                row = {
+                    "step": done,
+                    "epoch": done / setup.sampler.steps_per_epoch,
+                    "wall_time_s": time.time() - started,
+                }
                 row.update(_finalize_stats(stats, private))
                 row["epsilon"] = float(ledger.epsilon(delta, accountant=config.dp.accountant)) if private else None
                 row.update(_evaluate(predict, state, mesh, test_set, int(config.train.eval_batch_size)))
