@@ -21,7 +21,11 @@ How it is measured (every figure in the output is one of these):
 * ``examples_per_s``: batch size / the median wall time of the timed steps (each ended with
   ``block_until_ready`` / a synchronous torch step), after a warm-up step. Timed steps are taken in
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
-  hit all entries alike.
+  hit all entries alike. Before each timed step the benchmark sleeps ``settle_s`` (default 1 s): XLA's and
+  PyTorch's CPU thread pools keep spinning for a while after a step, and without the pause each entry
+  competes with the previous entry's idle threads. Measured on the 2-core development CPU (64x64, batch 32):
+  without it torch's non-private step read 36 ex/s in the interleaved run against 59-64 ex/s alone; with a
+  1 s pause it reads 59 ex/s interleaved (Opacus hooks 10.1 -> 13.3; JAX entries changed by under 10%).
 * ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
 * ``peak_memory_bytes``: the largest growth of the process's resident memory during one timed step, over
   all timed steps: before each step free heap memory is returned to the OS (``malloc_trim``), the kernel's
@@ -318,6 +322,7 @@ def run_benchmark(
     learning_rate: float = 5e-5,
     max_pixels: int = fastclip.DEFAULT_MATMUL_MAX_PIXELS,
     include_noise_only: bool = True,
+    settle_s: float = 1.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Benchmarks full training steps (see the module docstring); returns a JSON-ready dict.
@@ -330,10 +335,11 @@ def run_benchmark(
     >>> sorted(result)
     ['config', 'environment', 'results']
     """
-    if image_size < 8 or batch_size < 1 or rounds < 1 or steps_per_round < 1:
+    if image_size < 8 or batch_size < 1 or rounds < 1 or steps_per_round < 1 or not settle_s >= 0:
         raise ValueError(
-            f"Need image_size >= 8, batch_size >= 1, rounds >= 1, steps_per_round >= 1; got image_size="
-            f"{image_size}, batch_size={batch_size}, rounds={rounds}, steps_per_round={steps_per_round}.")
+            f"Need image_size >= 8, batch_size >= 1, rounds >= 1, steps_per_round >= 1, settle_s >= 0; got "
+            f"image_size={image_size}, batch_size={batch_size}, rounds={rounds}, steps_per_round="
+            f"{steps_per_round}, settle_s={settle_s}.")
     if strategies is None:
         strategies = jaxdp.clipping.available_strategies()
     unknown = [s for s in strategies if s not in jaxdp.clipping.available_strategies()]
@@ -358,6 +364,7 @@ def run_benchmark(
             if entry._run is None:
                 continue
             for _ in range(steps_per_round):
+                time.sleep(settle_s)  # let the previous entry's thread pools go idle (module docstring)
                 before = _start_peak_rss()
                 start = time.perf_counter()
                 entry._run()
@@ -404,7 +411,8 @@ def run_benchmark(
 
         environment.update(torch=torch.__version__, opacus=opacus.__version__, torch_threads=torch.get_num_threads())
     config = dict(image_size=image_size, batch_size=batch_size, strategies=list(strategies), rounds=rounds,
-                  steps_per_round=steps_per_round, max_pixels=max_pixels, compare_opacus=compare_opacus,
+                  steps_per_round=steps_per_round, settle_s=settle_s, max_pixels=max_pixels,
+                  compare_opacus=compare_opacus,
                   opacus_modes=list(opacus_modes) if compare_opacus else [], **common)
     config["stage_sizes"] = list(config["stage_sizes"])
     results = [{k: v for k, v in dataclasses.asdict(e).items() if not k.startswith("_")} for e in entries]

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="convolutions on maps of at most this many pixels run as patches x matmul")
     parser.add_argument("--no-noise-only", action="store_true",
                         help="skip the 'noise+adam only' entry (the cost breakdown of the DP step's noise)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds to pause before each timed step so the previous entry's CPU thread pools "
+                             "go idle (see jaxdp/bench.py)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     args = parser.parse_args(argv)
 
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             opacus_modes=[m for m in args.opacus_modes.split(",") if m],
             rounds=args.rounds, steps_per_round=args.steps_per_round,
             stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), width=args.width,
-            max_pixels=args.max_pixels, include_noise_only=not args.no_noise_only,
+            max_pixels=args.max_pixels, include_noise_only=not args.no_noise_only, settle_s=args.settle,
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")

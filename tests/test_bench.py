@@ -12,7 +12,7 @@ import pytest
 from jaxdp import bench
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(image_size=8, batch_size=2, stage_sizes=(1,), width=4, num_groups=2, rounds=2)
+TINY = dict(image_size=8, batch_size=2, stage_sizes=(1,), width=4, num_groups=2, rounds=2, settle_s=0.0)
 
 
 def _check_entry(entry, *, jax_entry):
@@ -58,6 +58,8 @@ def test_bad_arguments_are_refused():
         bench.run_benchmark(strategies=["nope"], **TINY)
     with pytest.raises(ValueError, match="Unknown Opacus modes"):
         bench.run_benchmark(opacus_modes=["nope"], **TINY)
+    with pytest.raises(ValueError, match="settle_s=-1"):
+        bench.run_benchmark(**{**TINY, "settle_s": -1})
 
 
 @pytest.mark.slow
@@ -66,7 +68,7 @@ def test_cli_with_opacus(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "bench.py"), "--image-size", "8", "--batch-size", "2",
-         "--stage-sizes", "1", "--width", "4", "--rounds", "2", "--strategies", "bookkeeping",
+         "--stage-sizes", "1", "--width", "4", "--rounds", "2", "--settle", "0", "--strategies", "bookkeeping",
          "--opacus-modes", "hooks,ghost", "--compare-opacus", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
