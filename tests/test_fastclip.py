@@ -181,6 +181,57 @@ def test_resnet18_family_member_matches_vmap():
     _assert_same(out, ref)
 
 
+class OddConvNet(nn.Module):
+    """Asymmetric SAME padding (even map, stride 2), a non-square kernel with unequal strides, a 4x4 SAME kernel
+    (pads 1 and 2), explicit asymmetric pads."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding="SAME")(x))
+        x = nn.relu(nn.Conv(6, (3, 2), strides=(2, 1), padding="SAME", use_bias=False)(x))
+        x = nn.relu(nn.Conv(5, (4, 4), padding="SAME")(x))
+        x = nn.Conv(4, (2, 3), padding=((0, 1), (2, 0)))(x)
+        return nn.Dense(2)(jnp.mean(x, axis=(1, 2)))
+
+
+_ODD_LOSS = _cross_entropy_loss(OddConvNet())
+
+
+# max_pixels 0: every convolution by XLA; 10**6: every convolution as patches x matmul. max_patch_bytes 1:
+# patches for one example at a time; 3000: a few examples at a time, the last chunk shorter; the default: the
+# whole batch at once.
+@pytest.mark.parametrize("max_pixels, max_patch_bytes", [
+    (0, 1), (10**6, 3000), (0, fastclip.DEFAULT_MAX_PATCH_BYTES), (16, 3000)])
+@pytest.mark.parametrize("net", ["convnet", "odd"])
+def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, net):
+    if net == "convnet":
+        loss_fn, params, x, y, mask = convnet
+    else:
+        loss_fn = _ODD_LOSS
+        x = _normal(8, (7, 10, 10, 2))
+        y = jnp.array([0, 1, 1, 0, 1, 0, 0])
+        mask = jnp.array([True] * 6 + [False])
+        params = _perturbed(random_params(OddConvNet(), x[:1], seed=4))
+    ref = jax.jit(jaxdp.clipped_grad(loss_fn, 0.5, return_loss=True))(params, x, y, mask)
+    build = fastclip.STRATEGIES["bookkeeping"]
+    out = jax.jit(build(loss_fn, 0.5, None, True, max_pixels=max_pixels, max_patch_bytes=max_patch_bytes))(
+        params, x, y, mask)
+    _assert_same(out, ref)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 5, 10])
+def test_chunked_layer_norms_and_sums(chunk):
+    layer = fastclip._Layer(("c",), "conv", False, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    x = _normal(10, (5, 1, 6, 6, 4))
+    dy = _normal(11, (5, 1, 6, 6, 3))
+    p, d = fastclip._per_example_matrices(x, dy, layer)
+    per_example = jnp.einsum("btk,bto->bko", p, d)
+    got = jax.jit(lambda a, b: fastclip._layer_kernel_sq_norms(a, b, layer, chunk))(x, dy)
+    np.testing.assert_allclose(got, jnp.sum(per_example**2, axis=(1, 2)), rtol=1e-5)
+    got = jax.jit(lambda a, b: fastclip._patch_kernel_grad(a, b, layer, chunk))(x, dy)
+    np.testing.assert_allclose(got, jnp.sum(per_example, axis=0), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 50, 60), (2, 30, 3, 2)])  # ghost form, materialised form
 def test_kernel_norm_forms(shape):
     batch, t, k, o = shape
