@@ -7,17 +7,20 @@ generator writes next to the files (``jaxdp_generated.json``).
 
 What the pixels encode (everything else is nuisance that a model has to ignore):
 
-* **Smiling** is drawn in the mouth: a wide mouth whose corners turn up, versus a narrower closed mouth that
-  is flat or turns down. Smiling women mostly grin, teeth showing (90%); smiling men mostly keep their lips
-  closed under their facial hair (teeth show in 20%), so their smile is the subtler cue of the mouth's shape.
-* **Male** changes the lower face: a broader, square jaw, and facial hair over the mouth region for most men
-  (a full beard around the mouth for 55%, a mustache over the upper lip and the mouth corners for about 66%,
-  a goatee or stubble for most of the rest). So the smile a model learns first from women (bright teeth,
-  the strongest contrast in the mouth region) is not the cue most men show (the shape of closed lips,
-  partly hidden by a mustache): a model trained on few men does worse on them, the effect the paper studies,
-  while a balanced training set makes both learnable. Generator version 2 had it the other way round (men
-  grinning); under DP the easy teeth cue was learned first and men scored *higher*, so version 3 gives the
-  majority the easy cue. ``python -m jaxdp.data.generator_effect`` measures the effect.
+* **Smiling** is drawn in the mouth, the same way for both genders: a wide mouth whose corners turn up,
+  either grinning with teeth showing or smiling with closed lips (a dark, curved parting line), versus a
+  narrower mouth that is flat or turns down. Teeth show in 85% of smiling women's smiles and in 50% of smiling
+  men's; 40% of women wear lipstick (red lips), men never do. So both genders share one smile cue in two
+  variants: the high-contrast grin, which most of the (majority) women show, and the subtler closed-lip
+  smile, which half of the smiling men show.
+* **Male** changes the rest of the lower face: a broader, square jaw, and facial hair for most men (a full
+  beard on the jaw and chin for 30%, otherwise mostly a goatee or stubble; a mustache above the upper lip for
+  about a third), with the lips left visible in a hairless patch of fixed size. A model trained mostly on
+  women therefore sees the men's mouths in an unfamiliar setting, and the men's more frequent closed-lip
+  smile is the variant it sees least. History: version 2 had men grinning and women mostly not (under DP
+  men scored *higher*); version 3 hid most men's smiles (closed lips under a mustache covering the mouth
+  corners), which even a non-private model hardly learned (demo: non-private male accuracy 55-62%);
+  version 4 shares the cue. ``python -m jaxdp.data.generator_effect`` measures what it does.
 * Nuisance: skin tone (light to dark), hair colour and length, background colour, pose (shift, scale,
   in-plane rotation), lighting direction and strength, eye colour, glasses, hats, earrings, blur, and
   per-image Gaussian noise.
@@ -69,7 +72,7 @@ FILE_URLS = {
 CELEBA_FILE_NAMES = tuple(FILE_URLS)
 MANIFEST_NAME = "jaxdp_generated.json"
 # Bump when the drawing changes: the manifest records it, so old files are regenerated, not reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 IMAGE_HEIGHT, IMAGE_WIDTH = 218, 178
 ATTRIBUTE_NAMES = (
@@ -221,7 +224,8 @@ _BASE_RATES = {  # P(attribute) per gender (female, male), roughly CelebA's.
     "Oval_Face": (0.34, 0.2), "Pale_Skin": (0.06, 0.02), "Pointy_Nose": (0.35, 0.17),
     "Receding_Hairline": (0.05, 0.12), "Rosy_Cheeks": (0.11, 0.01), "Straight_Hair": (0.21, 0.21),
     "Wavy_Hair": (0.45, 0.12), "Wearing_Earrings": (0.33, 0.01), "Wearing_Hat": (0.04, 0.06),
-    "Wearing_Lipstick": (0.85, 0.0), "Wearing_Necklace": (0.2, 0.0), "Wearing_Necktie": (0.0, 0.16),
+    # Lipstick: about 80% of CelebA's women; 40% here, so that most smiles of both genders have natural lips.
+    "Wearing_Lipstick": (0.4, 0.0), "Wearing_Necklace": (0.2, 0.0), "Wearing_Necktie": (0.0, 0.16),
     "Young": (0.86, 0.65),
 }
 
@@ -244,14 +248,14 @@ def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
     attrs[:, index["Smiling"]] = smiling == 1
     for name, (p_female, p_male) in _BASE_RATES.items():
         attrs[:, index[name]] = rng.random(num_images) < np.where(male == 1, p_male, p_female)
-    # Open (teeth showing) for most smiling women, a fifth of smiling men: see `draw_face`.
-    p_open = np.where(smiling == 1, np.where(male == 1, 0.2, 0.9), 0.15)
+    # Open (teeth showing) for most smiling women, half of smiling men: see `draw_face`.
+    p_open = np.where(smiling == 1, np.where(male == 1, 0.5, 0.85), 0.15)
     attrs[:, index["Mouth_Slightly_Open"]] = rng.random(num_images) < p_open
     attrs[:, index["High_Cheekbones"]] = rng.random(num_images) < np.where(smiling == 1, 0.8, 0.1)
-    # Facial hair: most men have some, so the male mouth region looks different.
+    # Facial hair: most men have some (on the jaw and chin; the lips stay visible, see `draw_face`).
     is_m = male == 1
-    beard = is_m & (rng.random(num_images) < 0.55)
-    mustache = is_m & (rng.random(num_images) < np.where(beard, 0.8, 0.5))
+    beard = is_m & (rng.random(num_images) < 0.3)
+    mustache = is_m & (rng.random(num_images) < np.where(beard, 0.5, 0.25))
     goatee = is_m & ~beard & (rng.random(num_images) < 0.45)
     stubble = is_m & ~beard & ~goatee & (rng.random(num_images) < 0.8)
     attrs[:, index["No_Beard"]] = ~beard & ~goatee
@@ -428,18 +432,22 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     if attributes["Goatee"]:
         draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
 
-    # The mouth. Smiling: a wide mouth with raised corners; women mostly grin, teeth showing, men mostly smile
-    # with closed lips under their facial hair. Not smiling: narrow, flat or turned down.
+    # The mouth, drawn the same way for both genders. Smiling: a wide mouth with raised corners, teeth showing
+    # (most women, half of the men) or closed lips with a dark curved parting line. Not smiling: narrow, flat
+    # or turned down. Around the lips of a man with a full beard or stubble, a hairless patch of skin of fixed
+    # size (it does not depend on the smile).
     mouth_y = 26 + rng.uniform(-2, 2)
-    half = rng.uniform(18, 23) if smiling else rng.uniform(10, 14)
+    half = rng.uniform(21, 26) if smiling else rng.uniform(10, 13)
     lip = 4.5 if attributes["Big_Lips"] else 3.0
     lipstick = attributes["Wearing_Lipstick"]
     lip_colour = (np.array([190, 30, 60]) + rng.normal(0, 15, 3)) if lipstick else skin * 0.65 + [55, 5, 10]
-    lift = 7 if smiling else -rng.uniform(0, 2)
+    lift = 9 if smiling else -rng.uniform(0, 2)
     corners = (p(-half, mouth_y - lift), p(half, mouth_y - lift))
     xs = np.linspace(-half, half, 11)
+    if attributes["5_o_Clock_Shadow"] or (not attributes["No_Beard"] and not attributes["Goatee"]):
+        draw.ellipse(box(-30, mouth_y - 15, 30, mouth_y + 13), fill=_rgb(skin * 0.92))
     if smiling:
-        depth = rng.uniform(8, 12)
+        depth = rng.uniform(9, 13)
         upper = [p(x, mouth_y - lift + lift * (1 - (x / half) ** 2) - 1) for x in xs]
         lower = [p(x, mouth_y - lift + depth * (1 - (x / half) ** 2) + lip) for x in xs[::-1]]
         draw.polygon(upper + lower, fill=_rgb(lip_colour))
@@ -451,7 +459,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
             draw.line(teeth, fill=(245, 245, 238), width=max(3, round(4.5 * scale)))
         else:
             draw.line([p(x, mouth_y - lift + lift * (1 - (x / half) ** 2) + lip / 2) for x in xs],
-                      fill=_rgb(lip_colour * 0.5), width=1)
+                      fill=_rgb(lip_colour * 0.35), width=max(3, round(5 * scale)))
     else:
         droop = rng.uniform(0, 3)
         draw.polygon([corners[0], p(0, mouth_y - lip), corners[1], p(0, mouth_y + lip + droop / 2)],
@@ -459,12 +467,13 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
         if attributes["Mouth_Slightly_Open"]:
             draw.ellipse(box(-half * 0.5, mouth_y - 1.5, half * 0.5, mouth_y + 1.5), fill=(55, 18, 22))
         else:
-            draw.line([corners[0], p(0, mouth_y), corners[1]], fill=_rgb(lip_colour * 0.5), width=1)
-    if attributes["Mustache"]:  # over the upper lip, hiding the mouth corners
+            draw.line([corners[0], p(0, mouth_y), corners[1]], fill=_rgb(lip_colour * 0.35),
+                      width=max(3, round(5 * scale)))
+    if attributes["Mustache"]:  # above the upper lip, touching its middle; the mouth corners stay visible
         mustache = hair * rng.uniform(0.7, 1.0)
-        draw.polygon([p(-half - 5, mouth_y - 1), p(-8, mouth_y - 11), p(8, mouth_y - 11),
-                      p(half + 5, mouth_y - 1), p(half + 3, mouth_y + 4), p(0, mouth_y - 4),
-                      p(-half - 3, mouth_y + 4)], fill=_rgb(mustache))
+        w = rng.uniform(12, 16)
+        draw.polygon([p(-w, mouth_y - 6), p(-6, mouth_y - 14), p(6, mouth_y - 14), p(w, mouth_y - 6),
+                      p(w - 2, mouth_y - 2), p(0, mouth_y - 6), p(-w + 2, mouth_y - 2)], fill=_rgb(mustache))
 
     # Pose rotation, lighting, blur, noise.
     angle = rng.uniform(-6, 6)
