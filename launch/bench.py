@@ -4,7 +4,7 @@
 
 What is measured and how: see jaxdp/bench.py. On a GPU (one command, a few minutes on an H200):
 
-    python launch/bench.py --image-size 128 --batch-size 256 --rounds 5 --json bench_gpu.json
+    python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 --json bench_gpu.json
 """
 
 from __future__ import annotations
