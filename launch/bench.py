@@ -2,9 +2,10 @@
 
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
 
-What is measured and how: see jaxdp/bench.py. On a GPU (one command, a few minutes on an H200):
+What is measured and how: see jaxdp/bench.py. On a GPU (prepared for an H200, not yet run on one):
 
-    python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 --json bench_gpu.json
+    python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 \
+        --json bench_gpu.json
 """
 
 from __future__ import annotations
