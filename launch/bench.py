@@ -1,4 +1,4 @@
-"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's strategies vs non-private vs Opacus.
+r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's strategies vs non-private vs Opacus.
 
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
 
