@@ -585,6 +585,16 @@ def _history_mean(run_dir: Path, key: str) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], workdir: Path, key: str) -> dict[float, float]:
+    """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``."""
+    means = {}
+    for (ff,), seed_rows in _groups(rows, ("female_fraction",)).items():
+        vals = [_history_mean(workdir / r["run"], key) for r in seed_rows]
+        vals = [v for v in vals if not math.isnan(v)]
+        means[ff] = sum(vals) / len(vals) if vals else math.nan
+    return means
+
+
 def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path,
                                 path: Path) -> Path | str:
     """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step."""
@@ -601,8 +611,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
                                            key=lambda kv: _row_sort_key(kv[1][0])):
             for g, name in GROUPS:
-                pts = sorted((pos[r["female_fraction"]], _history_mean(workdir / r["run"], f"{key}_{g}"))
-                             for r in rs)
+                pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, workdir, f"{key}_{g}").items())
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=PRIVACY_COLORS.get(level, "0.3"),
                         ls=GROUP_STYLE[name]["ls"], marker=GROUP_STYLE[name]["marker"],
                         label=_series_label(level, variant, rs) if name == "female" else None)
@@ -617,6 +626,8 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         ax = axes[1][col]
         cmap = plt.get_cmap("viridis")
         lv_rows = [r for r in rows if r["privacy_level"] == level and not r["variant"]]
+        first_seed = min((int(r["seed"]) for r in lv_rows), default=None)  # one seed's trajectories, named
+        lv_rows = [r for r in lv_rows if int(r["seed"]) == first_seed]
         for i, ((ff,), rs) in enumerate(sorted(_groups(lv_rows, ("female_fraction",)).items())):
             hist = load_history(workdir / rs[0]["run"])
             color = cmap(i / max(len(xs) - 1, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -100,6 +101,19 @@ def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
     assert "skipped: Figure 2 needs DP runs at two or more clip bounds" in out
     assert {p.name for p in written if p.suffix == ".png"} == {"fig3_training_by_privacy.png",
                                                                "fig6_clipping_per_group.png"}
+
+
+def test_clipping_diagnostics_average_seeds_per_fraction(tmp_path):
+    # Two seeds at 0.7 (run means 0.2 and 0.4 -> 0.3), one at 0.99 (NaN rows ignored -> 0.5).
+    histories = {"a": [0.1, 0.3], "b": [0.4], "c": [0.5, float("nan")]}
+    for run, values in histories.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "history.jsonl").write_text(
+            "".join(json.dumps({"step": i, "clip_fraction_1": v}) + "\n" for i, v in enumerate(values)))
+    rows = [{"run": "a", "female_fraction": 0.7}, {"run": "b", "female_fraction": 0.7},
+            {"run": "c", "female_fraction": 0.99}]
+    means = report.clip_stat_by_fraction(rows, tmp_path, "clip_fraction_1")
+    assert means == pytest.approx({0.7: 0.3, 0.99: 0.5})
 
 
 def test_paper_results_are_packaged():
