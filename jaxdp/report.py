@@ -215,10 +215,14 @@ def _groups(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> dict[tupl
     return dict(out)
 
 
-def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float:
-    vals = [_num(r.get(key)) for r in rows]
-    vals = [v for v in vals if not math.isnan(v)]
+def _nanmean(values: Iterable[float]) -> float:
+    """Mean of the values that are not NaN; NaN when there are none."""
+    vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float:
+    return _nanmean(_num(r.get(key)) for r in rows)
 
 
 def _reference_clip(rows: Sequence[Mapping[str, Any]]) -> float | None:
@@ -580,19 +584,13 @@ def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path 
 
 
 def _history_mean(run_dir: Path, key: str) -> float:
-    vals = [_num(r.get(key)) for r in load_history(run_dir)]
-    vals = [v for v in vals if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
+    return _mean(load_history(run_dir), key)
 
 
 def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], workdir: Path, key: str) -> dict[float, float]:
     """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``."""
-    means = {}
-    for (ff,), seed_rows in _groups(rows, ("female_fraction",)).items():
-        vals = [_history_mean(workdir / r["run"], key) for r in seed_rows]
-        vals = [v for v in vals if not math.isnan(v)]
-        means[ff] = sum(vals) / len(vals) if vals else math.nan
-    return means
+    return {ff: _nanmean(_history_mean(workdir / r["run"], key) for r in seed_rows)
+            for (ff,), seed_rows in _groups(rows, ("female_fraction",)).items()}
 
 
 def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path,
