@@ -2,8 +2,10 @@
 
 A sweep config is a run config (:func:`jaxdp.config.base_config`) plus ``config.sweep``: a ConfigDict of
 *named grids*. Each grid holds axes; an axis is a config path (written nested, like the config itself) whose
-leaf is a tuple of values, or the special axis ``privacy`` whose values name a row of
-:data:`PRIVACY_LEVELS`. The runs of a grid are the Cartesian product of its axes; the runs of the sweep are the
+leaf is a tuple of values, or one of two special axes: ``privacy``, whose values name a row of
+:data:`PRIVACY_LEVELS`, and ``seed``, whose value is a replicate: it sets both ``train.seed`` (initialisation,
+Poisson batches, noise, flips) and ``data.seed`` (which images form the subset), so seeds differ in everything
+random. The runs of a grid are the Cartesian product of its axes; the runs of the sweep are the
 union of its grids, with duplicates (same resolved config) run once::
 
     c.sweep.imbalance = grid({"privacy": ("high", "medium", "low", "nondp"),
@@ -12,7 +14,8 @@ union of its grids, with duplicates (same resolved config) run once::
     # 20 + 9 - 3 shared = 26 runs, the paper's whole grid.
 
 Axes are overridable from the command line like any config value:
-``--config.sweep.imbalance.data.female_fraction="(0.7,0.99)"``.
+``--config.sweep.imbalance.data.female_fraction="(0.7,0.99)"``; ``launch/sweep.py --seeds 0,1,2`` adds a
+``seed`` axis to every grid (:func:`with_seeds`).
 
 Layout of a sweep working directory (the same for every launcher)::
 
@@ -68,7 +71,9 @@ RUN_RECORD = "sweep_run.json"
 FINAL = "final.json"
 # Axes that every run name spells out (so they are not appended again as extra axes).
 _NAMED_AXES = frozenset({"privacy", "dp.privacy_level", "data.female_fraction", "dp.l2_clip_norm",
-                         "train.seed"})
+                         "train.seed", "seed"})
+# The config keys the special axis "seed" sets; a grid may not sweep them next to it.
+SEED_KEYS = ("train.seed", "data.seed")
 
 TrainFn = Callable[..., dict]
 
@@ -96,7 +101,8 @@ class Run:
 
 
 def grid(axes: Mapping[str, Sequence[Any]]) -> ml_collections.ConfigDict:
-    """A sweep grid from ``{"dotted.config.path": values}``; ``"privacy"`` takes PRIVACY_LEVELS names.
+    """A sweep grid from ``{"dotted.config.path": values}``; ``"privacy"`` takes PRIVACY_LEVELS names and
+    ``"seed"`` replicate numbers (each sets ``train.seed`` and ``data.seed``).
 
     >>> grid({"data.female_fraction": (0.7, 0.99)}).data.female_fraction
     (0.7, 0.99)
@@ -190,6 +196,15 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
                     raise SweepError(f"config.sweep.{grid_name}.privacy: unknown level(s) {unknown}; "
                                      f"choose from {list(PRIVACY_LEVELS)}")
                 continue
+            if path == "seed":
+                bad = [v for v in axes[path] if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+                if bad:
+                    raise SweepError(f"config.sweep.{grid_name}.seed: seeds must be integers >= 0, got {bad}")
+                clash = [k for k in SEED_KEYS if k in axes]
+                if clash:
+                    raise SweepError(f"config.sweep.{grid_name}: the axis 'seed' sets {' and '.join(SEED_KEYS)}; "
+                                     f"do not also sweep {', '.join(clash)} in the same grid")
+                continue
             if path.split(".")[0] in ("sweep", "name"):
                 raise SweepError(f"config.sweep.{grid_name}.{path}: '{path}' cannot be a sweep axis")
             try:
@@ -209,6 +224,10 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
                     _set_path(run_config, k, v)
             for path, value in values.items():
                 if path == "privacy":
+                    continue
+                if path == "seed":
+                    for key in SEED_KEYS:
+                        _set_path(run_config, key, value)
                     continue
                 try:
                     _set_path(run_config, path, value)
@@ -233,6 +252,35 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
             else:
                 runs[name] = Run(name=name, grids=[grid_name], axes=dict(values), config=run_config)
     return sorted(runs.values(), key=_run_sort_key)
+
+
+def with_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> ml_collections.ConfigDict:
+    """A copy of sweep ``config`` whose every grid also sweeps the replicate axis ``seed`` over ``seeds``.
+
+    A config without grids gets one grid, ``seeds``. Raises SweepError for an empty or negative seed list,
+    repeated seeds, or a grid that already sweeps ``seed``, ``train.seed`` or ``data.seed``.
+    """
+    seeds = tuple(seeds)
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if not seeds or bad:
+        raise SweepError(f"--seeds: give integers >= 0, e.g. --seeds 0,1,2 (got {list(seeds)})")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds: {list(seeds)} repeats a seed")
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        grids = out.get("sweep")
+        if not grids:
+            out.sweep = ml_collections.ConfigDict({"seeds": grid({"seed": seeds})})
+            return out
+        for grid_name, g in grids.items():
+            if not isinstance(g, ml_collections.ConfigDict):
+                continue  # expand() names the malformed grid
+            swept = [k for k in ("seed", *SEED_KEYS) if k in _flatten(g)]
+            if swept:
+                raise SweepError(f"--seeds: grid '{grid_name}' already sweeps {', '.join(swept)}; drop --seeds or "
+                                 f"that axis")
+            g.seed = seeds
+    return out
 
 
 def _run_sort_key(run: Run) -> tuple:

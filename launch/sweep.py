@@ -36,6 +36,9 @@ _LAUNCHER = flags.DEFINE_string("launcher", "local",
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete and retrain run directories whose stored config differs from the new "
                                "one (without it such a sweep is refused).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Replicates, e.g. 0,1,2: adds a `seed` axis to every grid; each seed "
+                           "sets train.seed and data.seed (a fresh subset and fresh training randomness). The "
+                           "figures and Table 1 average the seeds.")
 _RUNS = flags.DEFINE_string("runs", None, "Regular expression: only run the runs whose name matches.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their state (new/partial/finished); "
                              "train nothing, write nothing.")
@@ -100,6 +103,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return []  # unreachable
 
 
+def _parse_seeds(values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        _die(f"--seeds={','.join(values)}: give integers >= 0 separated by commas, e.g. --seeds 0,1,2")
+    return []  # unreachable
+
+
 def main(argv: list[str]) -> None:
     from absl import logging
 
@@ -134,6 +145,8 @@ def main(argv: list[str]) -> None:
         mem_gb=_S_MEM.value, array_parallelism=_S_ARRAY.value)
     wait = _WAIT.value if _WAIT.value is not None else _LAUNCHER.value != "slurm"
     try:
+        if _SEEDS.value is not None:
+            config = sweep.with_seeds(config, _parse_seeds(_SEEDS.value))
         if _DRY_RUN.value:
             runs = sweep.select_runs(sweep.expand(config), _RUNS.value)
             statuses = sweep.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)

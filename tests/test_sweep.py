@@ -160,6 +160,46 @@ def test_run_names_spell_out_settings_and_extra_axes():
     assert sweep.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
 
 
+def test_seed_axis_sets_train_and_data_seed_and_with_seeds_adds_it_to_every_grid():
+    c = base_config()
+    c.sweep.g = sweep.grid({"data.female_fraction": (0.7, 0.99), "seed": (0, 2)})
+    runs = sweep.expand(c)
+    assert [r.name for r in runs] == ["medium-ff0.7-clip5-seed0", "medium-ff0.7-clip5-seed2",
+                                      "medium-ff0.99-clip5-seed0", "medium-ff0.99-clip5-seed2"]
+    assert [(r.config.train.seed, r.config.data.seed) for r in runs] == [(0, 0), (2, 2), (0, 0), (2, 2)]
+    # Seed 0 of a replicate sweep is the same run as the unseeded sweep's (both seeds default to 0), so a
+    # finished one-seed sweep is reused, not retrained, when seeds are added.
+    single = sweep.expand(small_sweep())
+    seeded = sweep.expand(sweep.with_seeds(small_sweep(), [0, 1]))
+    assert len(seeded) == 2 * len(single)
+    by_name = {r.name: r for r in seeded}
+    for r in single:
+        assert sweep.config_to_dict(by_name[r.name].config) == sweep.config_to_dict(r.config)
+        one = by_name[r.name.replace("seed0", "seed1")].config
+        assert (one.train.seed, one.data.seed) == (1, 1)
+    assert [r.name for r in sweep.expand(sweep.with_seeds(base_config(), [3]))] == ["medium-ff0.7-clip5-seed3"]
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ([], "give integers >= 0"), ([-1], "give integers >= 0"), ([1, 1], "repeats a seed")])
+def test_with_seeds_refuses_bad_seed_lists(seeds, message):
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.with_seeds(small_sweep(), seeds)
+
+
+def test_seed_axis_refuses_clashes_and_bad_values():
+    c = base_config()
+    c.sweep.g = sweep.grid({"train.seed": (0, 1)})
+    with pytest.raises(sweep.SweepError, match="grid 'g' already sweeps train.seed"):
+        sweep.with_seeds(c, [0, 1])
+    c.sweep.g = sweep.grid({"seed": (0,), "data.seed": (1,)})
+    with pytest.raises(sweep.SweepError, match="do not also sweep data.seed"):
+        sweep.expand(c)
+    c.sweep.g = sweep.grid({"seed": (0, -2)})
+    with pytest.raises(sweep.SweepError, match=r"seeds must be integers >= 0, got \[-2\]"):
+        sweep.expand(c)
+
+
 def test_run_filter_selects_by_name():
     runs = sweep.expand(small_sweep())
     assert [r.name for r in sweep.select_runs(runs, "nondp|clip1")] == [
@@ -347,6 +387,14 @@ def test_cli_dry_run_lists_runs_and_overrides_apply(tmp_path):
     # 4 levels x 2 fractions + 9 clipping runs (none shared now) = 17.
     assert "17 runs in" in r.stdout and "nondp-ff0.99-seed0" in r.stdout
     assert "medium-ff0.7-clip10-seed0" in r.stdout and "ff0.999" not in r.stdout
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_seeds_flag(tmp_path, cli):
+    code, out, _ = cli("--config", "configs/tiny.py", "--seeds", "0,1", "--dry_run", "--workdir", str(tmp_path / "w"))
+    assert code == 0 and "8 runs in" in out and "nondp-ff0.9-seed1" in out
+    code, _, err = cli("--config", "configs/tiny.py", "--seeds", "0,x", "--workdir", str(tmp_path / "w"))
+    assert code == 2 and "--seeds=0,x: give integers >= 0" in err
     assert not (tmp_path / "w").exists()
 
 
