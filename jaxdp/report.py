@@ -7,6 +7,9 @@
   under each accountant, and every final test metric with its 95% confidence interval;
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
+- ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
+  group's accuracy lost from the least to the most imbalanced fraction, and the minority's loss beyond
+  non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
   equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
@@ -316,6 +319,90 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
             f"{_f(r['accuracy'])}{ci} | {_f(r['delta_vs_nondp'], '+.2f')} | "
             f"{_f(r['accuracy_female'])} / {_f(r['accuracy_male'])} | {_f(r['paper_epsilon'], 'g')} | "
             f"{_f(r['paper_accuracy'])} | {_f(r['paper_delta_vs_nondp'], '+.2f')} |")
+    return head + "\n".join(body) + "\n"
+
+
+def _sd(values: Sequence[float]) -> float | None:
+    """Sample standard deviation (n - 1); None (no spread to report) for fewer than two values."""
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def imbalance_drop(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's central comparison: how much accuracy each group loses from the least to the most imbalanced
+    female fraction, per privacy level, and how much more (or less) the minority loses than without DP.
+
+    Per series (privacy level, variant; the reference clip bound), for every seed with runs at both fractions:
+    drop = accuracy at the smallest female fraction minus accuracy at the largest (percentage points; positive
+    = lost). ``male_drop_excess_vs_nondp`` pairs each seed with the non-DP run of the same seed (same
+    ``data.seed`` and so the same subsets under ``seed`` replicates) and averages drop(level) - drop(non-DP):
+    positive means DP made the minority lose more to imbalance, the paper's claim. Spreads are sample standard
+    deviations over seeds (none for one seed: then only the per-run test intervals in summary.csv speak to
+    the uncertainty). The paper's values come from its published rows at the same level, clip and fractions.
+    """
+    rows = _imbalance_rows(rows)
+    fractions = sorted({r["female_fraction"] for r in rows})
+    if len(fractions) < 2:
+        return []
+    lo_ff, hi_ff = fractions[0], fractions[-1]
+    paper = paper_results()
+
+    def drops(rs: Sequence[Mapping[str, Any]], key: str) -> dict[int, float]:
+        at = {(r["female_fraction"], int(r["seed"])): _num(r.get(key)) for r in rs}
+        return {s: at[(lo_ff, s)] - at[(hi_ff, s)] for (ff, s) in at if ff == lo_ff and (hi_ff, s) in at}
+
+    def paper_drop(level: str, clip: float | None) -> float | None:
+        a, b = _paper_match(paper, level, lo_ff, clip), _paper_match(paper, level, hi_ff, clip)
+        return a["acc_male"] - b["acc_male"] if a and b else None
+
+    series = _groups(rows, ("privacy_level", "variant"))
+    base = drops(series.get(("nondp", ""), []), "accuracy_1")
+    paper_base = paper_drop("nondp", None)
+    out = []
+    for (level, variant), rs in sorted(series.items(), key=lambda kv: _row_sort_key(kv[1][0])):
+        male, female = drops(rs, "accuracy_1"), drops(rs, "accuracy_0")
+        if not male:
+            continue
+        seeds = sorted(male)
+        excess = [male[s] - base[s] for s in seeds if s in base] if level != "nondp" else []
+        clip = rs[0]["l2_clip_norm"]
+        p = paper_drop(level, clip)
+        out.append({
+            "privacy_level": level, "variant": variant, "noise_multiplier": rs[0]["noise_multiplier"],
+            "l2_clip_norm": clip, "from_female_fraction": lo_ff, "to_female_fraction": hi_ff,
+            "seeds": len(seeds), "male_drop_per_seed": ";".join(f"{male[s]:.2f}" for s in seeds),
+            "male_drop_mean": sum(male.values()) / len(male), "male_drop_sd": _sd([male[s] for s in seeds]),
+            "female_drop_mean": _nanmean(female.values()),
+            "male_drop_excess_vs_nondp_mean": sum(excess) / len(excess) if excess else None,
+            "male_drop_excess_vs_nondp_sd": _sd(excess) if excess else None,
+            "paper_male_drop": p,
+            "paper_male_drop_excess_vs_nondp": p - paper_base if p is not None and paper_base is not None
+            and level != "nondp" else None,
+        })
+    return out
+
+
+def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`imbalance_drop` as markdown."""
+    if not rows:
+        return "No series has runs at two or more female fractions.\n"
+    lo, hi = rows[0]["from_female_fraction"], rows[0]["to_female_fraction"]
+    head = (f"**Accuracy lost from {100 * lo:g}% to {100 * hi:g}% female (percentage points; positive = lost), and "
+            "the male loss beyond non-DP's (same seeds paired); mean ± sample SD over seeds.**\n\n"
+            "| privacy level | z | clip | seeds | male drop per seed | male drop | female drop | male drop − "
+            "non-DP's | paper male drop | paper − non-DP's |\n|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def pm(mean: Any, sd: Any, fmt: str) -> str:
+        return _f(mean, fmt) + ("" if math.isnan(_num(sd)) else f" ± {_f(sd, '.2f')}")
+
+    body = [f"| {r['privacy_level']}{' ' + r['variant'] if r['variant'] else ''} | "
+            f"{_f(r['noise_multiplier'], 'g')} | {_f(r['l2_clip_norm'], 'g')} | {r['seeds']} | "
+            f"{r['male_drop_per_seed'].replace(';', ', ')} | {pm(r['male_drop_mean'], r['male_drop_sd'], '.2f')} | "
+            f"{_f(r['female_drop_mean'])} | "
+            f"{pm(r['male_drop_excess_vs_nondp_mean'], r['male_drop_excess_vs_nondp_sd'], '+.2f')} | "
+            f"{_f(r['paper_male_drop'])} | {_f(r['paper_male_drop_excess_vs_nondp'], '+.2f')} |" for r in rows]
     return head + "\n".join(body) + "\n"
 
 
@@ -647,7 +734,8 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
 
 
 def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: bool = True) -> list[Path]:
-    """Write summary.csv, table1.csv, table1.md and figures/*.png for ``workdir``; returns written paths."""
+    """Write summary.csv, table1.csv/.md, imbalance_drop.csv/.md and figures/*.png for ``workdir``; returns
+    written paths."""
     root = Path(workdir)
     rows = summary_rows(root)
     written: list[Path] = []
@@ -657,6 +745,10 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
     (root / "table1.csv").write_text(_csv_text(t1))
     (root / "table1.md").write_text(table1_markdown(t1, ff))
     written += [root / "table1.csv", root / "table1.md"]
+    drop = imbalance_drop(rows)
+    (root / "imbalance_drop.csv").write_text(_csv_text(drop))
+    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop))
+    written += [root / "imbalance_drop.csv", root / "imbalance_drop.md"]
     if figures and rows:
         fig_dir = root / "figures"
         fig_dir.mkdir(exist_ok=True)

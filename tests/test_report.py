@@ -77,7 +77,8 @@ def test_every_figure_is_written(workdir):
 
 
 def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
-    before = {n: (workdir / n).read_bytes() for n in ("summary.csv", "table1.csv", "table1.md")}
+    before = {n: (workdir / n).read_bytes() for n in ("summary.csv", "table1.csv", "table1.md",
+                                                      "imbalance_drop.csv", "imbalance_drop.md")}
     for n in before:
         (workdir / n).unlink()
     mod = load_cli()
@@ -114,6 +115,43 @@ def test_clipping_diagnostics_average_seeds_per_fraction(tmp_path):
             {"run": "c", "female_fraction": 0.99}]
     means = report.clip_stat_by_fraction(rows, tmp_path, "clip_fraction_1")
     assert means == pytest.approx({0.7: 0.3, 0.99: 0.5})
+
+
+def _drop_row(level, ff, seed, male, female=90.0):
+    dp = level != "nondp"
+    return {"run": f"{level}-ff{ff}-seed{seed}", "privacy_level": level, "variant": "", "dp_enabled": dp,
+            "noise_multiplier": 0.7 if dp else None, "l2_clip_norm": 5.0 if dp else None,
+            "female_fraction": ff, "seed": seed, "accuracy_0": female, "accuracy_1": male}
+
+
+def test_imbalance_drop_by_hand():
+    rows = [_drop_row("nondp", 0.7, 0, 80), _drop_row("nondp", 0.99, 0, 76),
+            _drop_row("nondp", 0.7, 1, 82), _drop_row("nondp", 0.99, 1, 74),
+            _drop_row("medium", 0.7, 0, 75, 88), _drop_row("medium", 0.99, 0, 65, 87),
+            _drop_row("medium", 0.7, 1, 70, 86), _drop_row("medium", 0.99, 1, 66, 86),
+            _drop_row("medium", 0.7, 2, 71)]  # seed 2 has no run at 99%: left out, not paired with nothing
+    nondp, medium = sorted(report.imbalance_drop(rows), key=lambda r: r["privacy_level"] != "nondp")
+    # non-DP male drops 4 and 8; medium 10 and 4 (mean 7, SD sqrt(9 + 9)); excess 6 and -4 (mean 1, SD sqrt(50)).
+    assert (nondp["male_drop_mean"], nondp["male_drop_sd"]) == pytest.approx((6.0, math.sqrt(8)))
+    assert medium["seeds"] == 2 and medium["male_drop_per_seed"] == "10.00;4.00"
+    assert (medium["male_drop_mean"], medium["male_drop_sd"]) == pytest.approx((7.0, math.sqrt(18)))
+    assert medium["female_drop_mean"] == pytest.approx(0.5)
+    assert (medium["male_drop_excess_vs_nondp_mean"], medium["male_drop_excess_vs_nondp_sd"]) == \
+        pytest.approx((1.0, math.sqrt(50)))
+    # The paper at clip 5, 70% -> 99% female: non-DP men 87.74 -> 83.64, medium 78.61 -> 70.91.
+    assert medium["paper_male_drop"] == pytest.approx(7.70)
+    assert medium["paper_male_drop_excess_vs_nondp"] == pytest.approx(3.60)
+    md = report.imbalance_drop_markdown([medium])
+    assert "from 70% to 99% female" in md and "| 10.00, 4.00 | 7.00 ± 4.24 | 0.50 | +1.00 ± 7.07 | 7.70 | +3.60 |" in md
+
+
+def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
+    rows = {r["privacy_level"]: r for r in _rows(workdir / "imbalance_drop.csv")}
+    # FakeTrain: DP men lose 60 x (0.99 - 0.7) = 17.4 points, non-DP men none; one seed, so no spread.
+    assert float(rows["high"]["male_drop_mean"]) == pytest.approx(17.4)
+    assert float(rows["high"]["male_drop_excess_vs_nondp_mean"]) == pytest.approx(17.4)
+    assert rows["high"]["male_drop_sd"] == "" and float(rows["nondp"]["male_drop_mean"]) == pytest.approx(0.0)
+    assert "| high | 1.5 | 5 | 1 | 17.40 | 17.40 |" in (workdir / "imbalance_drop.md").read_text()
 
 
 def test_paper_results_are_packaged():
