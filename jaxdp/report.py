@@ -8,7 +8,7 @@
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
-  group's accuracy lost from the least to the most imbalanced fraction, and the minority's loss beyond
+  group's accuracy lost from the least imbalanced fraction to each more imbalanced one, and the minority's loss beyond
   non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
@@ -331,56 +331,58 @@ def _sd(values: Sequence[float]) -> float | None:
 
 
 def imbalance_drop(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's central comparison: how much accuracy each group loses from the least to the most imbalanced
-    female fraction, per privacy level, and how much more (or less) the minority loses than without DP.
+    """The paper's central comparison: how much accuracy each group loses as the data gets more imbalanced, per
+    privacy level, and how much more (or less) the minority loses than without DP.
 
-    Per series (privacy level, variant; the reference clip bound), for every seed with runs at both fractions:
-    drop = accuracy at the smallest female fraction minus accuracy at the largest (percentage points; positive
-    = lost). ``male_drop_excess_vs_nondp`` pairs each seed with the non-DP run of the same seed (same
-    ``data.seed`` and so the same subsets under ``seed`` replicates) and averages drop(level) - drop(non-DP):
-    positive means DP made the minority lose more to imbalance, the paper's claim. Spreads are sample standard
-    deviations over seeds (none for one seed: then only the per-run test intervals in summary.csv speak to
-    the uncertainty). The paper's values come from its published rows at the same level, clip and fractions.
+    Per series (privacy level, variant; the reference clip bound) and per female fraction above the smallest,
+    for every seed with runs at both fractions: drop = accuracy at the smallest female fraction minus accuracy
+    at this one (percentage points; positive = lost). ``male_drop_excess_vs_nondp`` pairs each seed with the
+    non-DP run of the same seed (same ``data.seed`` and so the same subsets under ``seed`` replicates) and
+    averages drop(level) - drop(non-DP): positive means DP made the minority lose more to imbalance, the
+    paper's claim. Spreads are sample standard deviations over seeds (None for one seed: then only the per-run
+    test intervals in summary.csv speak to the uncertainty). The paper's values come from its published rows
+    at the same level, clip and fractions.
     """
     rows = _imbalance_rows(rows)
     fractions = sorted({r["female_fraction"] for r in rows})
     if len(fractions) < 2:
         return []
-    lo_ff, hi_ff = fractions[0], fractions[-1]
+    lo_ff = fractions[0]
     paper = paper_results()
 
-    def drops(rs: Sequence[Mapping[str, Any]], key: str) -> dict[int, float]:
+    def drops(rs: Sequence[Mapping[str, Any]], key: str, hi_ff: float) -> dict[int, float]:
         at = {(r["female_fraction"], int(r["seed"])): _num(r.get(key)) for r in rs}
         return {s: at[(lo_ff, s)] - at[(hi_ff, s)] for (ff, s) in at if ff == lo_ff and (hi_ff, s) in at}
 
-    def paper_drop(level: str, clip: float | None) -> float | None:
+    def paper_drop(level: str, clip: float | None, hi_ff: float) -> float | None:
         a, b = _paper_match(paper, level, lo_ff, clip), _paper_match(paper, level, hi_ff, clip)
         return a["acc_male"] - b["acc_male"] if a and b else None
 
-    series = _groups(rows, ("privacy_level", "variant"))
-    base = drops(series.get(("nondp", ""), []), "accuracy_1")
-    paper_base = paper_drop("nondp", None)
+    series = sorted(_groups(rows, ("privacy_level", "variant")).items(), key=lambda kv: _row_sort_key(kv[1][0]))
+    nondp = dict(series).get(("nondp", ""), [])
     out = []
-    for (level, variant), rs in sorted(series.items(), key=lambda kv: _row_sort_key(kv[1][0])):
-        male, female = drops(rs, "accuracy_1"), drops(rs, "accuracy_0")
-        if not male:
-            continue
-        seeds = sorted(male)
-        excess = [male[s] - base[s] for s in seeds if s in base] if level != "nondp" else []
-        clip = rs[0]["l2_clip_norm"]
-        p = paper_drop(level, clip)
-        out.append({
-            "privacy_level": level, "variant": variant, "noise_multiplier": rs[0]["noise_multiplier"],
-            "l2_clip_norm": clip, "from_female_fraction": lo_ff, "to_female_fraction": hi_ff,
-            "seeds": len(seeds), "male_drop_per_seed": ";".join(f"{male[s]:.2f}" for s in seeds),
-            "male_drop_mean": sum(male.values()) / len(male), "male_drop_sd": _sd([male[s] for s in seeds]),
-            "female_drop_mean": _nanmean(female.values()),
-            "male_drop_excess_vs_nondp_mean": sum(excess) / len(excess) if excess else None,
-            "male_drop_excess_vs_nondp_sd": _sd(excess) if excess else None,
-            "paper_male_drop": p,
-            "paper_male_drop_excess_vs_nondp": p - paper_base if p is not None and paper_base is not None
-            and level != "nondp" else None,
-        })
+    for (level, variant), rs in series:
+        for hi_ff in fractions[1:]:
+            male, female = drops(rs, "accuracy_1", hi_ff), drops(rs, "accuracy_0", hi_ff)
+            if not male:
+                continue
+            seeds = sorted(male)
+            base = drops(nondp, "accuracy_1", hi_ff)
+            excess = [male[s] - base[s] for s in seeds if s in base] if level != "nondp" else []
+            clip = rs[0]["l2_clip_norm"]
+            p, p_base = paper_drop(level, clip, hi_ff), paper_drop("nondp", None, hi_ff)
+            out.append({
+                "privacy_level": level, "variant": variant, "noise_multiplier": rs[0]["noise_multiplier"],
+                "l2_clip_norm": clip, "from_female_fraction": lo_ff, "to_female_fraction": hi_ff,
+                "seeds": len(seeds), "male_drop_per_seed": ";".join(f"{male[s]:.2f}" for s in seeds),
+                "male_drop_mean": sum(male.values()) / len(male), "male_drop_sd": _sd([male[s] for s in seeds]),
+                "female_drop_mean": _nanmean(female.values()),
+                "male_drop_excess_vs_nondp_mean": sum(excess) / len(excess) if excess else None,
+                "male_drop_excess_vs_nondp_sd": _sd(excess) if excess else None,
+                "paper_male_drop": p,
+                "paper_male_drop_excess_vs_nondp": p - p_base if p is not None and p_base is not None
+                and level != "nondp" else None,
+            })
     return out
 
 
@@ -388,17 +390,20 @@ def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """:func:`imbalance_drop` as markdown."""
     if not rows:
         return "No series has runs at two or more female fractions.\n"
-    lo, hi = rows[0]["from_female_fraction"], rows[0]["to_female_fraction"]
-    head = (f"**Accuracy lost from {100 * lo:g}% to {100 * hi:g}% female (percentage points; positive = lost), and "
-            "the male loss beyond non-DP's (same seeds paired); mean ± sample SD over seeds.**\n\n"
-            "| privacy level | z | clip | seeds | male drop per seed | male drop | female drop | male drop − "
-            "non-DP's | paper male drop | paper − non-DP's |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lo = rows[0]["from_female_fraction"]
+    head = (f"**Accuracy lost from {100 * lo:g}% female to each more imbalanced fraction (percentage points; "
+            "positive = lost), and the male loss beyond non-DP's (same seeds paired); mean ± sample SD over "
+            "seeds.**\n\n"
+            "| privacy level | z | clip | to % female | seeds | male drop per seed | male drop | female drop | "
+            "male drop − non-DP's | paper male drop | paper − non-DP's |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def pm(mean: Any, sd: Any, fmt: str) -> str:
         return _f(mean, fmt) + ("" if math.isnan(_num(sd)) else f" ± {_f(sd, '.2f')}")
 
     body = [f"| {r['privacy_level']}{' ' + r['variant'] if r['variant'] else ''} | "
-            f"{_f(r['noise_multiplier'], 'g')} | {_f(r['l2_clip_norm'], 'g')} | {r['seeds']} | "
+            f"{_f(r['noise_multiplier'], 'g')} | {_f(r['l2_clip_norm'], 'g')} | {100 * r['to_female_fraction']:g} | "
+            f"{r['seeds']} | "
             f"{r['male_drop_per_seed'].replace(';', ', ')} | {pm(r['male_drop_mean'], r['male_drop_sd'], '.2f')} | "
             f"{_f(r['female_drop_mean'])} | "
             f"{pm(r['male_drop_excess_vs_nondp_mean'], r['male_drop_excess_vs_nondp_sd'], '+.2f')} | "
