@@ -4,6 +4,7 @@
     python launch/sweep.py --config configs/demo.py                    # train + report, results/demo/
     python launch/sweep.py --config configs/medium.py --config.train.epochs=10
     python launch/sweep.py --config configs/paper.py --dry_run         # list the 26 runs and their state
+    python launch/sweep.py --config configs/demo.py --seeds 0,1,2      # three replicates per cell (seed 0 reused)
     python launch/sweep.py --config configs/paper.py --launcher slurm --slurm_partition gpu --slurm_time_min 1440
     python launch/sweep.py report --workdir results/demo                # figures + tables, no training
 
