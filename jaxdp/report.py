@@ -20,7 +20,9 @@
 Groups: group 0 = female, group 1 = male (jaxdp.fairness' convention); gaps are female minus male. Error bars
 are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
 Newcombe's square-and-add method (Newcombe 1998, method 10), which is what a researcher would compute by hand.
-Runs that differ only in seed are averaged in the figures (each seed's point is drawn faintly).
+Runs that differ only in seed are averaged in the figures: a point is the mean over seeds, its error bar the
+mean of the seeds' intervals (one run's test-sampling uncertainty, not the spread between seeds), and each
+seed's own value is drawn faintly beside it; ``imbalance_drop`` gives the between-seed standard deviation.
 The tables are byte-identical when regenerated from the same workdir.
 """
 
