@@ -158,6 +158,21 @@ def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
     assert "| high | 1.5 | 5 | 99 | 1 | 17.40 | 17.40 |" in (workdir / "imbalance_drop.md").read_text()
 
 
+def test_seeds_added_to_a_finished_sweep_train_only_new_runs_and_report_all(tmp_path):
+    c = small_sweep()
+    del c.sweep["clipping"]
+    first = sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    second = sweep.run_sweep(sweep.with_seeds(c, [0, 1]), tmp_path, train_fn=FakeTrain())
+    assert len(first.trained) == 9 and len(second.skipped) == 9 and len(second.trained) == 9
+    rows = report.summary_rows(tmp_path)
+    assert sorted(r["seed"] for r in rows) == [0] * 9 + [1] * 9 and "data.seed" not in rows[0]
+    report.write_report(tmp_path, figures=False, verbose=False)
+    t1 = _rows(tmp_path / "table1.csv")
+    assert {r["seeds"] for r in t1} == {"2"}
+    drop = [r for r in _rows(tmp_path / "imbalance_drop.csv") if r["to_female_fraction"] == "0.99"]
+    assert {r["seeds"] for r in drop} == {"2"} and float(drop[0]["male_drop_sd"]) == pytest.approx(0.0)
+
+
 def test_paper_results_are_packaged():
     paper = report.paper_results()
     assert len(paper) == 26
