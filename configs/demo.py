@@ -33,22 +33,25 @@ system CPU. A second run from scratch at load 3.5-3.8 gave the same numbers in e
     non-DP            F 92.8 / 95.3 / 94.8    M 83.0 / 79.3 / 75.3    gap      9.8 / 16.0 / 19.5
 
 What this shows, read honestly: DP costs accuracy, more at stronger privacy, and the cost falls mostly on the
-minority (at 70% female, high privacy loses 6.5 pp for women and 10 for men against non-DP); men are served
-worse than women at every level, and male accuracy falls as the data gets more imbalanced at every level
-(non-DP by 7.8 pp, 83.0 [79.0, 86.4] -> 75.3 [70.8, 79.2], intervals just apart; DP by 3-6 pp, intervals
-overlapping),
-so the female-minus-male gap grows with imbalance everywhere. It does NOT show the paper's central claim: here
-men lose at least as much to imbalance without DP as with it (paper: non-DP 87.7 -> 83.6, medium DP 78.6 ->
-70.9). One seed per cell; scratch runs of the same generator on 4,000 images (200 test men), two seeds each,
-showed the same pattern: from 70% to 99% female, non-DP men dropped 8 and 6 pp, medium-DP men 2 and 0.5, low-DP
-men 7.5 and 2. Under DP, men's gradients are larger and clipped more often than women's
-(summary.csv, figures/fig6_clipping_per_group.png), the paper's proposed mechanism; with 96 steps the DP runs
-barely learn anything male-specific even from 480 men, so they have little to lose when men become rare. The
-paper's configs (configs/*.py, real CelebA, ResNet18, 60 epochs) are what can test the claim.
+minority (at 70% female, high privacy loses 6.5 pp for women and 10 for men against non-DP); men are served worse
+than women at every level, and male accuracy falls as the data gets more imbalanced at every level (non-DP by 7.8
+pp, 83.0 [79.0, 86.4] -> 75.3 [70.8, 79.2], intervals just apart; DP by 3-6 pp, intervals overlapping), so the
+female-minus-male gap grows with imbalance everywhere. It does NOT show the paper's central claim: here men lose
+at least as much to imbalance without DP as with it (paper: non-DP 87.7 -> 83.6, medium DP 78.6 -> 70.9). Three
+seeds (--seeds 0,1,2; imbalance_drop.md), male points lost from 70% to 99% female, mean +- SD: non-DP 6.3 +- 1.3,
+high 2.8 +- 2.9, medium 1.9 +- 2.3, low 6.0 +- 1.9; DP minus non-DP, paired by seed: high -3.4 +- 2.8, medium -4.3
++- 1.0, low -0.3 +- 2.2. Scratch runs of the same generator on 4,000 images (200 test men), two seeds each, showed
+the same pattern: from 70% to 99% female, non-DP men dropped 8 and 6 pp, medium-DP men 2 and 0.5, low-DP men 7.5
+and 2. Neither the paper's batch 32 (800 steps) nor 4,800 training images changed that (README, "What the demo
+shows"). Under DP, men's gradients are larger and clipped more often than women's (summary.csv,
+figures/fig6_clipping_per_group.png), the paper's proposed mechanism; with 96 steps the DP runs barely learn
+anything male-specific even from 480 men, so they have little to lose when men become rare. The paper's configs
+(configs/*.py, real CelebA, ResNet18, 60 epochs), with several seeds, are what can test the claim.
 
 Run it with::
 
     python launch/sweep.py --config configs/demo.py              # results and figures in results/demo/
+    python launch/sweep.py --config configs/demo.py --seeds 0,1,2   # + two more replicates (about 10 more minutes)
 """
 
 from jaxdp.config import base_config
