@@ -163,7 +163,8 @@ def main(argv: list[str]) -> None:
         return
     if _REPORT.value:
         written = report.write_report(result.workdir, figures=_FIGURES.value)
-        print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, figures/)")
+        print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, imbalance_drop.md, "
+              f"figures/)")
     if result.failed:
         for name, err in result.failed.items():
             sys.stderr.write(f"run {name} failed: {err}\n")
