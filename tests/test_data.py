@@ -215,6 +215,15 @@ def test_official_scheme_composition_and_partitions(generated: Path, truth: dict
         assert [truth[f][1:] for f in fps] == list(zip(split.group.tolist(), split.label.tolist(), strict=True))
 
 
+def test_official_test_set_is_the_same_at_every_female_fraction(generated: Path) -> None:
+    # The imbalance comparison is paired: one seed, one test set, whatever the training data's composition.
+    tests = [build(generated, female_fraction=ff, split_scheme="official", seed=4)[1] for ff in (0.6, 0.9, 0.95)]
+    sets = [sorted(fingerprints(t.images)) for t in tests]
+    assert sets[0] == sets[1] == sets[2] and len(set(sets[0])) == 40
+    other = build(generated, female_fraction=0.9, split_scheme="official", seed=5)[1]
+    assert sorted(fingerprints(other.images)) != sets[0]  # another seed, another test set
+
+
 def test_pool_too_small_names_cell_pool_and_largest_total(generated: Path) -> None:
     # 0.99 of 405 -> 401 females -> 201 non-smiling females, but each cell has 200 images.
     with pytest.raises(ValueError, match=r"needs 201 non-smiling females from all partitions of the generated "

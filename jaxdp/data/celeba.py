@@ -29,7 +29,9 @@ test set under "paper" (the test size is the sum over cells, which equals ``T * 
   train partition (0); the validation partition (1) is not used; the test set, of the same size as
   "paper"'s, is drawn from the test partition (2) with a *balanced* composition (the counting rule above at
   ``f = 0.5``: half female, each gender half smiling), so minority accuracy is measured on thousands of
-  images at every imbalance level.
+  images at every imbalance level. The test set is drawn from its own random stream: for a given seed, total
+  and test_fraction it is the same images at every female fraction, so runs at different imbalance levels
+  are compared on one test set.
 
 Draws are without replacement, seeded by ``seed`` (same seed, same subset); train and test are each returned
 in a seeded random order.
@@ -75,7 +77,7 @@ CELL_NAMES = {(0, 0): "non-smiling females", (0, 1): "smiling females", (1, 0): 
               (1, 1): "smiling males"}
 SPLIT_SCHEMES = ("paper", "official")
 SOURCES = ("celeba", "synthetic")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: "official" test sets drawn from their own stream (same at every fraction)
 CELEBA_VERSION = "2.1.0"  # the tfds celeb_a builder version this module was written against
 _PARTITIONS = {"train": 0, "validation": 1, "test": 2}
 
@@ -589,10 +591,13 @@ def _select(pools: dict[str, _Pool], plan: SubsetPlan, split_scheme: str, seed: 
         available_test = {c: cell_pool(("test",), c) for c in CELLS}
         check(needs, {c: len(v) for c, v in available.items()})
         check(test_needs, {c: len(v) for c, v in available_test.items()})
+        # The test set gets its own stream, so it depends on (seed, total, test_fraction) only: the same images
+        # at every female fraction, and accuracy across imbalance levels is compared on one test set.
+        test_rng = np.random.default_rng([seed, 3])
         for c in CELLS:
             train += [available[c][k] for k in rng.choice(len(available[c]), plan.train[c], replace=False)]
-            test += [available_test[c][k] for k in rng.choice(len(available_test[c]), plan.test[c],
-                                                              replace=False)]
+            test += [available_test[c][k] for k in test_rng.choice(len(available_test[c]), plan.test[c],
+                                                                   replace=False)]
     return train, test
 
 
