@@ -167,6 +167,11 @@ def _axis_values(sweep_name: str, grid_name: str, path: str, values: Any) -> tup
     return tuple(values)
 
 
+def _bad_seeds(values: Sequence[Any]) -> list[Any]:
+    """The values that are not seeds (integers >= 0; a bool is not one)."""
+    return [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+
+
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
     """The runs of a sweep config, in a stable order (privacy level, female fraction, clip, seed, name).
 
@@ -197,7 +202,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
                                      f"choose from {list(PRIVACY_LEVELS)}")
                 continue
             if path == "seed":
-                bad = [v for v in axes[path] if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+                bad = _bad_seeds(axes[path])
                 if bad:
                     raise SweepError(f"config.sweep.{grid_name}.seed: seeds must be integers >= 0, got {bad}")
                 clash = [k for k in SEED_KEYS if k in axes]
@@ -261,8 +266,7 @@ def with_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> ml_co
     repeated seeds, or a grid that already sweeps ``seed``, ``train.seed`` or ``data.seed``.
     """
     seeds = tuple(seeds)
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
-    if not seeds or bad:
+    if not seeds or _bad_seeds(seeds):
         raise SweepError(f"--seeds: give integers >= 0, e.g. --seeds 0,1,2 (got {list(seeds)})")
     if len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds: {list(seeds)} repeats a seed")
