@@ -568,10 +568,9 @@ class PrivacyLedger:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the ledger as JSON, atomically (a crash never leaves a half-written ledger)."""
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        from jaxdp.runlog import write_atomic
+
+        write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PrivacyLedger:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import itertools
 import json
 import os
@@ -53,6 +52,7 @@ from typing import Any
 import ml_collections
 
 from jaxdp.config import validate_run_config
+from jaxdp.runlog import RunProgress, hms, write_atomic
 
 # Paper settings (Farrand et al. 2020, Sec. 4): noise multiplier z per privacy level; clip S = 5, delta = 1e-6.
 PRIVACY_LEVELS: dict[str, dict[str, Any]] = {
@@ -408,14 +408,8 @@ def prepare_workdir(workdir: str | os.PathLike, runs: Sequence[Run], *, overwrit
     for st in statuses:
         st.run_dir.mkdir(parents=True, exist_ok=True)
         if not (st.run_dir / RUN_RECORD).exists():
-            _atomic_write(st.run_dir / RUN_RECORD, json.dumps(st.run.record(), indent=2) + "\n")
+            write_atomic(st.run_dir / RUN_RECORD, json.dumps(st.run.record(), indent=2) + "\n")
     return statuses
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- running one
@@ -470,74 +464,6 @@ def run_one(config: ml_collections.ConfigDict | Mapping[str, Any], run_dir: str 
             jax.distributed.initialize()
     fn = train_fn or _default_train_fn()
     return fn(config, str(run_dir), on_progress=on_progress)
-
-
-# -------------------------------------------------------------------------------------------- progress
-
-
-def _hms(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "?"
-    return str(datetime.timedelta(seconds=int(round(seconds))))
-
-
-class RunProgress:
-    """One status line per run: step, loss, per-group accuracy, epsilon, speed and ETA.
-
-    On a terminal the line is rewritten in place; in a log file a new line is written at most every
-    ``log_every_s`` seconds, so logs of long runs stay readable.
-    """
-
-    def __init__(self, label: str, stream: Any = None, log_every_s: float = 30.0):
-        self.label = label
-        self.stream = stream or sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.log_every_s = log_every_s
-        self.t0 = time.monotonic()
-        self.first: tuple[int, float] | None = None  # (step, time) of the first report: excludes compile
-        self.last_print = -float("inf")
-        self.line = ""
-
-    def __call__(self, step: int, total_steps: int, info: Mapping[str, Any]) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = (step, now)
-        rate = None
-        if step > self.first[0] and now > self.first[1]:
-            rate = (step - self.first[0]) / (now - self.first[1])
-        eta = (total_steps - step) / rate if rate else None
-        bits = [f"{self.label} step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
-        if info.get("loss") is not None:
-            bits.append(f"loss {float(info['loss']):.3f}")
-        if info.get("accuracy_0") is not None and info.get("accuracy_1") is not None:
-            bits.append(f"acc F {float(info['accuracy_0']):.1f} / M {float(info['accuracy_1']):.1f}")
-        if info.get("epsilon") is not None:
-            bits.append(f"eps {float(info['epsilon']):.2f}")
-        if rate:
-            bits.append(f"{rate:.2f} steps/s")
-        bits.append(f"ETA {_hms(eta)}")
-        self.line = "  ".join(bits)
-        if self.tty:
-            self.stream.write("\r" + self.line + "\x1b[K")
-            self.stream.flush()
-        elif now - self.last_print >= self.log_every_s or step >= total_steps:
-            self.stream.write(self.line + "\n")
-            self.stream.flush()
-            self.last_print = now
-
-    def done(self, result: Mapping[str, Any]) -> None:
-        m = result.get("metrics", {}) if isinstance(result, Mapping) else {}
-        eps = (result.get("epsilon") or {}) if isinstance(result, Mapping) else {}
-        bits = [f"{self.label} done in {_hms(time.monotonic() - self.t0)}"]
-        if "accuracy" in m:
-            bits.append(f"acc {m['accuracy']:.2f} (F {m.get('accuracy_0', float('nan')):.2f} / "
-                        f"M {m.get('accuracy_1', float('nan')):.2f})")
-        if eps.get("pld") is not None:
-            bits.append(f"eps_pld {eps['pld']:.2f}")
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write("  ".join(bits) + "\n")
-        self.stream.flush()
 
 
 # ------------------------------------------------------------------------------------------- launching
@@ -666,7 +592,7 @@ def _run_local(todo: list[RunStatus], n: int, n_done: int, cache: str, train_fn:
         elapsed = time.monotonic() - t0
         eta = elapsed / i * (len(todo) - i) if i else None
         out.write(f"[{k}/{n}] {st.run.name} ({'resuming' if st.state == 'partial' else 'new'})  "
-                  f"sweep elapsed {_hms(elapsed)}, ETA {_hms(eta)}\n")
+                  f"sweep elapsed {hms(elapsed)}, ETA {hms(eta)}\n")
         out.flush()
         progress = RunProgress(f"[{k}/{n}] {st.run.name}", stream=out)
         try:
@@ -679,7 +605,7 @@ def _run_local(todo: list[RunStatus], n: int, n_done: int, cache: str, train_fn:
             raise
         progress.done(final)
         result.trained.append(st.run.name)
-    out.write(f"sweep done: {len(todo)} runs trained in {_hms(time.monotonic() - t0)}\n")
+    out.write(f"sweep done: {len(todo)} runs trained in {hms(time.monotonic() - t0)}\n")
     out.flush()
 
 
@@ -725,7 +651,7 @@ def _run_submitit(ex: Any, todo: list[RunStatus], n: int, n_done: int, cache: st
             elapsed = time.monotonic() - t0
             finished = k - n_done
             eta = elapsed / finished * (len(jobs) - finished) if finished else None
-            out.write(f"[{k}/{n}] {st.run.name} {status}  sweep elapsed {_hms(elapsed)}, ETA {_hms(eta)}\n")
+            out.write(f"[{k}/{n}] {st.run.name} {status}  sweep elapsed {hms(elapsed)}, ETA {hms(eta)}\n")
             out.flush()
         pending = still
         if pending:

@@ -41,6 +41,7 @@ from jaxdp import accounting, clipping, fairness, parallel, sampling
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.config import validate_run_config
 from jaxdp.noise import dp_noise
+from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -298,36 +299,12 @@ def _epsilons(ledger, delta: float) -> dict:
     return out
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(_json_safe(r), sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 # Settings that do not change what a run computes: a workdir may be resumed with other values.
 _RESUMABLE_SETTINGS = (("train", "progress"), ("train", "num_devices"))
 
 
 def _comparable(config: dict) -> dict:
-    config = json.loads(json.dumps(_json_safe(config)))
+    config = json.loads(json.dumps(json_safe(config)))
     for section, key in _RESUMABLE_SETTINGS:
         config.get(section, {}).pop(key, None)
     return config
@@ -380,7 +357,7 @@ def train_and_evaluate(
         resolved["dp"]["noise_multiplier"] = setup.noise_multiplier
     _check_workdir_config(workdir, resolved)
     if jax.process_index() == 0:
-        _write_json_atomic(workdir / "config.json", resolved)
+        write_json(workdir / "config.json", resolved)
 
     accumulate, apply_update, predict = _make_step_fns(setup)
     # One compiled call per step rather than one eager dispatch per parameter leaf.
@@ -401,14 +378,15 @@ def train_and_evaluate(
         log.info("Resumed %s from step %d.", workdir, start_step)
     state = parallel.replicate(mesh, state)
     if jax.process_index() == 0:
-        _write_history(workdir / "history.jsonl", history)
+        write_jsonl(workdir / "history.jsonl", history)
 
     private = bool(config.dp.enabled)
     delta = float(config.dp.delta)
     eval_every = max(1, int(config.train.eval_every_steps))
     ckpt_every = max(1, int(config.train.checkpoint_every_steps))
     total = setup.total_steps
-    progress = _Progress(total, start_step, bool(config.train.progress) and jax.process_index() == 0, workdir.name)
+    show_progress = bool(config.train.progress) and jax.process_index() == 0
+    progress = RunProgress(workdir.name) if show_progress else None
     last_info: dict = {}
     try:
         for step in range(start_step, total):
@@ -443,10 +421,10 @@ def train_and_evaluate(
                 row.update(_finalize_stats(stats, private))
                 row["epsilon"] = float(ledger.epsilon(delta, accountant=config.dp.accountant)) if private else None
                 row.update(_evaluate(predict, state, mesh, test_set, int(config.train.eval_batch_size)))
-                history.append(_json_safe(row))
+                history.append(json_safe(row))
                 stats = _zero_stats()
                 if jax.process_index() == 0:
-                    _write_history(workdir / "history.jsonl", history)
+                    write_jsonl(workdir / "history.jsonl", history)
                 last_info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")}
             if done % ckpt_every == 0 or done == total:
                 record = {
@@ -457,11 +435,11 @@ def train_and_evaluate(
                 }
                 checkpointer.save(done, jax.tree_util.tree_map(np.asarray, jax.device_get(state)), record)
             info = dict(last_info, loss=history[-1]["train_loss"] if history else None)
-            progress.update(done, info)
+            if progress is not None:
+                progress(done, total, info)
             if on_progress is not None:
                 on_progress(done, total, info)
     finally:
-        progress.close()
         checkpointer.close()
 
     final = {
@@ -478,32 +456,5 @@ def train_and_evaluate(
         "wall_time_s": time.time() - started,
     }
     if jax.process_index() == 0:
-        _write_json_atomic(final_path, final)
-    return json.loads(json.dumps(_json_safe(final)))
-
-
-class _Progress:
-    """A tqdm bar with step, loss, accuracy by group and epsilon (silent when disabled)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool, name: str):
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, info: dict) -> None:
-        if self._bar is None:
-            return
-        self._bar.n = step
-        post = {}
-        for key, label in (("loss", "loss"), ("accuracy_0", "acc_f"), ("accuracy_1", "acc_m"), ("epsilon", "eps")):
-            value = info.get(key)
-            if value is not None:
-                post[label] = f"{value:.3g}"
-        self._bar.set_postfix(post, refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        write_json(final_path, final)
+    return json.loads(json.dumps(json_safe(final)))

@@ -56,7 +56,6 @@ import importlib.util
 import io
 import json
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -70,6 +69,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdp.data import synthetic
+from jaxdp.runlog import atomic_writer
 
 Cell = tuple[int, int]  # (group, label): group 0 female / 1 male, label 0 not smiling / 1 smiling
 CELLS: tuple[Cell, ...] = ((0, 0), (0, 1), (1, 0), (1, 1))
@@ -684,18 +684,11 @@ def _load_cache(path: Path, key: str) -> tuple[GroupedSplit, GroupedSplit] | Non
 
 def _save_cache(path: Path, key: str, settings: dict, train: GroupedSplit, test: GroupedSplit) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), settings=np.array(json.dumps(settings)),
-                     **{f"{name}_{field}": getattr(split, field)
-                        for name, split in (("train", train), ("test", test))
-                        for field in ("images", "label", "group")})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path, "wb") as f:
+        np.savez(f, key=np.array(key), settings=np.array(json.dumps(settings)),
+                 **{f"{name}_{field}": getattr(split, field)
+                    for name, split in (("train", train), ("test", test))
+                    for field in ("images", "label", "group")})
 
 
 @contextlib.contextmanager

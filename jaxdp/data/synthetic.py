@@ -47,7 +47,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -55,6 +54,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from jaxdp.runlog import atomic_writer, write_atomic
 
 # CelebA's file names, and the URLs under which the tfds `celeb_a` builder (v2.1.0) registers them.
 ZIP_NAME = "img_align_celeba.zip"
@@ -136,25 +137,21 @@ def write_celeba_files(
     starts = list(range(0, num_images, chunk))
     jobs = [(seed, s, table["attributes"][s:s + chunk]) for s in starts]
     paths: dict[str, Path] = {}
-    zip_tmp = _tmp_path(directory, ZIP_NAME)
     landmarks = np.zeros((num_images, 10), dtype=np.int64)
-    try:
-        with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr(zipfile.ZipInfo("img_align_celeba/"), b"")
-            if workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(workers) as pool:
-                    results = pool.map(_draw_chunk, jobs)
-                    for start, (jpegs, marks) in zip(starts, results, strict=True):
-                        _store(archive, start, jpegs)
-                        landmarks[start:start + len(jpegs)] = marks
-            else:
-                for start, job in zip(starts, jobs, strict=True):
-                    jpegs, marks = _draw_chunk(job)
+    with atomic_writer(directory / ZIP_NAME, "wb") as handle, \
+            zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(zipfile.ZipInfo("img_align_celeba/"), b"")
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = pool.map(_draw_chunk, jobs)
+                for start, (jpegs, marks) in zip(starts, results, strict=True):
                     _store(archive, start, jpegs)
                     landmarks[start:start + len(jpegs)] = marks
-        os.replace(zip_tmp, directory / ZIP_NAME)
-    finally:
-        zip_tmp.unlink(missing_ok=True)
+        else:
+            for start, job in zip(starts, jobs, strict=True):
+                jpegs, marks = _draw_chunk(job)
+                _store(archive, start, jpegs)
+                landmarks[start:start + len(jpegs)] = marks
     paths[ZIP_NAME] = directory / ZIP_NAME
 
     names = [_file_name(i) for i in range(num_images)]
@@ -168,14 +165,14 @@ def write_celeba_files(
     id_lines = [f"{n} {k}" for n, k in zip(names, table["identity"], strict=True)]
     for file_name, lines in ((ATTR_NAME, attr_lines), (LANDMARKS_NAME, mark_lines),
                              (PARTITION_NAME, part_lines), (IDENTITY_NAME, id_lines)):
-        paths[file_name] = _write_atomic(directory / file_name, ("\n".join(lines) + "\n").encode())
+        paths[file_name] = write_atomic(directory / file_name, ("\n".join(lines) + "\n").encode())
 
     manifest = {
         "generator": "jaxdp.data.synthetic", "generator_version": GENERATOR_VERSION,
         "num_images": num_images, "seed": int(seed),
         "files": {name: {"url": FILE_URLS[name], **_size_and_sha256(paths[name])} for name in FILE_URLS},
     }
-    _write_atomic(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
     return {name: paths[name] for name in CELEBA_FILE_NAMES}
 
 
@@ -515,23 +512,6 @@ def _noise_crop(rng: np.random.Generator) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------
 # Files.
-
-def _tmp_path(directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the data files are meant to be shared
-    return Path(tmp)
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    tmp = _tmp_path(path.parent, path.name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
 
 def _size_and_sha256(path: Path) -> dict[str, int | str]:
     digest = hashlib.sha256()
