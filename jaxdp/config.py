@@ -7,7 +7,19 @@ config into run configs by setting the dotted keys listed in ``config.sweep``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
+
+from jaxdp.accounting import ACCOUNTANTS, SAMPLING_SCHEMES
+
+# Keys that do not change what a run computes (only how it is run or shown): a run directory may be resumed, and
+# a sweep's stored run reused, with other values of these. Every other key is part of the run's identity.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "train.progress",  # printing only
+    "train.num_devices",  # data parallelism: the same sums, up to float summation order
+    "train.eval_batch_size",  # evaluation padding: examples are evaluated independently
+})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dp.clipping_strategy = "vmap"
     c.dp.microbatch_size = ml_collections.FieldReference(None, field_type=int)
     c.dp.target_epsilon = ml_collections.FieldReference(None, field_type=float)  # set: calibrate noise
+    # False (default): batch sampling and noise come from a secret 128-bit seed drawn from the OS when the run
+    # starts and kept only in its checkpoints. True: they come from train.seed, so anyone who knows the config
+    # can replay them and the reported epsilon is no guarantee against them (tests, exact replication).
+    c.dp.reproducible = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # any optax optimiser name taking learning_rate
@@ -64,10 +80,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 256
     c.train.progress = True
     c.train.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all devices
+    # Statistics of the training data computed without noise (training loss, per-group clipping counts and
+    # norms): written with keys starting "nonprivate_". Not covered by epsilon; False for a model to release.
+    c.train.nonprivate_diagnostics = True
 
     # Sweep axes: dotted config key -> list of values; the runs are their Cartesian product.
     c.sweep = ml_collections.ConfigDict()
     return c
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"dotted.key": value}`` of a (nested) config or dict; tuples and lists are leaves."""
+    if isinstance(node, ml_collections.ConfigDict):
+        node = node.to_dict()
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def differing_keys(old: Any, new: Any) -> list[str]:
+    """``"key: stored X != new Y"`` for every dotted key whose value differs, ignoring RESULT_NEUTRAL_KEYS.
+
+    ``old`` / ``new``: configs or their dicts (e.g. a stored ``config.json``); tuples and lists compare equal.
+    """
+    def norm(v: Any) -> Any:
+        return [norm(x) for x in v] if isinstance(v, list | tuple) else v
+
+    a, b = flatten(old), flatten(new)
+    keys = sorted((set(a) | set(b)) - RESULT_NEUTRAL_KEYS)
+    missing = "<absent>"
+    return [f"{k}: stored {a.get(k, missing)!r} != new {b.get(k, missing)!r}"
+            for k in keys if norm(a.get(k, missing)) != norm(b.get(k, missing))]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -95,15 +141,21 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(int(d.total) >= 2, f"config.data.total={d.total} must be >= 2.")
     _require(int(m.num_classes) >= 2, f"config.model.num_classes={m.num_classes} must be >= 2.")
     _require(isinstance(p.enabled, bool), f"config.dp.enabled={p.enabled!r} must be True or False.")
+    _require(isinstance(p.reproducible, bool), f"config.dp.reproducible={p.reproducible!r} must be True or False.")
+    _require(isinstance(t.nonprivate_diagnostics, bool),
+             f"config.train.nonprivate_diagnostics={t.nonprivate_diagnostics!r} must be True or False.")
     if p.enabled:
-        _require(float(p.noise_multiplier) >= 0.0, f"config.dp.noise_multiplier={p.noise_multiplier} must be >= 0.")
+        _require(
+            p.target_epsilon is not None or float(p.noise_multiplier) > 0.0,
+            f"config.dp.noise_multiplier={p.noise_multiplier} must be > 0 under DP (noise 0 has no finite epsilon);"
+            " for non-private training set config.dp.enabled=False.",
+        )
         _require(float(p.l2_clip_norm) > 0.0, f"config.dp.l2_clip_norm={p.l2_clip_norm} must be > 0.")
         _require(0.0 < float(p.delta) < 1.0, f"config.dp.delta={p.delta} must be in (0, 1).")
-        _require(p.sampling in ("poisson", "fixed"), f"config.dp.sampling={p.sampling!r}; choose 'poisson' or 'fixed'.")
-        _require(
-            p.accountant in ("pld", "rdp", "rdp_classic"),
-            f"config.dp.accountant={p.accountant!r}; choose 'pld', 'rdp' or 'rdp_classic'.",
-        )
+        _require(p.sampling in SAMPLING_SCHEMES,
+                 f"config.dp.sampling={p.sampling!r}; choose one of {', '.join(map(repr, SAMPLING_SCHEMES))}.")
+        _require(p.accountant in ACCOUNTANTS,
+                 f"config.dp.accountant={p.accountant!r}; choose one of {', '.join(map(repr, ACCOUNTANTS))}.")
         _require(
             not (p.sampling == "fixed" and p.accountant == "pld"),
             "config.dp.accountant='pld' cannot count config.dp.sampling='fixed' (dp-accounting's PLD accountant has "

@@ -28,7 +28,7 @@ Layout of a sweep working directory (the same for every launcher)::
 
 Resume guarantee: a run whose directory holds ``final.json`` is never trained again; a run directory without
 it is handed back to ``train_and_evaluate``, which resumes from its latest checkpoint. A run directory is only
-reused when its stored resolved config equals the new one (ignoring :data:`RESULT_NEUTRAL_KEYS`); otherwise
+reused when its stored resolved config equals the new one (ignoring :data:`jaxdp.config.RESULT_NEUTRAL_KEYS`); otherwise
 :func:`prepare_workdir` raises :class:`SweepError` before any work starts, unless ``overwrite=True``, which
 deletes that run's directory (and so its results) and trains it from scratch.
 """
@@ -51,7 +51,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxdp.config import validate_run_config
+from jaxdp.config import differing_keys, flatten, validate_run_config
 from jaxdp.runlog import RunProgress, hms, write_atomic
 
 # Paper settings (Farrand et al. 2020, Sec. 4): noise multiplier z per privacy level; clip S = 5, delta = 1e-6.
@@ -63,9 +63,6 @@ PRIVACY_LEVELS: dict[str, dict[str, Any]] = {
 }
 PRIVACY_ORDER = ("high", "medium", "low", "nondp")
 LAUNCHERS = ("local", "submitit_local", "slurm")
-
-# Stored-config keys that do not change a run's results, so a difference in them does not block resuming.
-RESULT_NEUTRAL_KEYS = frozenset({"train.progress"})
 
 RUN_RECORD = "sweep_run.json"
 FINAL = "final.json"
@@ -130,15 +127,6 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, ml_collections.ConfigDict | dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def _get_path(config: ml_collections.ConfigDict, path: str) -> Any:
     node: Any = config
     for part in path.split("."):
@@ -193,7 +181,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
             raise SweepError(
                 f"config.sweep.{grid_name} in sweep '{sweep_name}' must be a grid (a ConfigDict of axes, "
                 f"e.g. jaxdp.sweep.grid({{'data.female_fraction': (0.7, 0.9)}})), got {g!r}")
-        axes = {p: _axis_values(sweep_name, grid_name, p, v) for p, v in _flatten(g).items()}
+        axes = {p: _axis_values(sweep_name, grid_name, p, v) for p, v in flatten(g).items()}
         for path in axes:
             if path == "privacy":
                 unknown = [v for v in axes[path] if v not in PRIVACY_LEVELS]
@@ -279,7 +267,7 @@ def with_seeds(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> ml_co
         for grid_name, g in grids.items():
             if not isinstance(g, ml_collections.ConfigDict):
                 continue  # expand() names the malformed grid
-            swept = [k for k in ("seed", *SEED_KEYS) if k in _flatten(g)]
+            swept = [k for k in ("seed", *SEED_KEYS) if k in flatten(g)]
             if swept:
                 raise SweepError(f"--seeds: grid '{grid_name}' already sweeps {', '.join(swept)}; drop --seeds or "
                                  f"that axis")
@@ -354,13 +342,6 @@ def check_workdir_writable(workdir: str | os.PathLike) -> Path:
     return path
 
 
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    a, b = _flatten(dict(old)), _flatten(dict(new))
-    keys = sorted((set(a) | set(b)) - RESULT_NEUTRAL_KEYS)
-    return [f"{k}: stored {a.get(k, '<absent>')!r} != new {b.get(k, '<absent>')!r}"
-            for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
 def prepare_workdir(workdir: str | os.PathLike, runs: Sequence[Run], *, overwrite: bool = False,
                     write: bool = True) -> list[RunStatus]:
     """Check every run directory against its new config and write ``sweep_run.json`` for new runs.
@@ -379,7 +360,7 @@ def prepare_workdir(workdir: str | os.PathLike, runs: Sequence[Run], *, overwrit
         state = "new"
         if record_path.exists():
             stored = json.loads(record_path.read_text())
-            diff = _diff(stored.get("config", {}), config_to_dict(run.config))
+            diff = differing_keys(stored.get("config", {}), config_to_dict(run.config))
             if diff:
                 conflicts.append(f"  {run_dir}:\n    " + "\n    ".join(diff[:8])
                                  + ("\n    ..." if len(diff) > 8 else ""))

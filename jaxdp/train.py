@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdp import accounting, clipping, fairness, parallel, sampling
 from jaxdp.checkpoint import Checkpointer
-from jaxdp.config import validate_run_config
+from jaxdp.config import differing_keys, validate_run_config
 from jaxdp.noise import dp_noise
 from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
 
@@ -299,22 +299,13 @@ def _epsilons(ledger, delta: float) -> dict:
     return out
 
 
-# Settings that do not change what a run computes: a workdir may be resumed with other values.
-_RESUMABLE_SETTINGS = (("train", "progress"), ("train", "num_devices"))
-
-
-def _comparable(config: dict) -> dict:
-    config = json.loads(json.dumps(json_safe(config)))
-    for section, key in _RESUMABLE_SETTINGS:
-        config.get(section, {}).pop(key, None)
-    return config
-
-
 def _check_workdir_config(workdir: Path, resolved: dict) -> None:
     path = workdir / "config.json"
-    if path.exists() and _comparable(json.loads(path.read_text())) != _comparable(resolved):
+    diff = differing_keys(json.loads(path.read_text()), json_safe(resolved)) if path.exists() else []
+    if diff:
         raise ValueError(
-            f"{path} holds a different config than this run's; a workdir belongs to one config. "
+            f"{path} holds a different config than this run's; a workdir belongs to one config "
+            f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}). "
             "Use another workdir, or delete this one to start over."
         )
 
