@@ -1,0 +1,205 @@
+"""Empirical privacy per group: membership inference and a one-run privacy audit (issue 14).
+
+Two different questions, answered by two different kinds of number:
+
+* **One-run audit: an empirical lower bound on ε.** ``epsilon_lower_bound_g`` is a number L such that, with
+  probability at least ``confidence`` (95%) over the canaries' coins, the training procedure of this run is *not*
+  (ε, δ)-DP for any ε < L, at the run's δ, with respect to including or excluding one canary of group g. It is a
+  statement about the whole training procedure (sampling, clipping, noise, everything jaxdp did), checked on this
+  one run, in the style of Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS
+  2023, arXiv:2305.08846). Since the reported ε is an *upper* bound for the same procedure, **a lower bound above
+  the reported ε means a bug** in jaxdp's mechanism or its accounting (or, with probability at most 5%, bad luck).
+  A lower bound far below the reported ε is expected and proves nothing: the attack here is weak (the loss of
+  natural training images under the final model), and one run with m canaries cannot show more than about
+  ``logit((1 - confidence) ** (1 / k))`` with k guesses (``max_epsilon_lower_bound``).
+
+  Neighbouring relation: flipping one canary's coin must turn the training input into a neighbour in the sense
+  of the reported ε. Under Poisson sampling (add-or-remove-one) a canary that is "out" is simply absent; under
+  fixed-size batches (replace-one) an "out" canary must be replaced by another example so that the dataset size
+  does not depend on the coins.
+
+* **Membership inference: average-case leakage per group.** ``mia_auc_g`` is how well a simple attacker
+  separates members of group g (training examples) from non-members of the same group (held-out examples, never
+  trained on), by the loss-threshold attack (Yeom, Giacomelli, Fredrikson and Jha, "Privacy Risk in Machine
+  Learning", CSF 2018: score = -loss) and its per-example-calibrated variant (Watson, Guo, Cormode and
+  Sablayrolles, "On the Importance of Difficulty Calibration in Membership Inference Attacks", ICLR 2022:
+  score = -(loss under the trained model - loss under a reference model), e.g. the initial model). AUC 0.5 is
+  chance. These are *measurements* of how much a given attack learns on average, not privacy guarantees: a low AUC
+  does not mean that no example is exposed, and an AUC above 0.5 under DP does not contradict ε. TPR at a low FPR
+  looks at the most exposed examples (Carlini et al., "Membership Inference Attacks From First Principles", S&P
+  2022, argue it is the number that matters).
+
+Everything here is plain NumPy/SciPy on arrays the trainer hands over: per-example losses under the trained and
+the reference model, group ids, membership truth, and the canaries' coins. Group conventions follow
+``jaxdp.fairness`` (0 = female, the majority; 1 = male, the minority).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+_BISECTION_STEPS = 200
+_EPSILON_TOLERANCE = 1e-10
+
+
+# --- the one-run bound ------------------------------------------------------------------------------------------
+
+
+def _as_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if isinstance(value, float | np.floating) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
+    return value
+
+
+def _check_bound_inputs(
+    num_guesses: Any, num_correct: Any, delta: float, num_canaries: Any | None
+) -> tuple[int, int, float, int | None]:
+    k = _as_count("num_guesses", num_guesses)
+    v = _as_count("num_correct", num_correct)
+    if v > k:
+        raise ValueError(f"num_correct ({v}) cannot exceed num_guesses ({k}).")
+    delta = float(delta)
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta must be in [0, 1), e.g. the run's 1e-6; got {delta!r}.")
+    m = None
+    if num_canaries is not None:
+        m = _as_count("num_canaries", num_canaries)
+        if k > m:
+            raise ValueError(f"num_guesses ({k}) cannot exceed num_canaries ({m}): each guess is about one canary.")
+    if delta > 0 and m is None:
+        raise ValueError(
+            "with delta > 0 the bound depends on the number of canaries m (the term 2*m*delta of Steinke et al.'s "
+            "Theorem 3.1): pass num_canaries=m, all the canaries of the audit, abstentions included."
+        )
+    return k, v, delta, m
+
+
+def _one_run_p_value(k: int, v: int, epsilon: float, delta: float, m: int | None) -> float:
+    if v == 0:
+        return 1.0
+    # Work with the probability of a *wrong* guess, expit(-eps): accurate where e^eps / (1 + e^eps) rounds to 1.
+    wrong = float(special.expit(-epsilon))
+    # f(v) = P[Binomial(k, q) >= v] = P[Binomial(k, 1 - q) <= k - v], q = e^eps / (1 + e^eps).
+    tail = float(stats.binom.cdf(k - v, k, wrong))
+    if delta == 0.0:
+        return min(tail, 1.0)
+    # f(v - i) - f(v) = P[v - i <= W <= v - 1] = sum of P[Binomial(k, 1 - q) = j] for j = k-v+1 .. k-v+i.
+    # For i > v the difference stays 1 - f(v) while i grows, so the max over i in 1..m is attained at i <= v.
+    window = np.cumsum(stats.binom.pmf(np.arange(k - v + 1, k + 1), k, wrong))
+    worst = float(np.max(window / np.arange(1, v + 1)))
+    return min(tail + 2.0 * m * delta * worst, 1.0)
+
+
+def one_run_p_value(
+    num_guesses: int, num_correct: int, epsilon: float, delta: float, *, num_canaries: int | None = None
+) -> float:
+    """The bound of Steinke, Nasr and Jagielski's Theorem 3.1: P[at least ``num_correct`` of ``num_guesses`` right].
+
+    For a procedure that is (``epsilon``, ``delta``)-DP with respect to each canary, this is an upper bound on the
+    probability that an auditor who guesses ``num_guesses`` of the m = ``num_canaries`` coins gets at least
+    ``num_correct`` = v of them right: with W ~ Binomial(k, e^ε / (1 + e^ε)) and f(v) = P[W >= v],
+
+        f(v) + 2 m δ max_{i = 1..m} (f(v - i) - f(v)) / i        (capped at 1),
+
+    which for δ = 0 is the binomial tail f(v). It is the p-value of the hypothesis "(ε, δ)-DP" given v;
+    ``epsilon_lower_bound`` inverts it. Assumptions: see ``epsilon_lower_bound``.
+    """
+    k, v, delta, m = _check_bound_inputs(num_guesses, num_correct, delta, num_canaries)
+    epsilon = float(epsilon)
+    if not epsilon >= 0.0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon!r}.")
+    return _one_run_p_value(k, v, epsilon, delta, m)
+
+
+def epsilon_lower_bound(
+    num_guesses: int,
+    num_correct: int,
+    delta: float,
+    confidence: float = 0.95,
+    *,
+    num_canaries: int | None = None,
+) -> float:
+    """Empirical lower bound on ε from a one-run audit: k guesses, v of them correct, at the run's δ.
+
+    Implements Theorem 3.1 (the main result) of T. Steinke, M. Nasr, M. Jagielski, "Privacy Auditing with One (1)
+    Training Run", NeurIPS 2023 (arXiv:2305.08846). Setting: m canaries, each with an independent fair coin
+    S_i in {-1, +1}, included in training iff S_i = +1 (the rest of the training data fixed, or random
+    independently of the coins); after training, an auditor looks at the output and guesses T_i in {-1, 0, +1} for
+    each canary (0 = abstain), with at most k non-zero guesses -- here the k+ highest-scoring canaries "in" and the
+    k- lowest "out", k = k+ + k-, with k+ and k- fixed before looking at the scores. If training is (ε, δ)-DP with
+    respect to each canary (flipping one coin changes the input to a neighbour), the number v of correct guesses
+    satisfies P[v >= v0] <= p(ε, v0) = ``one_run_p_value``: for δ = 0, v is stochastically dominated by
+    Binomial(k, e^ε / (1 + e^ε)); for δ > 0 the theorem adds 2 m δ max_i (f(v - i) - f(v)) / i.
+
+    Returned: the largest ε found with p(ε, v) <= 1 - ``confidence`` (0.0 when even ε = 0 is not rejected),
+    located by bisection to about 1e-10. Guarantee: if training is (ε*, δ)-DP, the returned value exceeds ε*
+    with probability at most 1 - ``confidence`` over the coins. (Training is then (ε, δ)-DP for every ε >= ε*, so
+    P[v >= v0] <= min over ε >= ε* of p(ε, v0) for every v0; returning some ε > ε* with p(ε, v) <= 1 - confidence
+    can thus only happen on an event of that probability. The bisection keeps p <= 1 - confidence at the value it
+    returns as an invariant, so this holds even where p is not monotone in ε.) For
+    δ = 0, and whenever 2 m δ <= 1, p(ε, v) is nondecreasing in ε (each term f(v) + (2mδ / i)(f(v - i) - f(v)) has
+    derivative proportional to (1 - 2mδ/i) P[Bin(k-1, q) = v-1] + (2mδ/i) P[Bin(k-1, q) = v-i-1] in q), so the
+    result is exactly sup{ε : p(ε, v) <= 1 - confidence}. For δ = 0 that is the closed form of the binomial tail:
+    v = k gives max(0, logit((1 - confidence) ** (1 / k))).
+
+    Not covered: choosing k+ and k- (or the score) after seeing the outcome -- trying several and keeping the best
+    needs a multiple-testing correction (e.g. Bonferroni: confidence 1 - (1 - c) / number tried). The bound is
+    about the procedure at δ; it says nothing about other δ.
+
+    Args:
+      num_guesses: k, the guesses made (abstentions excluded), >= 0.
+      num_correct: v, the correct ones, 0 <= v <= k.
+      delta: the δ of the claim being audited, in [0, 1) -- the run's δ.
+      confidence: in (0, 1), e.g. 0.95.
+      num_canaries: m, all canaries of the audit including abstentions (>= k); required when delta > 0.
+
+    Example::
+
+        epsilon_lower_bound(100, 100, 0.0)                         # 3.49: all 100 right, delta 0
+        epsilon_lower_bound(100, 90, 1e-6, num_canaries=1000)     # fewer right, delta 1e-6 over 1,000 canaries
+    """
+    k, v, delta, m = _check_bound_inputs(num_guesses, num_correct, delta, num_canaries)
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}.")
+    alpha = 1.0 - confidence
+
+    def rejected(epsilon: float) -> bool:
+        return _one_run_p_value(k, v, epsilon, delta, m) <= alpha
+
+    if not rejected(0.0):
+        return 0.0
+    low, high = 0.0, 1.0
+    # p -> 1 as eps grows (the tail f(v) alone tends to 1 for v <= k), so the doubling ends; by eps ~ 750 the
+    # probability of a wrong guess underflows to 0 and f(v) = 1 exactly.
+    while rejected(high):
+        low, high = high, 2.0 * high
+    for _ in range(_BISECTION_STEPS):
+        if high - low <= _EPSILON_TOLERANCE * max(1.0, high):
+            break
+        middle = 0.5 * (low + high)
+        if rejected(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def max_epsilon_lower_bound(
+    num_guesses: int, delta: float, confidence: float = 0.95, *, num_canaries: int | None = None
+) -> float:
+    """The largest lower bound an audit with ``num_guesses`` guesses can give: all of them correct.
+
+    What the audit could have detected at most: with k = 100 guesses at δ = 0 and 95% it is 3.49, so a run
+    claiming ε = 8 can be neither confirmed nor refuted beyond 3.49 by it.
+    """
+    return epsilon_lower_bound(num_guesses, num_guesses, delta, confidence, num_canaries=num_canaries)

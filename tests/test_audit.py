@@ -1,0 +1,167 @@
+"""Tests of jaxdp.audit: the one-run bound against closed forms, hand-computed p-values, the authors' own p-value
+code and exact coverage for mechanisms of known ε; membership inference against hand-counted scores."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxdp.audit import (
+    epsilon_lower_bound,
+    max_epsilon_lower_bound,
+    one_run_p_value,
+)
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+# --- epsilon_lower_bound ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [5, 10, 100, 1000])
+@pytest.mark.parametrize("confidence", [0.95, 0.99])
+def test_all_guesses_correct_delta_0_is_the_closed_form(k, confidence):
+    # P[Binomial(k, q) >= k] = q^k = 1 - confidence  =>  q = (1 - confidence)^(1/k), eps = logit(q), or 0 when
+    # q < 1/2 (at 99%, five right out of five: 0.01^(1/5) = 0.398).
+    expected = max(0.0, logit((1 - confidence) ** (1 / k)))
+    assert epsilon_lower_bound(k, k, 0.0, confidence) == pytest.approx(expected, abs=1e-8)
+    assert max_epsilon_lower_bound(k, 0.0, confidence) == pytest.approx(expected, abs=1e-8)
+
+
+def test_hand_values_delta_0():
+    # 0.05^(1/5) = 0.5493 -> logit 0.1978; 0.05^(1/4) = 0.4729 < 1/2: four right out of four is no evidence.
+    assert epsilon_lower_bound(5, 5, 0.0) == pytest.approx(0.19776, abs=1e-5)
+    assert epsilon_lower_bound(4, 4, 0.0) == 0.0
+    assert epsilon_lower_bound(100, 100, 0.0) == pytest.approx(3.49297, abs=1e-5)
+    # Chance-level or worse, no guesses, no correct guesses: 0.
+    assert epsilon_lower_bound(100, 50, 0.0) == 0.0
+    assert epsilon_lower_bound(0, 0, 0.0) == 0.0
+    assert epsilon_lower_bound(10, 0, 1e-6, num_canaries=10) == 0.0
+
+
+def test_p_value_delta_0_is_the_binomial_tail_by_hand():
+    q = math.e / (1 + math.e)  # eps = 1
+    tail = sum(math.comb(10, j) * q**j * (1 - q) ** (10 - j) for j in (8, 9, 10))
+    assert one_run_p_value(10, 8, 1.0, 0.0) == pytest.approx(tail, rel=1e-12)
+
+
+def test_p_value_delta_positive_by_hand():
+    # k = 2 guesses, v = 2 right, m = 3 canaries, eps = 0 (q = 1/2), delta = 0.01.
+    # f(2) = 1/4, f(1) = 3/4, f(v <= 0) = 1.  max over i of (f(2 - i) - f(2)) / i:
+    #   i = 1: 1/2;  i = 2: (3/4)/2 = 3/8;  i = 3: (3/4)/3 = 1/4  ->  1/2.
+    # p = 1/4 + 2 * 3 * 0.01 * 1/2 = 0.28.
+    assert one_run_p_value(2, 2, 0.0, 0.01, num_canaries=3) == pytest.approx(0.28, rel=1e-12)
+    assert one_run_p_value(2, 2, 0.0, 0.0) == pytest.approx(0.25, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "k, v, delta, m", [(100, 100, 0.0, None), (200, 170, 0.0, None), (100, 90, 1e-6, 1000), (1000, 900, 1e-5, 1000)]
+)
+def test_bound_sits_where_the_p_value_crosses_one_minus_confidence(k, v, delta, m):
+    eps = epsilon_lower_bound(k, v, delta, num_canaries=m)
+    assert eps > 0
+    assert one_run_p_value(k, v, eps, delta, num_canaries=m) <= 0.05
+    assert one_run_p_value(k, v, eps + 1e-6, delta, num_canaries=m) > 0.05
+
+
+# Values of the p-value code the authors published with the paper (as reproduced in public repositories, e.g.
+# zj-jayzhang/one_round_auditing src/dp_audit.py), run with a 60-step bisection: (m, k, v, delta) -> eps at 95%.
+AUTHORS_CODE = [
+    (1000, 600, 600, 1e-5, 5.270399463514697),
+    (1000, 100, 90, 1e-6, 1.6303580020232833),
+    (1000, 1000, 900, 1e-5, 2.0206455958654317),
+    (1000, 200, 180, 0.0, 1.7988652649778913),
+    (5000, 500, 450, 1e-5, 1.9414204321292845),
+    (1000, 50, 50, 1e-4, 2.481269215065907),
+    (100, 100, 80, 1e-3, 0.9256108897959237),
+    (1000, 1000, 1000, 1e-5, 5.782283135394014),
+]
+
+
+@pytest.mark.parametrize("m, k, v, delta, expected", AUTHORS_CODE)
+def test_matches_the_authors_p_value_code(m, k, v, delta, expected):
+    assert epsilon_lower_bound(k, v, delta, num_canaries=m) == pytest.approx(expected, abs=1e-8)
+
+
+def test_monotone_in_correct_guesses_guesses_delta_confidence_and_canaries():
+    for delta, m in ((0.0, None), (1e-5, 1000)):
+        by_v = [epsilon_lower_bound(100, v, delta, num_canaries=m) for v in range(0, 101)]
+        assert all(a <= b for a, b in zip(by_v, by_v[1:], strict=False))
+        assert by_v[-1] > by_v[80] > 0
+        # More guesses, same number right: weaker.  One more guess that is right: stronger.
+        by_k = [epsilon_lower_bound(k, 80, delta, num_canaries=m) for k in range(80, 121)]
+        assert all(a >= b for a, b in zip(by_k, by_k[1:], strict=False))
+        assert by_k[0] > by_k[-1]
+        for k in (50, 100, 400):
+            v = int(0.85 * k)
+            assert epsilon_lower_bound(k + 1, v + 1, delta, num_canaries=m) >= epsilon_lower_bound(
+                k, v, delta, num_canaries=m
+            )
+    by_delta = [epsilon_lower_bound(100, 95, d, num_canaries=1000) for d in (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)]
+    assert all(a >= b for a, b in zip(by_delta, by_delta[1:], strict=False))
+    assert by_delta[0] > by_delta[-1]
+    by_confidence = [epsilon_lower_bound(100, 95, 1e-6, c, num_canaries=1000) for c in (0.5, 0.8, 0.9, 0.95, 0.99)]
+    assert all(a > b for a, b in zip(by_confidence, by_confidence[1:], strict=False))
+    by_m = [epsilon_lower_bound(100, 95, 1e-5, num_canaries=m) for m in (100, 1000, 10_000)]
+    assert by_m[0] > by_m[1] > by_m[2]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((10, 11, 0.0), {}, "cannot exceed num_guesses"),
+        ((-1, 0, 0.0), {}, "num_guesses must be >= 0"),
+        ((10, -1, 0.0), {}, "num_correct must be >= 0"),
+        ((10.5, 5, 0.0), {}, "whole number"),
+        ((10, 5, 1.0), {"num_canaries": 10}, r"delta must be in \[0, 1\)"),
+        ((10, 5, -1e-6), {}, r"delta must be in \[0, 1\)"),
+        ((10, 5, 0.0, 0.0), {}, r"confidence must be in \(0, 1\)"),
+        ((10, 5, 0.0, 1.0), {}, r"confidence must be in \(0, 1\)"),
+        ((10, 5, 0.0, 95), {}, r"confidence must be in \(0, 1\)"),
+        ((10, 5, 1e-6), {}, "pass num_canaries"),
+        ((10, 5, 1e-6), {"num_canaries": 9}, "cannot exceed num_canaries"),
+    ],
+)
+def test_impossible_inputs_are_refused(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        epsilon_lower_bound(*args, **kwargs)
+
+
+def _exact_failure_probability(num_canaries, correct_probability, epsilon, delta):
+    # P[bound > epsilon] when all m canaries are guessed and each guess is right independently.
+    v = np.arange(num_canaries + 1)
+    bounds = np.array([epsilon_lower_bound(num_canaries, int(x), delta, num_canaries=num_canaries) for x in v])
+    return float(stats.binom.pmf(v, num_canaries, correct_probability)[bounds > epsilon].sum()), bounds
+
+
+def test_exact_coverage_for_randomized_response():
+    # Randomized response on each coin with known eps is (eps, 0)-DP per canary and the number of correct guesses
+    # is exactly Binomial(m, e^eps / (1 + e^eps)): the bound may exceed eps with probability at most 5%.
+    for epsilon, m in ((0.5, 400), (1.0, 1000), (2.0, 300)):
+        failure, _ = _exact_failure_probability(m, 1 / (1 + math.exp(-epsilon)), epsilon, 0.0)
+        assert failure <= 0.05
+
+
+def test_delta_matters_for_an_epsilon_delta_mechanism():
+    # Each coin is revealed outright with probability 0.01, otherwise answered by randomized response with
+    # eps = 0.5: (0.5, 0.01)-DP per canary. Read as if delta were 0 the bound exceeds 0.5 too often (6.0%);
+    # the bound at delta = 0.01 (Theorem 3.1's term 2 m delta) keeps its 95% and can still be positive.
+    epsilon, leak, m = 0.5, 0.01, 400
+    right = leak + (1 - leak) / (1 + math.exp(-epsilon))
+    failure_ignoring_delta, _ = _exact_failure_probability(m, right, epsilon, 0.0)
+    failure_with_delta, bounds = _exact_failure_probability(m, right, epsilon, leak)
+    assert failure_ignoring_delta > 0.05
+    assert failure_with_delta <= 0.05
+    assert bounds[-1] > epsilon
+
+
+def test_near_epsilon_with_many_guesses():
+    # 100,000 guesses at the expected accuracy of eps = 1 randomized response: the bound is eps minus about
+    # 1.645 standard errors (~0.023).
+    k = 100_000
+    v = round(k / (1 + math.exp(-1.0)))
+    bound = epsilon_lower_bound(k, v, 1e-6, num_canaries=k)
+    assert 0.97 < bound < 1.0
