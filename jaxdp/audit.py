@@ -41,6 +41,11 @@ from typing import Any
 import numpy as np
 from scipy import special, stats
 
+from jaxdp.fairness import GROUPS
+
+# Fraction of a group's canaries guessed "in" (highest scores) and, separately, "out" (lowest scores): 10% of the
+# canaries guessed, 90% abstained on. A choice made before training, as validity requires; see one_run_audit.
+DEFAULT_GUESS_FRACTION = 0.05
 _BISECTION_STEPS = 200
 _EPSILON_TOLERANCE = 1e-10
 
@@ -203,3 +208,144 @@ def max_epsilon_lower_bound(
     claiming ε = 8 can be neither confirmed nor refuted beyond 3.49 by it.
     """
     return epsilon_lower_bound(num_guesses, num_guesses, delta, confidence, num_canaries=num_canaries)
+
+
+# --- one-run audit bookkeeping ----------------------------------------------------------------------------------
+
+
+def draw_canary_coins(num_canaries: int, rng: np.random.Generator) -> np.ndarray:
+    """The canaries' fair coins: a bool array of ``num_canaries`` entries, True = included in training.
+
+    Independent fair coins drawn from ``rng``, which the trainer builds from the run's secret seed, so that a
+    resumed run draws the same coins and nobody who knows only the public config can predict them. The coins are
+    membership information about the canaries: keep them where the secret seed is kept (the checkpoints), not in
+    final.json or the logs.
+    """
+    m = _as_count("num_canaries", num_canaries)
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng)}.")
+    return rng.integers(0, 2, size=m).astype(bool)
+
+
+def _as_scores(name: str, values: Any) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array (one entry per example), got shape {array.shape}.")
+    bad = int(np.sum(np.isnan(array)))
+    if bad:
+        raise ValueError(
+            f"{name} has {bad} NaN entries: a loss that is NaN cannot be ranked; compute the losses in float32 "
+            "from the logits (e.g. optax.softmax_cross_entropy_with_integer_labels) or drop those examples first."
+        )
+    return array
+
+
+def default_guess_counts(num_canaries: int) -> tuple[int, int]:
+    """(k+, k-) when none are given: ``DEFAULT_GUESS_FRACTION`` of the canaries each, at least 1 (if m >= 2)."""
+    m = _as_count("num_canaries", num_canaries)
+    each = min(max(1, round(DEFAULT_GUESS_FRACTION * m)), m // 2)
+    return each, each
+
+
+def choose_guesses(scores: Any, num_guess_in: int, num_guess_out: int) -> np.ndarray:
+    """The auditor's guesses from attack scores (higher = more likely included): int8 array in {-1, 0, +1}.
+
+    +1 ("in") for the ``num_guess_in`` highest scores, -1 ("out") for the ``num_guess_out`` lowest, 0 (abstain)
+    for the rest. Ties are broken by position (earlier canary first among equal scores), which depends only on the
+    canaries' order, fixed before the coins, so the guesses remain a function of the trained model alone, as
+    the theorem requires.
+    """
+    scores = _as_scores("scores", scores)
+    k_in, k_out = _as_count("num_guess_in", num_guess_in), _as_count("num_guess_out", num_guess_out)
+    if k_in + k_out > scores.size:
+        raise ValueError(
+            f"num_guess_in + num_guess_out = {k_in + k_out} guesses, but there are only {scores.size} canaries; "
+            f"at most {scores.size} in all."
+        )
+    order = np.argsort(-scores, kind="stable")  # highest first; equal scores keep canary order
+    guesses = np.zeros(scores.size, dtype=np.int8)
+    guesses[order[:k_in]] = 1
+    if k_out:
+        guesses[order[scores.size - k_out :]] = -1
+    return guesses
+
+
+def count_correct(guesses: Any, coins: Any) -> tuple[int, int]:
+    """(k, v): how many guesses were made (non-zero) and how many match the coins (+1 with True, -1 with False)."""
+    guesses = np.asarray(guesses)
+    coins = np.asarray(coins)
+    if guesses.shape != coins.shape or guesses.ndim != 1:
+        raise ValueError(f"guesses and coins must be 1-D of the same length, got {guesses.shape} and {coins.shape}.")
+    if not np.all(np.isin(guesses, (-1, 0, 1))):
+        raise ValueError("guesses must hold only -1 (out), 0 (abstain) and +1 (in).")
+    if coins.dtype != bool:
+        if not np.all(np.isin(coins, (0, 1))):
+            raise ValueError("coins must be booleans (True = included) or 0/1.")
+        coins = coins.astype(bool)
+    made = guesses != 0
+    correct = (guesses == 1) & coins | (guesses == -1) & ~coins
+    return int(np.sum(made)), int(np.sum(correct))
+
+
+def one_run_audit(
+    scores: Any,
+    coins: Any,
+    group: Any,
+    *,
+    delta: float,
+    num_guess_in: int | None = None,
+    num_guess_out: int | None = None,
+    confidence: float = 0.95,
+) -> dict[str, float | int]:
+    """The one-run audit per group: guesses from the canaries' scores, counted against their coins, turned into ε.
+
+    Each group's canaries form their own audit (their own m, k+, k-): the other group's canaries, included by
+    their own independent coins, are part of the rest of the training data, and the procedure stays (ε, δ)-DP with
+    respect to each canary whatever they are.
+
+    Args:
+      scores: attack scores of the canaries, higher = more likely included (``loss_scores`` or
+        ``calibrated_scores`` of their losses under the trained model), shape [m]. They may use anything that does
+        not depend on the coins other than through the trained model (the reference losses of the initial model
+        do not; a reference model trained on the canaries would).
+      coins: the coins the trainer used (``draw_canary_coins``), bool [m], True = included.
+      group: each canary's group, 0/1, shape [m].
+      delta: the run's δ (the one its ε is reported at).
+      num_guess_in, num_guess_out: k+ and k- per group; None = ``default_guess_counts`` of the group's canaries.
+        They must be fixed before seeing the scores (in the config) for the bound to hold.
+      confidence: of the lower bound.
+
+    Returns:
+      For g in 0, 1: ``epsilon_lower_bound_g`` (``epsilon_lower_bound``), ``epsilon_lower_bound_max_g`` (the bound
+      had every guess been right: what this audit could show at most), ``epsilon_lower_bound_canaries_g`` (m),
+      ``epsilon_lower_bound_guesses_g`` (k), ``epsilon_lower_bound_correct_g`` (v). A group without canaries
+      gets m = k = v = 0 and bounds 0.0.
+    """
+    scores = _as_scores("scores", scores)
+    coins = np.asarray(coins)
+    group = np.asarray(group)
+    if not scores.shape == coins.shape == group.shape:
+        raise ValueError(
+            f"scores, coins and group must have one entry per canary; got shapes {scores.shape}, {coins.shape}, "
+            f"{group.shape}."
+        )
+    if not np.all(np.isin(group, GROUPS)):
+        raise ValueError(f"group must hold only {GROUPS} (0 = female, 1 = male).")
+    result: dict[str, float | int] = {}
+    for g in GROUPS:
+        in_group = group == g
+        m = int(np.sum(in_group))
+        k_in, k_out = default_guess_counts(m)
+        k_in = k_in if num_guess_in is None else num_guess_in
+        k_out = k_out if num_guess_out is None else num_guess_out
+        try:
+            guesses = choose_guesses(scores[in_group], k_in, k_out)
+        except ValueError as error:
+            raise ValueError(f"group {g}: {error} Lower num_guess_in / num_guess_out or add canaries.") from None
+        k, v = count_correct(guesses, coins[in_group])
+        result[f"epsilon_lower_bound_{g}"] = epsilon_lower_bound(k, v, delta, confidence, num_canaries=m)
+        result[f"epsilon_lower_bound_max_{g}"] = max_epsilon_lower_bound(k, delta, confidence, num_canaries=m)
+        result[f"epsilon_lower_bound_canaries_{g}"] = m
+        result[f"epsilon_lower_bound_guesses_{g}"] = k
+        result[f"epsilon_lower_bound_correct_{g}"] = v
+    return result

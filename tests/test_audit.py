@@ -8,8 +8,13 @@ import pytest
 from scipy import stats
 
 from jaxdp.audit import (
+    choose_guesses,
+    count_correct,
+    default_guess_counts,
+    draw_canary_coins,
     epsilon_lower_bound,
     max_epsilon_lower_bound,
+    one_run_audit,
     one_run_p_value,
 )
 
@@ -165,3 +170,87 @@ def test_near_epsilon_with_many_guesses():
     v = round(k / (1 + math.exp(-1.0)))
     bound = epsilon_lower_bound(k, v, 1e-6, num_canaries=k)
     assert 0.97 < bound < 1.0
+
+
+def test_simulated_randomized_response_audit_through_the_bookkeeping():
+    # The whole pipeline on a mechanism of known eps: coins -> randomized response -> scores -> guesses -> bound.
+    epsilon, m, trials = 1.0, 200, 400
+    rng = np.random.default_rng(0)
+    exceed = 0
+    for _ in range(trials):
+        coins = draw_canary_coins(m, rng)
+        truthful = rng.random(m) < 1 / (1 + math.exp(-epsilon))
+        answer = np.where(truthful, coins, ~coins)
+        scores = answer + 0.01 * rng.random(m)  # public tie-breaking noise
+        k, v = count_correct(choose_guesses(scores, m // 2, m // 2), coins)
+        exceed += epsilon_lower_bound(k, v, 0.0) > epsilon
+    assert exceed / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+# --- one-run bookkeeping ----------------------------------------------------------------------------------------
+
+
+def test_canary_coins_are_fair_and_reproducible():
+    coins = draw_canary_coins(10_000, np.random.default_rng(7))
+    assert coins.dtype == bool and coins.shape == (10_000,)
+    assert abs(coins.mean() - 0.5) < 4 * 0.005
+    np.testing.assert_array_equal(coins, draw_canary_coins(10_000, np.random.default_rng(7)))
+    assert not np.array_equal(coins, draw_canary_coins(10_000, np.random.default_rng(8)))
+    with pytest.raises(ValueError, match="Generator"):
+        draw_canary_coins(10, 7)
+
+
+def test_guesses_by_hand():
+    #                scores: 5   1   3   2   4
+    np.testing.assert_array_equal(choose_guesses([5, 1, 3, 2, 4], 2, 1), [1, -1, 0, 0, 1])
+    np.testing.assert_array_equal(choose_guesses([5, 1, 3, 2, 4], 0, 2), [0, -1, 0, -1, 0])
+    # Ties broken by position: the first canaries among equal scores are "in", the last "out".
+    np.testing.assert_array_equal(choose_guesses([1.0, 1.0, 1.0, 1.0], 1, 1), [1, 0, 0, -1])
+    with pytest.raises(ValueError, match="only 5 canaries"):
+        choose_guesses([5, 1, 3, 2, 4], 3, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        choose_guesses([5, np.nan], 1, 0)
+
+
+def test_count_correct_by_hand():
+    #                  guesses        coins (True = in)
+    assert count_correct([1, -1, 0, 0, 1], [True, False, True, False, False]) == (3, 2)
+    assert count_correct([0, 0], [1, 0]) == (0, 0)
+    with pytest.raises(ValueError, match="same length"):
+        count_correct([1, 0], [True])
+
+
+def test_default_guess_counts():
+    assert default_guess_counts(1000) == (50, 50)
+    assert default_guess_counts(10) == (1, 1)
+    assert default_guess_counts(1) == (0, 0)
+    assert default_guess_counts(0) == (0, 0)
+
+
+def test_one_run_audit_per_group():
+    # Group 0: 100 canaries whose scores reveal the coins exactly; group 1: 40 canaries with useless scores.
+    rng = np.random.default_rng(1)
+    coins = draw_canary_coins(140, rng)
+    group = np.r_[np.zeros(100, int), np.ones(40, int)]
+    scores = np.where(group == 0, coins.astype(float), 0.0)
+    result = one_run_audit(scores, coins, group, delta=1e-6, num_guess_in=10, num_guess_out=10)
+    suffixes = ("", "_max", "_canaries", "_guesses", "_correct")
+    assert set(result) == {f"epsilon_lower_bound{suffix}_{g}" for suffix in suffixes for g in (0, 1)}
+    assert (result["epsilon_lower_bound_canaries_0"], result["epsilon_lower_bound_canaries_1"]) == (100, 40)
+    assert result["epsilon_lower_bound_guesses_0"] == result["epsilon_lower_bound_correct_0"] == 20
+    assert result["epsilon_lower_bound_0"] == pytest.approx(epsilon_lower_bound(20, 20, 1e-6, num_canaries=100))
+    assert result["epsilon_lower_bound_0"] == result["epsilon_lower_bound_max_0"] > 0.9
+    # Group 1, all scores equal: the first 10 guessed in, the last 10 out, whatever the coins.
+    expected = count_correct(np.r_[np.ones(10), np.zeros(20), -np.ones(10)], coins[100:])
+    assert (result["epsilon_lower_bound_guesses_1"], result["epsilon_lower_bound_correct_1"]) == expected
+    with pytest.raises(ValueError, match="group 1"):
+        one_run_audit(scores, coins, group, delta=1e-6, num_guess_in=30, num_guess_out=30)
+
+
+def test_one_run_audit_defaults_and_empty_group():
+    coins = draw_canary_coins(200, np.random.default_rng(2))
+    result = one_run_audit(coins.astype(float), coins, np.zeros(200, int), delta=1e-6)
+    assert result["epsilon_lower_bound_guesses_0"] == 20  # 10 in + 10 out of 200
+    assert result["epsilon_lower_bound_correct_0"] == 20
+    assert result["epsilon_lower_bound_canaries_1"] == result["epsilon_lower_bound_guesses_1"] == 0
+    assert result["epsilon_lower_bound_1"] == 0.0
