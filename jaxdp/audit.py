@@ -36,13 +36,16 @@ the reference model, group ids, membership truth, and the canaries' coins. Group
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import special, stats
 
-from jaxdp.fairness import GROUPS
+from jaxdp.fairness import GROUPS, proportion_ci
 
+DEFAULT_FPRS = (0.01, 0.001)
 # Fraction of a group's canaries guessed "in" (highest scores) and, separately, "out" (lowest scores): 10% of the
 # canaries guessed, 90% abstained on. A choice made before training, as validity requires; see one_run_audit.
 DEFAULT_GUESS_FRACTION = 0.05
@@ -349,3 +352,188 @@ def one_run_audit(
         result[f"epsilon_lower_bound_guesses_{g}"] = k
         result[f"epsilon_lower_bound_correct_{g}"] = v
     return result
+
+
+# --- membership inference ---------------------------------------------------------------------------------------
+
+
+def loss_scores(loss: Any) -> np.ndarray:
+    """Yeom et al. (2018) loss-threshold attack: score = -loss (members tend to have lower loss)."""
+    return -_as_scores("loss", loss)
+
+
+def calibrated_scores(loss: Any, reference_loss: Any) -> np.ndarray:
+    """Watson et al. (2022) difficulty calibration: score = -(loss - reference_loss).
+
+    ``reference_loss`` is each example's loss under a model not trained on it (the initial model, or one trained
+    on other data): subtracting it removes how hard the example is anyway, leaving what training on it changed.
+    """
+    loss = _as_scores("loss", loss)
+    reference_loss = _as_scores("reference_loss", reference_loss)
+    if loss.shape != reference_loss.shape:
+        raise ValueError(f"loss and reference_loss must match, got shapes {loss.shape} and {reference_loss.shape}.")
+    with np.errstate(invalid="ignore"):
+        scores = reference_loss - loss
+    both_infinite = int(np.sum(np.isnan(scores)))
+    if both_infinite:
+        raise ValueError(
+            f"{both_infinite} examples have an infinite loss under both models, so their calibrated score is "
+            "undefined; compute the losses from logits with a numerically stable cross-entropy."
+        )
+    return scores
+
+
+class AucEstimate(NamedTuple):
+    auc: float
+    ci_low: float
+    ci_high: float
+
+
+def auc_with_ci(member_scores: Any, nonmember_scores: Any, *, confidence: float = 0.95) -> AucEstimate:
+    """Area under the ROC curve of members against non-members, with a DeLong interval.
+
+    AUC = P[member score > non-member score] + 1/2 P[equal] (the Mann-Whitney statistic over n1 * n0 pairs).
+    Interval: DeLong, DeLong and Clarke-Pearson (Biometrics 1988): the variance of the AUC as a two-sample
+    U-statistic, var(V10)/n1 + var(V01)/n0 with V10, V01 the placement values (each member's fraction of
+    non-members below it, each non-member's fraction of members above it; computed from mid-ranks, O(n log n)),
+    then AUC +- z * sd, clipped to [0, 1]. Chosen because it is nonparametric (Hanley-McNeil assumes a shape of the
+    score distributions), deterministic (no resampling seed, unlike a bootstrap) and standard. It is a large-sample
+    interval: nominal coverage needs tens of examples per side, it is too narrow near AUC 0 or 1 and degenerate at
+    perfect separation (1.0, 1.0) or when every score is tied (0.5, 0.5). It covers the sampling of members and
+    non-members, not the randomness of training. With fewer than 2 members or non-members the interval is the
+    uninformative (0, 1); with none, the AUC is NaN.
+
+    Hand example: members [3, 1], non-members [2, 0]: pairs won 1, 1, 0, 1 -> AUC 0.75; V10 = (1, 0.5),
+    V01 = (0.5, 1), variances 0.125 each, var = 0.125/2 + 0.125/2 = 0.125, interval 0.75 +- 1.96 * 0.354.
+    """
+    x = _as_scores("member_scores", member_scores)
+    y = _as_scores("nonmember_scores", nonmember_scores)
+    confidence = float(confidence)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}.")
+    n1, n0 = x.size, y.size
+    if n1 == 0 or n0 == 0:
+        return AucEstimate(math.nan, 0.0, 1.0)
+    combined = stats.rankdata(np.concatenate([x, y]))  # mid-ranks: ties count 1/2
+    rank_x, rank_y = combined[:n1], combined[n1:]
+    auc = float((rank_x.sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    if n1 < 2 or n0 < 2:
+        return AucEstimate(auc, 0.0, 1.0)
+    v10 = (rank_x - stats.rankdata(x)) / n0  # non-members below each member
+    v01 = 1.0 - (rank_y - stats.rankdata(y)) / n1  # members above each non-member
+    sd = math.sqrt(np.var(v10, ddof=1) / n1 + np.var(v01, ddof=1) / n0)
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    return AucEstimate(auc, max(0.0, auc - z * sd), min(1.0, auc + z * sd))
+
+
+class TprAtFpr(NamedTuple):
+    tpr: float
+    ci_low: float
+    ci_high: float
+    threshold: float
+    fpr: float  # the false-positive rate reached on the non-members, <= the one asked for
+
+
+def tpr_at_fpr(member_scores: Any, nonmember_scores: Any, fpr: float, *, confidence: float = 0.95) -> TprAtFpr:
+    """True-positive rate of the attack at a false-positive rate ``fpr`` fixed on the non-members.
+
+    The threshold t is the (j+1)-th highest non-member score, j = floor(fpr * n0): "member" means score > t, so at
+    most j non-members (empirical FPR <= ``fpr``; less with ties at t) and TPR = the fraction of members above t.
+    Interval: Clopper-Pearson (exact binomial) on that fraction, *given* t. It does not cover the uncertainty of
+    the threshold itself -- with n0 non-members the true FPR at t is itself uncertain by about
+    sqrt(fpr / n0) -- nor the randomness of training.
+
+    The rate is meaningful only when fpr * n0 >= 1 (TPR at 0.1% FPR needs at least 1,000 non-members): with fewer,
+    the threshold would sit above every non-member and measure TPR at FPR 0 instead. Then, or without members, the
+    TPR and its interval are NaN.
+    """
+    x = _as_scores("member_scores", member_scores)
+    y = _as_scores("nonmember_scores", nonmember_scores)
+    fpr = float(fpr)
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), e.g. 0.01; got {fpr!r}.")
+    n1, n0 = x.size, y.size
+    allowed = math.floor(round(fpr * n0, 9))  # round: 0.001 * 1000 must give 1, not 0.999...
+    if n1 == 0 or allowed < 1:
+        return TprAtFpr(math.nan, math.nan, math.nan, math.nan, math.nan)
+    threshold = float(np.sort(y)[::-1][allowed])
+    true_positives = int(np.sum(x > threshold))
+    low, high = proportion_ci(true_positives, n1, confidence=confidence, method="clopper-pearson")
+    return TprAtFpr(true_positives / n1, low, high, threshold, float(np.mean(y > threshold)))
+
+
+def _attack_metrics(
+    prefix: str,
+    scores: np.ndarray,
+    group: np.ndarray,
+    is_member: np.ndarray,
+    fprs: Sequence[float],
+    confidence: float,
+) -> dict[str, float | int]:
+    metrics: dict[str, float | int] = {}
+    for g in GROUPS:
+        members = scores[(group == g) & is_member]
+        nonmembers = scores[(group == g) & ~is_member]
+        auc = auc_with_ci(members, nonmembers, confidence=confidence)
+        metrics[f"{prefix}auc_{g}"] = auc.auc
+        metrics[f"{prefix}auc_{g}_ci_low"], metrics[f"{prefix}auc_{g}_ci_high"] = auc.ci_low, auc.ci_high
+        for fpr in fprs:
+            rate = tpr_at_fpr(members, nonmembers, fpr, confidence=confidence)
+            name = f"{prefix}tpr_at_fpr_{fpr:g}_{g}"
+            metrics[name], metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = rate.tpr, rate.ci_low, rate.ci_high
+    return metrics
+
+
+def membership_inference_metrics(
+    loss: Any,
+    group: Any,
+    is_member: Any,
+    *,
+    reference_loss: Any | None = None,
+    fprs: Sequence[float] = DEFAULT_FPRS,
+    confidence: float = 0.95,
+) -> dict[str, float | int]:
+    """Per-group membership inference: the loss-threshold attack and, given reference losses, its calibrated form.
+
+    Members are training examples, non-members held-out examples never trained on, of the same group and the same
+    distribution (otherwise the attack measures the difference between the two sets, not membership).
+
+    Args:
+      loss: each candidate's loss under the trained model, shape [N].
+      group: 0/1 group ids, shape [N].
+      is_member: membership truth, bool or 0/1, shape [N].
+      reference_loss: each candidate's loss under the reference model (e.g. the initial parameters), shape [N];
+        None = no calibrated attack.
+      fprs: false-positive rates for the TPR (default 1% and 0.1%).
+      confidence: of every interval.
+
+    Returns:
+      A flat dict, JSON-ready (NaN where undefined; the run log writes it as null), for g in 0, 1:
+      ``mia_members_g``, ``mia_nonmembers_g`` (counts); ``mia_auc_g`` with ``mia_auc_g_ci_low/high``
+      (``auc_with_ci``); for each fpr f, ``mia_tpr_at_fpr_{f}_g`` with ``_ci_low/_ci_high`` (``tpr_at_fpr``),
+      e.g. ``mia_tpr_at_fpr_0.01_1``; and with ``reference_loss`` the same keys for the calibrated attack with
+      ``mia_cal_`` in place of ``mia_`` (``mia_cal_auc_0``, ...).
+    """
+    loss = _as_scores("loss", loss)
+    group = np.asarray(group)
+    is_member = np.asarray(is_member)
+    if not loss.shape == group.shape == is_member.shape:
+        raise ValueError(
+            f"loss, group and is_member must have one entry per candidate; got shapes {loss.shape}, {group.shape}, "
+            f"{is_member.shape}."
+        )
+    if not np.all(np.isin(group, GROUPS)):
+        raise ValueError(f"group must hold only {GROUPS} (0 = female, 1 = male).")
+    if is_member.dtype != bool:
+        if not np.all(np.isin(is_member, (0, 1))):
+            raise ValueError("is_member must be booleans or 0/1 (1 = trained on).")
+        is_member = is_member.astype(bool)
+    metrics: dict[str, float | int] = {}
+    for g in GROUPS:
+        metrics[f"mia_members_{g}"] = int(np.sum((group == g) & is_member))
+        metrics[f"mia_nonmembers_{g}"] = int(np.sum((group == g) & ~is_member))
+    metrics.update(_attack_metrics("mia_", loss_scores(loss), group, is_member, fprs, confidence))
+    if reference_loss is not None:
+        scores = calibrated_scores(loss, reference_loss)
+        metrics.update(_attack_metrics("mia_cal_", scores, group, is_member, fprs, confidence))
+    return metrics

@@ -8,14 +8,19 @@ import pytest
 from scipy import stats
 
 from jaxdp.audit import (
+    auc_with_ci,
+    calibrated_scores,
     choose_guesses,
     count_correct,
     default_guess_counts,
     draw_canary_coins,
     epsilon_lower_bound,
+    loss_scores,
     max_epsilon_lower_bound,
+    membership_inference_metrics,
     one_run_audit,
     one_run_p_value,
+    tpr_at_fpr,
 )
 
 
@@ -254,3 +259,118 @@ def test_one_run_audit_defaults_and_empty_group():
     assert result["epsilon_lower_bound_correct_0"] == 20
     assert result["epsilon_lower_bound_canaries_1"] == result["epsilon_lower_bound_guesses_1"] == 0
     assert result["epsilon_lower_bound_1"] == 0.0
+
+
+# --- membership inference ---------------------------------------------------------------------------------------
+
+
+def test_auc_hand_example():
+    # Members [3, 1], non-members [2, 0]: 3 of 4 pairs won -> 0.75. Placements V10 = (1, 0.5), V01 = (0.5, 1),
+    # sample variances 0.125 each, var(AUC) = 0.125/2 + 0.125/2 = 0.125.
+    auc, low, high = auc_with_ci([3, 1], [2, 0])
+    assert auc == 0.75
+    assert low == pytest.approx(0.75 - 1.959964 * math.sqrt(0.125), abs=1e-6)
+    assert high == 1.0
+
+
+def test_auc_perfect_reversed_tied():
+    assert auc_with_ci([5, 6, 7], [1, 2, 3]) == (1.0, 1.0, 1.0)
+    assert auc_with_ci([1, 2, 3], [5, 6, 7]) == (0.0, 0.0, 0.0)
+    assert auc_with_ci([1, 1, 1], [1, 1, 1]).auc == 0.5
+    assert math.isnan(auc_with_ci([], [1, 2]).auc)
+    assert auc_with_ci([1], [0, 2]) == (0.5, 0.0, 1.0)
+
+
+def test_auc_and_delong_variance_against_brute_force():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 8, 37).astype(float)  # integers: many ties
+    y = rng.integers(0, 6, 23).astype(float)
+    wins = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+    auc, low, high = auc_with_ci(x, y)
+    assert auc == pytest.approx(wins.mean(), abs=1e-12)
+    variance = wins.mean(axis=1).var(ddof=1) / x.size + wins.mean(axis=0).var(ddof=1) / y.size
+    assert (high - low) / 2 == pytest.approx(1.959964 * math.sqrt(variance), abs=1e-6)
+
+
+def test_auc_identical_distributions_covers_one_half():
+    rng = np.random.default_rng(4)
+    auc, low, high = auc_with_ci(rng.normal(size=2000), rng.normal(size=2000))
+    assert abs(auc - 0.5) < 0.03
+    assert low < 0.5 < high
+    # Coverage of the DeLong interval over repetitions, at AUC 0.5 and at Phi(1/sqrt(2)) = 0.760.
+    for shift, truth in ((0.0, 0.5), (1.0, stats.norm.cdf(1 / math.sqrt(2)))):
+        covered = 0
+        for _ in range(300):
+            _, low, high = auc_with_ci(rng.normal(shift, size=100), rng.normal(size=100))
+            covered += low <= truth <= high
+        assert covered / 300 >= 0.9
+
+
+def test_tpr_at_fpr_by_hand():
+    nonmembers = np.arange(100.0)  # 0 .. 99
+    members = [99.5, 98.5, 98.0, 50.0]
+    # 1% of 100 = 1 non-member allowed above the threshold: threshold = 2nd highest non-member = 98;
+    # members above 98: 99.5 and 98.5 (98.0 is not above) -> TPR 2/4, reached FPR 1/100.
+    rate = tpr_at_fpr(members, nonmembers, 0.01)
+    assert (rate.tpr, rate.threshold, rate.fpr) == (0.5, 98.0, 0.01)
+    low, high = stats.beta.ppf(0.025, 2, 3), stats.beta.ppf(0.975, 3, 2)  # Clopper-Pearson for 2 of 4
+    assert (rate.ci_low, rate.ci_high) == (pytest.approx(low), pytest.approx(high))
+    assert tpr_at_fpr(members, nonmembers, 0.05).threshold == 94.0
+
+
+def test_tpr_at_low_fpr_needs_enough_nonmembers():
+    rng = np.random.default_rng(5)
+    members = rng.normal(1.0, size=500)
+    too_few = tpr_at_fpr(members, rng.normal(size=999), 0.001)
+    assert math.isnan(too_few.tpr) and math.isnan(too_few.ci_low) and math.isnan(too_few.ci_high)
+    enough = tpr_at_fpr(members, rng.normal(size=1000), 0.001)
+    assert 0.0 <= enough.ci_low <= enough.tpr <= enough.ci_high <= 1.0
+    assert enough.fpr <= 0.001
+    with pytest.raises(ValueError, match="fpr must be in"):
+        tpr_at_fpr(members, members, 1.0)
+
+
+def test_scores():
+    np.testing.assert_array_equal(loss_scores([0.1, 2.0]), [-0.1, -2.0])
+    np.testing.assert_allclose(calibrated_scores([0.1, 2.0], [0.5, 2.5]), [0.4, 0.5])
+    with pytest.raises(ValueError, match="must match"):
+        calibrated_scores([0.1, 2.0], [0.5])
+    with pytest.raises(ValueError, match="infinite loss under both models"):
+        calibrated_scores([np.inf, 2.0], [np.inf, 2.5])
+
+
+def test_membership_inference_metrics_per_group_and_calibration():
+    # Difficulty varies a lot between examples (reference loss 0..10); training lowers each member's loss by 1.
+    # The plain loss attack barely sees it; the calibrated one separates perfectly. Group 1's members are
+    # untouched by training: chance level for both attacks.
+    rng = np.random.default_rng(6)
+    n = 2000
+    group = np.repeat([0, 1], n)
+    is_member = np.tile(np.repeat([True, False], n // 2), 2)
+    reference = rng.uniform(0, 10, size=2 * n)
+    loss = reference - 1.0 * ((group == 0) & is_member)
+    m = membership_inference_metrics(loss, group, is_member, reference_loss=reference)
+    assert (m["mia_members_0"], m["mia_nonmembers_0"], m["mia_members_1"], m["mia_nonmembers_1"]) == (1000,) * 4
+    assert 0.55 < m["mia_auc_0"] < 0.65  # plain attack: weak
+    assert m["mia_cal_auc_0"] == 1.0
+    assert m["mia_cal_tpr_at_fpr_0.01_0"] == 1.0 and m["mia_cal_tpr_at_fpr_0.001_0"] == 1.0
+    assert m["mia_auc_1_ci_low"] < 0.5 < m["mia_auc_1_ci_high"]
+    assert m["mia_cal_auc_1"] == 0.5  # calibrated scores all 0: every pair tied
+    for prefix in ("mia_", "mia_cal_"):
+        for g in (0, 1):
+            for name in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001"):
+                key = f"{prefix}{name}_{g}"
+                assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"]
+    assert not any(key.startswith("mia_cal_") for key in membership_inference_metrics(loss, group, is_member))
+
+
+def test_membership_inference_metrics_too_few_nonmembers_and_bad_input():
+    m = membership_inference_metrics([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1], [1, 0, 1, 0])
+    assert math.isnan(m["mia_tpr_at_fpr_0.01_0"]) and math.isnan(m["mia_tpr_at_fpr_0.001_1"])
+    assert m["mia_auc_0"] == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        membership_inference_metrics([0.1, np.nan], [0, 1], [1, 0])
+    with pytest.raises(ValueError, match="one entry per candidate"):
+        membership_inference_metrics([0.1, 0.2], [0, 1], [1])
+    with pytest.raises(ValueError, match="group must hold only"):
+        membership_inference_metrics([0.1, 0.2], [0, 2], [1, 0])
