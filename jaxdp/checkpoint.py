@@ -54,6 +54,19 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def latest_record(self) -> dict | None:
+        """The JSON record of the newest checkpoint whose record reads (arrays not restored), or None.
+
+        For values that every checkpoint of a run shares, such as the run's secret seed, which is needed to
+        build the structures that :meth:`restore_latest` restores into.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+            except Exception:  # noqa: BLE001 - an unreadable record: try an older step
+                continue
+        return None
+
     def restore_latest(self, abstract_state: Any = None) -> tuple[int, Any, dict] | None:
         """The newest step that restores cleanly and matches its fingerprint, or None if there is none.
 

@@ -116,6 +116,12 @@ def differing_keys(old: Any, new: Any) -> list[str]:
             for k in keys if norm(a.get(k, missing)) != norm(b.get(k, missing))]
 
 
+def _choices(names: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -153,9 +159,9 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         _require(float(p.l2_clip_norm) > 0.0, f"config.dp.l2_clip_norm={p.l2_clip_norm} must be > 0.")
         _require(0.0 < float(p.delta) < 1.0, f"config.dp.delta={p.delta} must be in (0, 1).")
         _require(p.sampling in SAMPLING_SCHEMES,
-                 f"config.dp.sampling={p.sampling!r}; choose one of {', '.join(map(repr, SAMPLING_SCHEMES))}.")
+                 f"config.dp.sampling={p.sampling!r}; choose {_choices(SAMPLING_SCHEMES)}.")
         _require(p.accountant in ACCOUNTANTS,
-                 f"config.dp.accountant={p.accountant!r}; choose one of {', '.join(map(repr, ACCOUNTANTS))}.")
+                 f"config.dp.accountant={p.accountant!r}; choose {_choices(ACCOUNTANTS)}.")
         _require(
             not (p.sampling == "fixed" and p.accountant == "pld"),
             "config.dp.accountant='pld' cannot count config.dp.sampling='fixed' (dp-accounting's PLD accountant has "

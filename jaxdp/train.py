@@ -1,35 +1,45 @@
-"""The training loop: DP-SGD (or non-private training on the same code path), per-group evaluation, resume.
+"""The training loop: DP-SGD (or non-private training through the same plan), per-group evaluation, resume.
 
 ``train_and_evaluate(config, workdir)`` trains one run described by a config (schema: :mod:`jaxdp.config`) and
 writes into ``workdir``:
 
 - ``config.json`` — the resolved run config (including a calibrated noise multiplier, if one was calibrated);
-- ``history.jsonl`` — one JSON object per evaluation: step, epoch, train loss, epsilon so far, every metric of
-  :func:`jaxdp.fairness.group_metrics` on the test set, and the per-group clipping diagnostics accumulated since
-  the previous evaluation (fraction of examples clipped, mean pre-clip gradient norm);
+- ``history.jsonl`` — one JSON object per evaluation: step, epoch, epsilon so far, every metric of
+  :func:`jaxdp.fairness.group_metrics` on the test set and — unless ``config.train.nonprivate_diagnostics`` is
+  False — statistics of the training data computed without noise since the previous evaluation (training loss,
+  per-group example counts, fraction clipped, mean pre-clip gradient norm), every one under a key starting with
+  ``nonprivate_``: they are not covered by the run's epsilon;
 - ``final.json`` — written last and atomically, so its presence means the run finished: final metrics, epsilon
-  under every accountant, steps, wall time;
+  under every accountant, steps, where the wall time went (``time_split_s``), and ``privacy_note`` when the epsilon
+  is not a guarantee (``config.dp.reproducible``);
 - ``checkpoints/`` — orbax checkpoints (parameters, optimiser and noise state, sampler position, privacy ledger,
-  diagnostics, metric history). Calling ``train_and_evaluate`` again on the same workdir resumes from the newest
-  good checkpoint and ends exactly where an uninterrupted run ends.
+  diagnostics, metric history, and the run's secret seed). Calling ``train_and_evaluate`` again on the same workdir
+  resumes from the newest good checkpoint and ends exactly where an uninterrupted run ends. Checkpoints hold the
+  secret that protects the run's privacy: keep them as private as the training data.
 
-Privacy: each step clips per-example gradients (:func:`jaxdp.clipped_grad`), adds Gaussian noise once
-(:func:`jaxdp.dp_noise`) and records the step's sampling and noise in a :class:`jaxdp.accounting.PrivacyLedger`
-built from the very sampler that chose the batch, so the reported epsilon describes what ran.
+Privacy: the mechanism — sampler, clipped gradient and its sensitivity, noise, privacy events — is one
+:class:`jaxdp.plan.DPPlan` built from the config; the loop runs it and records each step's event in a
+:class:`jaxdp.accounting.PrivacyLedger`, so the reported epsilon describes what ran.
+
+The step functions are module-level (as in the Flax ImageNet example): :func:`accumulate_step` adds one chunk's
+clipped gradient sum (a Poisson batch larger than the chunk width takes several chunks, never a truncation),
+:func:`update_step` adds the noise once and applies the optimiser, :func:`eval_step` predicts.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,26 +47,16 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from jaxdp import accounting, clipping, fairness, parallel, sampling
+from jaxdp import accounting, fairness, parallel
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.config import differing_keys, validate_run_config
-from jaxdp.noise import dp_noise
+from jaxdp.plan import DPPlan, make_plan, new_run_secret, normalize_images
 from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
-EPSILON_ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 with mean 0.5 / std 0.5 normalisation, as the paper."""
-    return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy."""
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+NONPRIVATE_PREFIX = "nonprivate_"
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -77,192 +77,152 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*parts)
 
 
-@dataclasses.dataclass
-class _Setup:
-    """Everything derived from the config and the data, shared by the step functions."""
+@flax.struct.dataclass
+class TrainState:
+    """What a training step changes: the model's parameters and state, and the optimiser's state (whose first
+    link is the plan's noise transformation, holding the secret noise key and its step count)."""
 
-    config: ml_collections.ConfigDict
-    model: Any
-    mesh: Any
-    sampler: Any
-    tx: optax.GradientTransformation
-    total_steps: int
-    noise_multiplier: float | None
-    mutable: list[str]
+    params: Any
+    model_state: Any
+    opt_state: Any
 
-
-def _build_sampler(config, dataset_size: int, mesh) -> Any:
-    batch_size = int(config.train.batch_size)
-    seed = int(config.train.seed)
-    scheme = config.dp.sampling
-    if scheme == "poisson":
-        default = sampling.default_physical_batch_size(dataset_size, batch_size / dataset_size)
-        physical = parallel.round_up_to_devices(default, mesh)
-        return sampling.PoissonSampler(
-            dataset_size, expected_batch_size=batch_size, physical_batch_size=physical, seed=seed
-        )
-    if scheme == "fixed":
-        if batch_size % mesh.size:
-            raise ValueError(
-                f"config.train.batch_size={batch_size} must be a multiple of the device count ({mesh.size}) "
-                "with config.dp.sampling='fixed'."
-            )
-        return sampling.ShuffledSampler(dataset_size, batch_size, seed=seed)
-    raise ValueError(f"config.dp.sampling={scheme!r}; choose 'poisson' or 'fixed'.")
+    @classmethod
+    def create(cls, variables: dict, tx: optax.GradientTransformation) -> TrainState:
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return cls(params=params, model_state=model_state, opt_state=tx.init(params))
 
 
-def _setup(config, train_size: int) -> _Setup:
-    from jaxdp import models
+class Chunk(NamedTuple):
+    """One chunk of a step's batch, each array with the chunk width as leading axis (padding: ``mask`` False)."""
 
-    mesh = parallel.make_mesh(config.train.num_devices)
-    model = models.create_model(config.model, private=bool(config.dp.enabled))
-    sampler = _build_sampler(config, train_size, mesh)
-    total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
-    noise_multiplier = None
-    key = jax.random.key(int(config.train.seed))
-    noise_key = jax.random.fold_in(key, 1)
-    if config.dp.enabled:
-        noise_multiplier = float(config.dp.noise_multiplier)
-        if config.dp.target_epsilon is not None:
-            noise_multiplier = accounting.calibrate_noise(
-                float(config.dp.target_epsilon),
-                sampler.sampling_prob,
-                total_steps,
-                float(config.dp.delta),
-                accountant=config.dp.accountant,
-                sampling=sampler.scheme,
-                dataset_size=train_size,
-            )
-        first = dp_noise(noise_multiplier, float(config.dp.l2_clip_norm), int(config.train.batch_size), noise_key)
-    else:
-        first = optax.scale(1.0 / float(config.train.batch_size))
-    tx = optax.chain(first, make_optimizer(config))
-    mutable = ["batch_stats"] if config.model.norm == "batch" else []
-    return _Setup(config, model, mesh, sampler, tx, total_steps, noise_multiplier, mutable)
+    images: jax.Array  # uint8 [B, H, W, C]
+    labels: jax.Array  # int32 [B]
+    groups: jax.Array  # int32 [B]
+    mask: jax.Array  # bool [B]
+    indices: jax.Array  # int32 [B], into the training set (keys the random flips)
 
 
-def _init_state(setup: _Setup) -> dict:
-    from jaxdp import models
-
-    config = setup.config
-    # An "rbg" key for initialisation only: with the default threefry key, XLA takes several times longer to
-    # compile model.init on CPU (measured 28 s vs 6 s of CPU time for a small ResNet).
-    init_key = jax.random.key(int(config.train.seed), impl="rbg")
-    variables = models.init_variables(setup.model, init_key, pretrained_path=config.model.pretrained_path)
-    params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
-    return {"params": params, "model_state": model_state, "opt_state": setup.tx.init(params)}
+# --------------------------------------------------------------------------------------------------------------
+# Step functions (jitted in train_and_evaluate with their keyword arguments bound).
 
 
-def _make_step_fns(setup: _Setup):
-    """The jitted functions of a step: gradient of one chunk (sharded), update, evaluation forward pass."""
-    config = setup.config
-    model, mesh, mutable = setup.model, setup.mesh, setup.mutable
-    random_flip = bool(config.train.random_flip)
-    flip_base = jax.random.fold_in(jax.random.key(int(config.train.seed)), 2)
-    l2_clip_norm = float(config.dp.l2_clip_norm)
+def accumulate_step(state: TrainState, grad_acc: Any, stats: dict, chunk: Chunk, step: jax.Array, *, plan: DPPlan,
+                    mesh: Any, flip_key: jax.Array | None, diagnostics: bool) -> tuple[Any, dict, Any]:
+    """Adds one chunk's (clipped) gradient sum to ``grad_acc`` and its non-private statistics to ``stats``.
 
-    def apply_model(params, model_state, x, train):
-        variables = {"params": params, **model_state}
-        if mutable and train:
-            logits, new_state = model.apply(variables, x, train=True, mutable=mutable)
-            return logits, new_state
-        return model.apply(variables, x, train=train), model_state
+    Returns ``(grad_acc, stats, model_state)``. The chunk is split over the mesh's devices; each computes its
+    share's sum and the shares are added (``psum``), so the result does not depend on the device count beyond
+    float summation order.
+    """
+    x = normalize_images(chunk.images)
+    if flip_key is not None:
+        # Keyed by (step, example index): the same flips whatever the chunking, padding or device count.
+        step_key = jax.random.fold_in(flip_key, step)
+        flips = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(step_key, i)))(chunk.indices)
+        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
 
-    def mean_loss(params, x, y):  # the loss_fn of clipped_grad: independent examples (no BatchNorm here)
-        logits, _ = apply_model(params, {}, x, True)
-        return jnp.mean(cross_entropy(logits, y))
-
-    if config.dp.enabled:
-        grad_fn = clipping.clipped_grad(
-            mean_loss,
-            l2_clip_norm=l2_clip_norm,
-            microbatch_size=config.dp.microbatch_size,
-            strategy=config.dp.clipping_strategy,
-            return_loss=True,
-        )
-
-    def local_grads(params, model_state, x, y, mask):
-        """Runs on one device's share of the chunk; returns that share's gradient sum, norms and losses."""
-        if config.dp.enabled:
-            grad_sum, norms, losses = grad_fn(params, x, y, mask)
-            new_state = model_state
-        else:
-
-            def summed_loss(p):
-                logits, new_state = apply_model(p, model_state, x, True)
-                losses = cross_entropy(logits, y)
-                return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, new_state)
-
-            grad_sum, (losses, new_state) = jax.grad(summed_loss, has_aux=True)(params)
-            norms = jnp.full(mask.shape, jnp.nan, jnp.float32)
-            new_state = jax.lax.pmean(new_state, parallel.DATA_AXIS)
+    def local(params, model_state, x, y, mask):
+        grad_sum, norms, losses, model_state = plan.grad_fn(params, model_state, x, y, mask)
         grad_sum = jax.lax.psum(grad_sum, parallel.DATA_AXIS)
-        return grad_sum, norms, losses, new_state
+        model_state = jax.lax.pmean(model_state, parallel.DATA_AXIS)
+        return grad_sum, norms, losses, model_state
 
-    sharded_grads = jax.shard_map(
-        local_grads,
-        mesh=mesh,
-        in_specs=(P(), P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS)),
-        out_specs=(P(), P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P()),
-        check_vma=False,
-    )
-
-    @jax.jit
-    def accumulate(params, model_state, grad_acc, stats, images, labels, groups, mask, indices, step):
-        x = normalize_images(images)
-        if random_flip:
-            # Keyed by (step, example index): the same flips whatever the chunking, padding or device count.
-            step_key = jax.random.fold_in(flip_base, step)
-            flips = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(step_key, i)))(indices)
-            x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
-        grad_sum, norms, losses, model_state = sharded_grads(params, model_state, x, labels, mask)
-        grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grad_sum)
-        stats = _update_stats(stats, norms, losses, mask, groups, l2_clip_norm)
-        return grad_acc, stats, model_state
-
-    @jax.jit
-    def apply_update(params, opt_state, grad_sum):
-        updates, opt_state = setup.tx.update(grad_sum, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    @jax.jit
-    def predict(params, model_state, images):
-        logits, _ = apply_model(params, model_state, normalize_images(images), False)
-        return jnp.argmax(logits, axis=-1)
-
-    return accumulate, apply_update, predict
+    data = P(parallel.DATA_AXIS)
+    grad_sum, norms, losses, model_state = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), data, data, data), out_specs=(P(), data, data, P()), check_vma=False,
+    )(state.params, state.model_state, x, chunk.labels, chunk.mask)
+    grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grad_sum)
+    if diagnostics:
+        stats = _add_stats(stats, norms, losses, chunk.mask, chunk.groups, plan.sensitivity)
+    return grad_acc, stats, model_state
 
 
-def _zero_stats() -> dict:
-    """Running sums since the last evaluation: training loss and the per-group clipping diagnostics."""
-    return {"loss_sum": jnp.zeros((), jnp.float32), "n": jnp.zeros((), jnp.float32), **fairness.zero_clip_diagnostics()}
+def update_step(state: TrainState, grad_acc: Any, model_state: Any, *,
+                tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
+    """Noise (once per step), division by the expected batch size and the optimiser; returns the new state and
+    a zeroed gradient accumulator for the next step."""
+    updates, opt_state = tx.update(grad_acc, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, grad_acc)
+    return TrainState(params=params, model_state=model_state, opt_state=opt_state), zeros
 
 
-def _update_stats(stats, norms, losses, mask, groups, l2_clip_norm):
+def eval_step(state: TrainState, images: jax.Array, *, model: Any) -> jax.Array:
+    """Predicted classes of a batch of uint8 images (evaluation mode)."""
+    variables = {"params": state.params, **state.model_state}
+    return jnp.argmax(model.apply(variables, normalize_images(images), train=False), axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-private diagnostics: sums over the examples seen since the last evaluation.
+
+
+def _zero_stats(diagnostics: bool) -> dict:
+    if not diagnostics:
+        return {}
+    return {"loss_sum": jnp.zeros((), jnp.float32), "n": jnp.zeros((), jnp.float32),
+            **fairness.zero_clip_diagnostics()}
+
+
+def _add_stats(stats: dict, norms, losses, mask, groups, bound) -> dict:
     new = dict(stats)
-    for key, value in fairness.clip_diagnostics(norms, mask, groups, l2_clip_norm).items():
+    bound = jnp.inf if bound is None else bound
+    for key, value in fairness.clip_diagnostics(norms, mask, groups, bound).items():
         new[key] = stats[key] + value
     new["loss_sum"] = stats["loss_sum"] + jnp.sum(jnp.where(mask, losses, 0.0))
     new["n"] = stats["n"] + jnp.sum(mask, dtype=jnp.float32)
     return new
 
 
-def _restore_stats(saved: dict) -> dict:
-    zero = _zero_stats()
-    return {k: jnp.asarray(saved[k], zero[k].dtype) for k in zero}
-
-
 def _finalize_stats(stats: dict, private: bool) -> dict:
+    """The ``nonprivate_*`` entries of a history row (empty when diagnostics are off)."""
+    if not stats:
+        return {}
     n = float(stats["n"])
-    out = {"train_loss": float(stats["loss_sum"]) / n if n else math.nan}
     diag = fairness.finalize_clip_diagnostics(stats)
-    for g in (0, 1):
+    out = {"train_loss": float(stats["loss_sum"]) / n if n else math.nan}
+    for g in fairness.GROUPS:
         out[f"clip_fraction_{g}"] = diag[f"clip_fraction_{g}"] if private else math.nan
         out[f"grad_norm_mean_{g}"] = diag[f"grad_norm_mean_{g}"] if private else math.nan
         out[f"train_examples_{g}"] = diag[f"n_{g}"]
         out[f"nonfinite_examples_{g}"] = diag[f"nonfinite_{g}"] if private else 0
-    return out
+    return {NONPRIVATE_PREFIX + k: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host side.
+
+
+class _Clock:
+    """Wall time per phase of a run, with the time XLA spent tracing and compiling counted apart as "compile"."""
+
+    _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                       "/jax/core/compile/backend_compile_duration")
+    _compile_s = 0.0
+    _listening = False
+
+    def __init__(self) -> None:
+        if not _Clock._listening:
+            jax.monitoring.register_event_duration_secs_listener(_Clock._on_event)
+            _Clock._listening = True
+        self.split = dict.fromkeys(("compile", "init", "data", "train_steps", "evaluation", "accounting",
+                                    "checkpoints"), 0.0)
+
+    @staticmethod
+    def _on_event(event: str, duration: float, **_: Any) -> None:
+        if event in _Clock._COMPILE_EVENTS:
+            _Clock._compile_s += duration
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start, compiled = time.perf_counter(), _Clock._compile_s
+        try:
+            yield
+        finally:
+            compile_s = _Clock._compile_s - compiled
+            self.split["compile"] += compile_s
+            self.split[name] += max(0.0, time.perf_counter() - start - compile_s)
 
 
 def _evaluate(predict, state, mesh, test, batch_size: int) -> dict:
@@ -274,7 +234,7 @@ def _evaluate(predict, state, mesh, test, batch_size: int) -> dict:
         real = len(images)
         if real < batch_size:  # pad to the fixed shape so predict compiles once
             images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:], images.dtype)])
-        out = predict(state["params"], state["model_state"], parallel.shard_batch(mesh, images))
+        out = predict(state, parallel.shard_batch(mesh, images))
         preds.append(np.asarray(jax.device_get(_gather(out)))[:real])
     y_pred = np.concatenate(preds) if preds else np.zeros(0, np.int32)
     return fairness.group_metrics(test.label, y_pred, test.group)
@@ -288,9 +248,12 @@ def _gather(array: jax.Array) -> jax.Array:
     return multihost_utils.process_allgather(array, tiled=True)
 
 
-def _epsilons(ledger, delta: float) -> dict:
-    out = {}
-    for name in EPSILON_ACCOUNTANTS:
+def _epsilons(plan: DPPlan, ledger: accounting.PrivacyLedger, delta: float) -> dict:
+    out: dict[str, float | None] = {}
+    for name in accounting.ACCOUNTANTS:
+        if not plan.private:
+            out[name] = None
+            continue
         try:
             out[name] = float(ledger.epsilon(delta, accountant=name))
         except (ValueError, NotImplementedError) as error:  # e.g. an accountant that cannot count this sampling
@@ -310,6 +273,12 @@ def _check_workdir_config(workdir: Path, resolved: dict) -> None:
         )
 
 
+def _chunk(mesh, train_set, indices: np.ndarray, mask: np.ndarray) -> Chunk:
+    return Chunk(*(parallel.shard_batch(mesh, a) for a in (
+        train_set.images[indices], train_set.label[indices].astype(np.int32),
+        train_set.group[indices].astype(np.int32), mask, indices.astype(np.int32))))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -322,13 +291,14 @@ def train_and_evaluate(
     Args:
       config: a run config (schema :func:`jaxdp.config.base_config`; ``config.sweep`` is ignored).
       workdir: where the run's files go (see the module docstring).
-      on_progress: called as ``on_progress(step, total_steps, info)`` every few steps and after each
-        evaluation; ``info`` holds ``loss``, ``epsilon`` and, after evaluations, ``accuracy_0/1``.
+      on_progress: called as ``on_progress(step, total_steps, info)`` after every step; ``info`` holds
+        ``epsilon``, after evaluations ``accuracy_0/1``, with non-private diagnostics on the training loss as
+        ``loss`` (``loss_label`` names it as non-private), and ``note`` when the epsilon is not a guarantee.
       datasets: ``(train, test)`` to use instead of ``config.data`` — any objects with arrays ``images``
         (uint8 ``[N, H, W, C]``), ``label`` (0/1) and ``group`` (0/1), e.g. your own data. ``config.data`` is
         then only recorded, not loaded.
     """
-    from jaxdp import data
+    from jaxdp import data, models
 
     config = ml_collections.ConfigDict(config.to_dict())
     if "sweep" in config:
@@ -340,111 +310,136 @@ def train_and_evaluate(
     if final_path.exists():
         return json.loads(final_path.read_text())
     started = time.time()
+    clock = _Clock()
 
-    train_set, test_set = datasets if datasets is not None else data.load(config.data)
-    setup = _setup(config, len(train_set.label))
+    with clock.phase("data"):
+        train_set, test_set = datasets if datasets is not None else data.load(config.data)
+    mesh = parallel.make_mesh(config.train.num_devices)
+    model = models.create_model(config.model, private=bool(config.dp.enabled))
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    # An "rbg" key for initialisation only: with the default threefry key, XLA takes several times longer to
+    # compile model.init on CPU.
+    init_key = jax.random.key(int(config.train.seed), impl="rbg")
+    with clock.phase("init"):
+        variables = models.init_variables(model, init_key, pretrained_path=config.model.pretrained_path)
+    private = bool(config.dp.enabled)
+    secret, fresh_secret = None, False
+    if private and not config.dp.reproducible:
+        with clock.phase("checkpoints"):
+            record = checkpointer.latest_record() or {}
+        secret = int(record["run_secret"], 16) if "run_secret" in record else None
+        if secret is None:
+            secret, fresh_secret = new_run_secret(), True
+    plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size)
+    tx = optax.chain(plan.noise, make_optimizer(config))
+
     resolved = config.to_dict()
-    if setup.noise_multiplier is not None:
-        resolved["dp"]["noise_multiplier"] = setup.noise_multiplier
+    if plan.noise_multiplier is not None:
+        resolved["dp"]["noise_multiplier"] = plan.noise_multiplier
     _check_workdir_config(workdir, resolved)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", resolved)
 
-    accumulate, apply_update, predict = _make_step_fns(setup)
-    # One compiled call per step rather than one eager dispatch per parameter leaf.
-    zeros_like_params = jax.jit(lambda params: jax.tree_util.tree_map(jnp.zeros_like, params))
-    mesh = setup.mesh
-    state = _init_state(setup)
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    state = TrainState.create(variables, tx)
     ledger = accounting.PrivacyLedger()
     history: list[dict] = []
-    stats = _zero_stats()
+    diagnostics = bool(config.train.nonprivate_diagnostics)
+    stats = _zero_stats(diagnostics)
     start_step = 0
-    restored = checkpointer.restore_latest(jax.tree_util.tree_map(np.asarray, state))
+    with clock.phase("checkpoints"):
+        restored = checkpointer.restore_latest(jax.tree_util.tree_map(np.asarray, state))
     if restored is not None:
         start_step, state, record = restored
         ledger = accounting.PrivacyLedger.from_json(record["ledger"])
         history = record["history"]
-        stats = _restore_stats(record["stats"])
+        stats = {k: jnp.asarray(v, stats[k].dtype) for k, v in record["stats"].items()} if diagnostics else {}
         log.info("Resumed %s from step %d.", workdir, start_step)
+    def save_checkpoint(step: int) -> None:
+        with clock.phase("checkpoints"):
+            record = {"ledger": ledger.to_json(), "history": history,
+                      "stats": {k: np.asarray(v).item() for k, v in stats.items()}, "sampler_step": step}
+            if secret is not None:
+                record["run_secret"] = f"{secret:032x}"
+            checkpointer.save(step, jax.tree_util.tree_map(np.asarray, jax.device_get(state)), record)
+
+    if fresh_secret:
+        # The secret is kept before any step runs: a run killed before its first regular checkpoint restarts
+        # with the same secret, so it replays the same batches and noise instead of releasing a second,
+        # differently randomised run of the mechanism.
+        save_checkpoint(0)
     state = parallel.replicate(mesh, state)
     if jax.process_index() == 0:
         write_jsonl(workdir / "history.jsonl", history)
 
-    private = bool(config.dp.enabled)
+    flip_key = jax.random.fold_in(jax.random.key(int(config.train.seed)), 2) if config.train.random_flip else None
+    accumulate = jax.jit(functools.partial(accumulate_step, plan=plan, mesh=mesh, flip_key=flip_key,
+                                           diagnostics=diagnostics), donate_argnums=(1, 2))
+    update = jax.jit(functools.partial(update_step, tx=tx), donate_argnums=(0, 1))
+    predict = jax.jit(functools.partial(eval_step, model=model))
+    grad_acc = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p))(state.params)
+
     delta = float(config.dp.delta)
     eval_every = max(1, int(config.train.eval_every_steps))
     ckpt_every = max(1, int(config.train.checkpoint_every_steps))
-    total = setup.total_steps
-    show_progress = bool(config.train.progress) and jax.process_index() == 0
-    progress = RunProgress(workdir.name) if show_progress else None
-    last_info: dict = {}
+    total = plan.total_steps
+    progress = RunProgress(workdir.name) if bool(config.train.progress) and jax.process_index() == 0 else None
+    note = "reproducible seed: eps is no guarantee" if plan.privacy_note else None
+    last_info: dict = {"note": note}
     try:
         for step in range(start_step, total):
-            batch = setup.sampler.batch(step)
-            grad_acc = zeros_like_params(state["params"])
-            model_state = state["model_state"]
-            for chunk in range(batch.indices.shape[0]):
-                idx = batch.indices[chunk]
-                grad_acc, stats, model_state = accumulate(
-                    state["params"],
-                    model_state,
-                    grad_acc,
-                    stats,
-                    parallel.shard_batch(mesh, train_set.images[idx]),
-                    parallel.shard_batch(mesh, train_set.label[idx].astype(np.int32)),
-                    parallel.shard_batch(mesh, train_set.group[idx].astype(np.int32)),
-                    parallel.shard_batch(mesh, batch.mask[chunk]),
-                    parallel.shard_batch(mesh, idx.astype(np.int32)),
-                    np.int32(step),
-                )
-            params, opt_state = apply_update(state["params"], state["opt_state"], grad_acc)
-            state = {"params": params, "model_state": model_state, "opt_state": opt_state}
-            if private:
-                ledger.record(setup.sampler, setup.noise_multiplier)
+            with clock.phase("data"):
+                batch = plan.sampler.batch(step)
+                chunks = [_chunk(mesh, train_set, batch.indices[c], batch.mask[c]) for c in range(batch.n_chunks)]
+            with clock.phase("train_steps"):
+                model_state = state.model_state
+                for chunk in chunks:
+                    grad_acc, stats, model_state = accumulate(state, grad_acc, stats, chunk, np.int32(step))
+                state, grad_acc = update(state, grad_acc, model_state)
+                jax.block_until_ready(state)
+            plan.record_step(ledger)
             done = step + 1
             if done % eval_every == 0 or done == total:
-                row = {
-                    "step": done,
-                    "epoch": done / setup.sampler.steps_per_epoch,
-                    "wall_time_s": time.time() - started,
-                }
+                row: dict[str, Any] = {"step": done, "epoch": done / plan.sampler.steps_per_epoch,
+                                       "wall_time_s": time.time() - started}
                 row.update(_finalize_stats(stats, private))
-                row["epsilon"] = float(ledger.epsilon(delta, accountant=config.dp.accountant)) if private else None
-                row.update(_evaluate(predict, state, mesh, test_set, int(config.train.eval_batch_size)))
+                with clock.phase("accounting"):
+                    row["epsilon"] = float(ledger.epsilon(delta, accountant=config.dp.accountant)) if private else None
+                with clock.phase("evaluation"):
+                    row.update(_evaluate(predict, state, mesh, test_set, int(config.train.eval_batch_size)))
                 history.append(json_safe(row))
-                stats = _zero_stats()
+                stats = _zero_stats(diagnostics)
                 if jax.process_index() == 0:
                     write_jsonl(workdir / "history.jsonl", history)
                 last_info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")}
+                last_info["note"] = note
+                if diagnostics:
+                    last_info.update(loss=row["nonprivate_train_loss"], loss_label="nonprivate loss")
             if done % ckpt_every == 0 or done == total:
-                record = {
-                    "ledger": ledger.to_json(),
-                    "history": history,
-                    "stats": {k: np.asarray(v).item() for k, v in stats.items()},
-                    "sampler_step": done,
-                }
-                checkpointer.save(done, jax.tree_util.tree_map(np.asarray, jax.device_get(state)), record)
-            info = dict(last_info, loss=history[-1]["train_loss"] if history else None)
+                save_checkpoint(done)
             if progress is not None:
-                progress(done, total, info)
+                progress(done, total, last_info)
             if on_progress is not None:
-                on_progress(done, total, info)
+                on_progress(done, total, last_info)
     finally:
         checkpointer.close()
 
+    with clock.phase("accounting"):
+        epsilons = _epsilons(plan, ledger, delta)
     final = {
         "metrics": history[-1],
-        "epsilon": _epsilons(ledger, delta) if private else {name: None for name in EPSILON_ACCOUNTANTS},
+        "epsilon": epsilons,
         "delta": delta,
-        "noise_multiplier": setup.noise_multiplier,
+        "noise_multiplier": plan.noise_multiplier,
         "steps": total,
-        "sampling": setup.sampler.scheme,
-        "sampling_prob": setup.sampler.sampling_prob,
+        "sampling": plan.sampler.scheme,
+        "sampling_prob": plan.sampler.sampling_prob,
         "train_size": int(len(train_set.label)),
         "test_size": int(len(test_set.label)),
         "devices": int(mesh.size),
+        "reproducible": bool(config.dp.reproducible),
+        "privacy_note": plan.privacy_note,
         "wall_time_s": time.time() - started,
+        "time_split_s": {k: round(v, 3) for k, v in clock.split.items()},
     }
     if jax.process_index() == 0:
         write_json(final_path, final)

@@ -23,7 +23,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
     reference = train.train_and_evaluate(
-        tiny_config(**{"train.epochs": 0.5}), tmp_path / "one", datasets=tiny_datasets()
+        tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True}), tmp_path / "one", datasets=tiny_datasets()
     )
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
@@ -41,5 +41,8 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert "process 0: devices=4" in outputs[0] and "process 1: devices=4" in outputs[1]
+    # The run secret is drawn by process 0 and broadcast: both processes hold the same one.
+    secrets = [next(line for line in out.splitlines() if "secret=" in line).split("secret=")[1] for out in outputs]
+    assert secrets[0] == secrets[1] != "3039", secrets
     assert_trees_close(final_params(tmp_path / "one"), final_params(tmp_path / "two"), rtol=1e-4, atol=1e-5)
     assert reference["devices"] == 4

@@ -69,10 +69,11 @@ def test_run_writes_history_and_final(tmp_path):
     final = train.train_and_evaluate(tiny_config(), tmp_path, datasets=tiny_datasets())
     rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]  # 96 / 16 = 6 steps, evaluation every 3
-    for key in ("accuracy_0", "accuracy_1", "tpr_1", "epsilon", "clip_fraction_0", "grad_norm_mean_1", "train_loss"):
+    for key in ("accuracy_0", "accuracy_1", "tpr_1", "epsilon", "nonprivate_clip_fraction_0",
+                "nonprivate_grad_norm_mean_1", "nonprivate_train_loss"):
         assert key in rows[-1]
     assert rows[0]["epsilon"] < rows[1]["epsilon"]
-    assert 0.0 <= rows[-1]["clip_fraction_0"] <= 1.0
+    assert 0.0 <= rows[-1]["nonprivate_clip_fraction_0"] <= 1.0
     assert final["steps"] == 6 and final["sampling"] == "poisson"
     assert set(final["epsilon"]) == {"pld", "rdp", "rdp_classic"}
     assert final["metrics"] == rows[-1]
@@ -86,7 +87,8 @@ def test_one_two_and_four_devices_follow_the_same_trajectory(tmp_path, private):
     assert jax.device_count() >= 4, "tests/conftest.py asks XLA for 4 host devices"
     params = {}
     for n in (1, 2, 4):
-        config = tiny_config(**{"train.num_devices": n, "dp.enabled": private, "train.epochs": 0.5})
+        config = tiny_config(**{"train.num_devices": n, "dp.enabled": private, "train.epochs": 0.5,
+                                "dp.reproducible": True})
         train.train_and_evaluate(config, tmp_path / str(n), datasets=tiny_datasets())
         params[n] = final_params(tmp_path / str(n))
     assert_trees_close(params[1], params[2], rtol=1e-4, atol=1e-5)
@@ -97,8 +99,26 @@ class Interrupt(Exception):
     pass
 
 
-def reference_and_interrupted_run(tmp_path):
-    """A 9-step run to the end in ref/, and the same run killed after step 5 in run/ (checkpoints at 2 and 4)."""
+SECRET = 0x0123456789ABCDEF0123456789ABCDEF
+
+
+@pytest.fixture
+def fixed_secret(monkeypatch):
+    """Every new run draws SECRET instead of fresh OS entropy; returns the list of draws (one per new run)."""
+    draws = []
+
+    def draw():
+        draws.append(SECRET)
+        return SECRET
+
+    monkeypatch.setattr(train, "new_run_secret", draw)
+    return draws
+
+
+def reference_and_interrupted_run(tmp_path, draws):
+    """A 9-step run to the end in ref/, and the same run killed after step 5 in run/ (checkpoints at 0, 2, 4).
+
+    Both runs use the same secret (``fixed_secret``), as a run and its resumption do."""
     data = tiny_datasets()
     config = tiny_config(**{"train.epochs": 1.5})  # 9 steps, checkpoints every 2, evaluations every 3
     reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
@@ -109,15 +129,18 @@ def reference_and_interrupted_run(tmp_path):
 
     with pytest.raises(Interrupt):
         train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    assert len(draws) == 2  # one secret per new run
     return config, data, reference
 
 
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    config, data, reference = reference_and_interrupted_run(tmp_path)
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, fixed_secret):
+    config, data, reference = reference_and_interrupted_run(tmp_path, fixed_secret)
     assert not (tmp_path / "run" / "final.json").exists()
     resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
+    assert len(fixed_secret) == 2, "a resumed run reads its secret from the checkpoint, it draws no new one"
     assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
-    for key in ("accuracy", "accuracy_0", "accuracy_1", "epsilon", "clip_fraction_0", "train_loss"):
+    for key in ("accuracy", "accuracy_0", "accuracy_1", "epsilon", "nonprivate_clip_fraction_0",
+                "nonprivate_train_loss"):
         assert resumed["metrics"][key] == reference["metrics"][key]
     ref_rows = (tmp_path / "ref" / "history.jsonl").read_text().splitlines()
     run_rows = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
@@ -125,11 +148,11 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert strip(ref_rows) == strip(run_rows)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
-    config, data, reference = reference_and_interrupted_run(tmp_path)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, fixed_secret):
+    config, data, reference = reference_and_interrupted_run(tmp_path, fixed_secret)
     ckpt = tmp_path / "run" / "checkpoints"
     steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-    assert steps == [2, 4]
+    assert steps == [2, 4]  # the step-0 checkpoint (the secret's) was rotated out (max_to_keep=2)
     # Damage every array file of the newest step (as a disk error or a truncated copy would).
     for path in (ckpt / "4" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0 and path.suffix != ".json":
@@ -150,7 +173,8 @@ def test_batchnorm_trains_without_dp(tmp_path):
     config = tiny_config(**{"model.norm": "batch", "dp.enabled": False, "train.num_devices": 2})
     final = train.train_and_evaluate(config, tmp_path, datasets=tiny_datasets())
     assert final["epsilon"] == {"pld": None, "rdp": None, "rdp_classic": None}
-    assert np.isnan(final["metrics"]["clip_fraction_0"] if final["metrics"]["clip_fraction_0"] is not None else np.nan)
+    clip_fraction = final["metrics"]["nonprivate_clip_fraction_0"]
+    assert np.isnan(clip_fraction if clip_fraction is not None else np.nan)
 
 
 def test_a_workdir_with_another_config_is_refused(tmp_path):
@@ -211,3 +235,96 @@ def test_end_to_end_dp_run_on_generated_celeba_beats_chance(tmp_path):
     p = m["accuracy"] / 100
     assert p - 1.96 * np.sqrt(p * (1 - p) / n) > 0.5, m["accuracy"]
     assert final["epsilon"]["pld"] < final["epsilon"]["rdp_classic"]
+
+
+# --- issue 11: what a run writes must not undo its epsilon ------------------------------------------------------
+
+
+def _written_files(workdir: Path) -> list[Path]:
+    """Every file a run writes outside its checkpoints (what a run's reader sees)."""
+    return [p for p in workdir.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(workdir).parts]
+
+
+def test_sampling_and_noise_come_from_a_secret_kept_only_in_checkpoints(tmp_path, monkeypatch, capfd):
+    """Two runs of one config differ (their randomness is not the public train.seed), and the secret appears
+    in no file, log line or run name outside the checkpoints, which hold it for exact resumption."""
+    drawn = []
+    real = train.new_run_secret
+
+    def spy():
+        drawn.append(real())
+        return drawn[-1]
+
+    monkeypatch.setattr(train, "new_run_secret", spy)
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 0.5, "train.progress": True})
+    a = train.train_and_evaluate(config, tmp_path / "a", datasets=data)
+    train.train_and_evaluate(config, tmp_path / "b", datasets=data)
+    assert len(drawn) == 2 and drawn[0] != drawn[1] and drawn[0].bit_length() > 64
+    params_a, params_b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(params_a),
+                                                        jax.tree_util.tree_leaves(params_b), strict=True))
+    assert a["reproducible"] is False and a["privacy_note"] is None
+    logs = capfd.readouterr()
+    for secret, run in zip(drawn, ("a", "b"), strict=True):
+        spellings = {f"{secret:x}", f"{secret:032x}", str(secret)}
+        for path in _written_files(tmp_path / run):
+            text = path.read_text(errors="replace")
+            assert not any(s in text for s in spellings), path
+        assert not any(s in logs.out + logs.err for s in spellings)
+        record = Checkpointer(tmp_path / run / "checkpoints").latest_record()
+        assert int(record["run_secret"], 16) == secret
+
+
+def test_reproducible_runs_replay_and_say_their_epsilon_is_no_guarantee(tmp_path, capsys):
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True, "train.progress": True})
+    a = train.train_and_evaluate(config, tmp_path / "a", datasets=data)
+    train.train_and_evaluate(config, tmp_path / "b", datasets=data)
+    assert_trees_close(final_params(tmp_path / "a"), final_params(tmp_path / "b"), rtol=0, atol=0)
+    assert a["reproducible"] is True and "not a guarantee against anyone who knows the seed" in a["privacy_note"]
+    assert "reproducible seed: eps is no guarantee" in capsys.readouterr().out
+    assert "run_secret" not in Checkpointer(tmp_path / "a" / "checkpoints").latest_record()
+
+
+# Keys of a history row that are not statistics of the training data (test metrics, progress, epsilon).
+_PUBLIC_ROW_KEYS = {"step", "epoch", "wall_time_s", "epsilon"}
+
+
+def _is_test_metric(key: str) -> bool:
+    from jaxdp import fairness
+
+    names = fairness.group_metrics(np.array([0, 1, 0, 1]), np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]))
+    return key in names
+
+
+def test_training_data_statistics_are_labelled_nonprivate_and_can_be_turned_off(tmp_path):
+    data = tiny_datasets()
+    final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path / "on", datasets=data)
+    rows = [json.loads(line) for line in (tmp_path / "on" / "history.jsonl").read_text().splitlines()]
+    for row in rows + [final["metrics"]]:
+        unlabelled = [k for k in row if k not in _PUBLIC_ROW_KEYS and not _is_test_metric(k)
+                      and not k.startswith("nonprivate_")]
+        assert not unlabelled, unlabelled
+    assert "nonprivate_train_loss" in final["metrics"] and "train_loss" not in final["metrics"]
+
+    off = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5, "train.nonprivate_diagnostics": False}),
+                                   tmp_path / "off", datasets=data)
+    for path in _written_files(tmp_path / "off"):
+        assert '"nonprivate_' not in path.read_text().replace('"nonprivate_diagnostics": false', ""), path
+    assert not any(k.startswith("nonprivate_") for k in off["metrics"])
+
+
+def test_noise_multiplier_zero_under_dp_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"config.dp.noise_multiplier=0.0 must be > 0 under DP .* "
+                                         r"set config.dp.enabled=False"):
+        train.train_and_evaluate(tiny_config(**{"dp.noise_multiplier": 0.0}), tmp_path, datasets=tiny_datasets())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_final_json_splits_the_wall_time(tmp_path):
+    final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=tiny_datasets())
+    split = final["time_split_s"]
+    assert set(split) == {"compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints"}
+    assert all(v >= 0 for v in split.values()) and split["compile"] > 0
+    assert sum(split.values()) <= final["wall_time_s"] * 1.01
