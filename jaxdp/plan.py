@@ -121,26 +121,6 @@ class DPPlan:
         return REPRODUCIBLE_NOTE if self.private and self.reproducible else None
 
 
-def build_sampler(config: ml_collections.ConfigDict, dataset_size: int, seed: int, num_devices: int) -> Any:
-    """The sampler ``config.dp.sampling`` names, with chunks a multiple of ``num_devices`` wide."""
-    batch_size = int(config.train.batch_size)
-    scheme = config.dp.sampling
-    if scheme == "poisson":
-        default = sampling.default_physical_batch_size(dataset_size, batch_size / dataset_size)
-        physical = -(-default // num_devices) * num_devices
-        return sampling.PoissonSampler(
-            dataset_size, expected_batch_size=batch_size, physical_batch_size=physical, seed=seed
-        )
-    if scheme == "fixed":
-        if batch_size % num_devices:
-            raise ValueError(
-                f"config.train.batch_size={batch_size} must be a multiple of the device count ({num_devices}) "
-                "with config.dp.sampling='fixed'."
-            )
-        return sampling.ShuffledSampler(dataset_size, batch_size, seed=seed)
-    raise ValueError(f"config.dp.sampling={scheme!r}; choose one of {accounting.SAMPLING_SCHEMES}.")
-
-
 def make_plan(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -170,7 +150,8 @@ def make_plan(
             raise ValueError("A private, non-reproducible plan needs the run's secret (jaxdp.plan.new_run_secret()).")
         sampler_seed = _child_seed(secret, _SAMPLER_STREAM)
         noise_key = noise.key_from_seed(_child_seed(secret, _NOISE_STREAM))
-    sampler = build_sampler(config, dataset_size, sampler_seed, num_devices)
+    sampler = sampling.make_sampler(config.dp.sampling, dataset_size, int(config.train.batch_size),
+                                    seed=sampler_seed, chunk_multiple=num_devices)
     total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
     batch_size = int(config.train.batch_size)
     mutable = ["batch_stats"] if config.model.norm == "batch" else []
