@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from jaxdp.accounting import ACCOUNTANTS, SAMPLING_SCHEMES
+from jaxdp.data import available_sources
 
 # Keys that do not change what a run computes (only how it is run or shown): a run directory may be resumed, and
 # a sweep's stored run reused, with other values of these. Every other key is part of the run's identity.
@@ -28,8 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "base"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "celeba"  # "celeba" (the five files placed locally) | "synthetic" (generated)
-    c.data.female_fraction = 0.7
+    c.data.source = "celeba"  # a registered source: "celeba" (the five files placed locally) | "synthetic" (generated)
+    c.data.label_attribute = "Smiling"  # the CelebA attribute to predict
+    c.data.group_attribute = "Male"  # the CelebA attribute that defines the groups (group 1 has it)
+    c.data.female_fraction = 0.7  # fraction of group 0 (without the group attribute: women for Male)
     c.data.total = 30_000
     c.data.split_scheme = "paper"  # "paper" | "official"
     c.data.test_fraction = 0.2
@@ -134,7 +137,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     :mod:`jaxdp.accounting`; the model refuses BatchNorm under DP in :func:`jaxdp.models.create_model`.
     """
     d, m, p, o, t = config.data, config.model, config.dp, config.optim, config.train
-    _require(d.source in ("celeba", "synthetic"), f"config.data.source={d.source!r}; choose 'celeba' or 'synthetic'.")
+    _require(d.source in available_sources(),
+             f"config.data.source={d.source!r}; choose one of {', '.join(map(repr, available_sources()))}.")
     _require(
         0.0 < float(d.female_fraction) < 1.0, f"config.data.female_fraction={d.female_fraction} must be in (0, 1)."
     )

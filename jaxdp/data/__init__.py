@@ -1,11 +1,34 @@
-"""CelebA through tensorflow-datasets with exact gender imbalance, and a CelebA-format generator.
+"""Data for DP training: sources in a registry, CelebA with exact group imbalance, a CelebA-format generator.
 
-``load(config.data)`` returns ``(train, test)`` :class:`GroupedSplit` s for real (``source="celeba"``) or
-generated (``source="synthetic"``) data; see :mod:`jaxdp.data.celeba` for the counting, split and cache
-rules and :mod:`jaxdp.data.synthetic` for the generator.
+``load(config.data)`` returns ``(train, test)`` :class:`GroupedSplit` s from the source registered under
+``config.data.source``: ``"celeba"`` (the real files) or ``"synthetic"`` (generated on first use), or one a
+module adds with :func:`register_source` (see :class:`DataSource`). Before any run,
+``check_available(config.data)`` raises :class:`DataUnavailable` with what to do; for the privacy audit,
+``load_splits(config.data, holdout_per_group=n)`` adds held-out examples of each group and
+``holdout_capacity(config.data)`` says how many exist. ``group_names(config.data)`` names the groups after
+``config.data.group_attribute``. See :mod:`jaxdp.data.celeba` for the counting, split and cache rules,
+:mod:`jaxdp.data.subsets` for the arithmetic and :mod:`jaxdp.data.synthetic` for the generator.
 """
 
-from jaxdp.data import celeba, synthetic
-from jaxdp.data.celeba import GroupedSplit, build_imbalanced, cell_counts, load, plan_counts
+from jaxdp.data import celeba, subsets, synthetic
+from jaxdp.data.celeba import build_imbalanced, build_splits, cell_counts, plan_counts
+from jaxdp.data.core import (
+    DataSource,
+    DataUnavailable,
+    GroupedSplit,
+    Splits,
+    available_sources,
+    check_available,
+    get_source,
+    group_names,
+    holdout_capacity,
+    load,
+    load_splits,
+    register_source,
+)
 
-__all__ = ["GroupedSplit", "build_imbalanced", "cell_counts", "celeba", "load", "plan_counts", "synthetic"]
+__all__ = [
+    "DataSource", "DataUnavailable", "GroupedSplit", "Splits", "available_sources", "build_imbalanced",
+    "build_splits", "celeba", "cell_counts", "check_available", "get_source", "group_names", "holdout_capacity",
+    "load", "load_splits", "plan_counts", "register_source", "subsets", "synthetic",
+]

@@ -1,4 +1,5 @@
-"""CelebA subsets with an exact gender balance, prepared through tensorflow-datasets' ``celeb_a`` builder.
+"""CelebA subsets with an exact group balance through tensorflow-datasets' ``celeb_a`` builder: the sources
+"celeba" and "synthetic".
 
 One code path serves real and generated data. The five files of CelebA's aligned release sit in tfds's manual
 directory (default ``<data_dir>/downloads/manual/``); tfds's ``celeb_a`` builder prepares them offline,
@@ -6,6 +7,12 @@ checking each file's size and SHA-256 against the checksums registered in tfds. 
 :func:`jaxdp.data.synthetic.write_celeba_files` go through a subclass of that builder whose only change is
 the checksum expectations for those five URLs, read from the generator's manifest; the real builder and its
 registered checksums are untouched, so generated (or damaged) files are rejected as real CelebA.
+
+**Label and group.** Any two of CelebA's 40 binary attributes: ``label_attribute`` (default ``"Smiling"``) and
+``group_attribute`` (default ``"Male"``). Group 1 has the group attribute, group 0 does not;
+``female_fraction`` is the fraction of group 0 (women, for the default Male). The generator draws only some
+attributes (:data:`jaxdp.data.synthetic.MODELLED_ATTRIBUTES`) and refuses the others. Below, "female/male"
+and "smiling" stand for group 0/1 and label 1.
 
 **Counts** (one rule, exact at every total). With ``female_fraction = f`` and ``total = T``:
 
@@ -15,7 +22,7 @@ registered checksums are untouched, so generated (or damaged) files are rejected
   the smallest total that works.
 
 ``T = 30,000`` gives the paper's 29,970/30, 29,700/300, 27,000/3,000, 24,000/6,000 and 21,000/9,000 for
-``f`` = 0.999, 0.99, 0.9, 0.8, 0.7, each gender half smiling.
+``f`` = 0.999, 0.99, 0.9, 0.8, 0.7, each gender half smiling. (The arithmetic is in :mod:`jaxdp.data.subsets`.)
 
 **Split schemes.** ``test_fraction = p``; for each cell of ``c`` examples, ``round_half_up(c * p)`` go to the
 test set under "paper" (the test size is the sum over cells, which equals ``T * p`` whenever the cells times
@@ -36,15 +43,29 @@ test set under "paper" (the test size is the sum over cells, which equals ``T * 
 Draws are without replacement, seeded by ``seed`` (same seed, same subset); train and test are each returned
 in a seeded random order.
 
+**Held-out examples** (``holdout_per_group = n``, for membership inference and audits): ``n`` examples of each
+group, label-balanced as the training cells (``n - n // 2`` without the label, ``n // 2`` with it), drawn from
+what the training set's pool has left after train and test are taken (all partitions under "paper", the
+train partition under "official"), so held-out and training examples of a cell are exchangeable. Their own
+random stream: train and test are the same arrays whatever ``n`` is, and for one seed a larger ``n``
+extends a smaller one. :func:`jaxdp.data.holdout_capacity` says how large ``n`` can be.
+
 **Preprocessing** as the paper: centre crop 178x178 (rows 20..197 of the 218x178 image), resize to
 ``image_size`` with PIL's bilinear filter (torchvision's ``CenterCrop(178)``, ``Resize(image_size)``); images
 stay uint8, normalisation belongs to the model's input step.
 
 **Cache.** The prepared arrays are stored in ``<data_dir>/jaxdp_subsets/*.npz``, keyed by a SHA-256 of every
-setting that changes them (female_fraction, total, split_scheme, test_fraction, seed, image_size), the source
-files' identity (tfds's registered checksums of the five real files, or the generator's manifest), the
-builder version and this module's cache format version; the key is stored in the file and checked on load.
-Files are written to a temporary name and renamed, so a crash leaves no half-written cache entry.
+setting that changes them (female_fraction, total, split_scheme, test_fraction, seed, image_size, and the
+attributes when they are not the defaults), the source files' identity (tfds's registered checksums of the
+five real files, or the generator's manifest), the builder version and this module's cache format version;
+the key is stored in the file and checked on load. Held-out examples have a file of their own, keyed by the
+subset's key and ``n``. Files are written to a temporary name and renamed, so a crash leaves no half-written
+cache entry.
+
+**Quiet.** Preparing and reading through tfds logs deprecation notices from inside tfds and TensorFlow
+(``FeatureConnector.dtype``, ``CounterV2``, "Using custom data configuration") that no user of jaxdp can act
+on; they are filtered out of the absl and TensorFlow loggers while this module calls tfds. Every other
+warning passes.
 """
 
 from __future__ import annotations
@@ -55,13 +76,13 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -69,154 +90,71 @@ import numpy as np
 from PIL import Image
 
 from jaxdp.data import synthetic
+from jaxdp.data.core import (
+    CELLS,
+    DEFAULT_GROUP_ATTRIBUTE,
+    DEFAULT_LABEL_ATTRIBUTE,
+    Cell,
+    DataSource,
+    DataUnavailable,
+    GroupedSplit,
+    Splits,
+    check_holdout_request,
+    config_value,
+    group_names_of,
+    load,
+    register_source,
+)
+from jaxdp.data.subsets import (
+    CELL_NAMES,
+    PARTITIONS,
+    SPLIT_SCHEMES,
+    Sizes,
+    SubsetPlan,
+    cell_counts,
+    check_fits,
+    check_settings,
+    holdout_cells,
+    holdout_partitions,
+    plan_counts,
+    round_half_up,
+)
+from jaxdp.data.subsets import holdout_capacity as capacity_of_pools
 from jaxdp.runlog import atomic_writer
 
-Cell = tuple[int, int]  # (group, label): group 0 female / 1 male, label 0 not smiling / 1 smiling
-CELLS: tuple[Cell, ...] = ((0, 0), (0, 1), (1, 0), (1, 1))
-CELL_NAMES = {(0, 0): "non-smiling females", (0, 1): "smiling females", (1, 0): "non-smiling males",
-              (1, 1): "smiling males"}
-SPLIT_SCHEMES = ("paper", "official")
-SOURCES = ("celeba", "synthetic")
+__all__ = [
+    "CELLS", "CELL_NAMES", "SPLIT_SCHEMES", "CelebASource", "GeneratedSource", "GroupedSplit", "SubsetPlan",
+    "build_imbalanced", "build_splits", "cell_counts", "check_files", "default_data_dir", "ensure_generated",
+    "load", "plan_counts", "round_half_up",
+]
+
+FILE_SOURCES = ("celeba", "synthetic")  # whose checksums build_splits expects: tfds's, or a generator manifest
 CACHE_FORMAT_VERSION = 2  # 2: "official" test sets drawn from their own stream (same at every fraction)
+HOLDOUT_FORMAT_VERSION = 1
 CELEBA_VERSION = "2.1.0"  # the tfds celeb_a builder version this module was written against
-_PARTITIONS = {"train": 0, "validation": 1, "test": 2}
+_PARTITIONS = PARTITIONS
+_DEFAULT_ATTRIBUTES = (DEFAULT_LABEL_ATTRIBUTE, DEFAULT_GROUP_ATTRIBUTE)
 
 
-@dataclass(frozen=True)
-class GroupedSplit:
-    """Images with their label (Smiling: 1 smiling, 0 not) and group (Male: 0 female, 1 male).
-
-    ``images`` is uint8 [N, H, W, 3]; ``label`` and ``group`` are int32 [N].
-    """
-
-    images: np.ndarray
-    label: np.ndarray
-    group: np.ndarray
-
-    def __post_init__(self) -> None:
-        n = len(self.images)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
-        for name in ("label", "group"):
-            value = getattr(self, name)
-            if value.dtype != np.int32 or value.shape != (n,):
-                raise ValueError(f"{name} must be int32 [{n}], got {value.dtype} {value.shape}")
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def counts(self) -> dict[Cell, int]:
-        """``{(group, label): number of examples}`` for the four cells, e.g. ``{(1, 1): 15, ...}``."""
-        return {cell: int(np.sum((self.group == cell[0]) & (self.label == cell[1]))) for cell in CELLS}
-
-    def describe(self) -> str:
-        """One line for logs, e.g. ``"300 images 32x32: females 135 smiling / 135 not, males 15 / 15"``."""
-        c = self.counts()
-        h, w = self.images.shape[1:3]
-        return (f"{len(self)} images {h}x{w}: females {c[0, 1]} smiling / {c[0, 0]} not, "
-                f"males {c[1, 1]} smiling / {c[1, 0]} not")
+def _check_settings(*, female_fraction: Any, total: Any, split_scheme: Any, test_fraction: Any, seed: Any = 0,
+                    image_size: Any = 128, label_attribute: Any = DEFAULT_LABEL_ATTRIBUTE,
+                    group_attribute: Any = DEFAULT_GROUP_ATTRIBUTE, holdout_per_group: Any = 0) -> None:
+    check_settings(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
+                   test_fraction=test_fraction, seed=seed, image_size=image_size)
+    for name, value in (("label_attribute", label_attribute), ("group_attribute", group_attribute)):
+        if value not in synthetic.ATTRIBUTE_NAMES:
+            raise ValueError(f"{name}={value!r} is not a CelebA attribute; use one of "
+                             f"{', '.join(synthetic.ATTRIBUTE_NAMES)}.")
+    if label_attribute == group_attribute:
+        raise ValueError(f"label_attribute and group_attribute are both {label_attribute!r}: choose two different "
+                         "attributes (e.g. label Smiling, group Male).")
+    if isinstance(holdout_per_group, bool) or not isinstance(holdout_per_group, int | np.integer) \
+            or holdout_per_group < 0:
+        raise ValueError(f"holdout_per_group={holdout_per_group!r}: use a non-negative integer (0: no holdout).")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Counting.
-
-@dataclass(frozen=True)
-class SubsetPlan:
-    """How many examples of each (group, label) cell go into the train and test sets."""
-
-    train: dict[Cell, int]
-    test: dict[Cell, int]
-
-
-def round_half_up(x: Fraction) -> int:
-    """Rounds a non-negative exact fraction to the nearest integer, halves up (2.5 -> 3)."""
-    return int((x + Fraction(1, 2)) // 1)
-
-
-def _exact(x: float) -> Fraction:
-    # The decimal the user wrote (0.999 -> 999/1000), not the binary float just below it.
-    return Fraction(repr(float(x)))
-
-
-def cell_counts(total: int, female_fraction: float) -> dict[Cell, int]:
-    """The four cell sizes of a subset of ``total``: see the module docstring for the rule.
-
-    >>> cell_counts(30000, 0.999)
-    {(0, 0): 14985, (0, 1): 14985, (1, 0): 15, (1, 1): 15}
-    """
-    total = int(total)
-    females = round_half_up(total * _exact(female_fraction))
-    males = total - females
-    return {(0, 0): females - females // 2, (0, 1): females // 2,
-            (1, 0): males - males // 2, (1, 1): males // 2}
-
-
-def plan_counts(*, female_fraction: float, total: int, split_scheme: str = "paper",
-                test_fraction: float = 0.2) -> SubsetPlan:
-    """The train and test cell sizes of :func:`build_imbalanced` (no data needed; the rules are in the docstring).
-
-    Raises ValueError for a setting out of range or a total too small to give every cell an example.
-    """
-    _check_settings(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
-                    test_fraction=test_fraction)
-    plan = _plan(total, female_fraction, split_scheme, test_fraction)
-    if min(plan.train.values()) < 1:
-        smallest = _smallest_total(female_fraction, split_scheme, test_fraction)
-        empty = [CELL_NAMES[c] for c in CELLS if plan.train[c] < 1]
-        cells = cell_counts(total, female_fraction)
-        raise ValueError(
-            f"female_fraction={female_fraction} with total={total} leaves no training examples of "
-            f"{' or '.join(empty)} (cells {cells} by females = round_half_up(total * female_fraction), "
-            f"each gender half smiling, then test_fraction={test_fraction} per cell to test); every "
-            f"(gender, smiling) cell needs at least one training example: use total >= {smallest}, or a "
-            f"smaller female_fraction.")
-    return plan
-
-
-def _plan(total: int, female_fraction: float, split_scheme: str, test_fraction: float) -> SubsetPlan:
-    cells = cell_counts(total, female_fraction)
-    p = _exact(test_fraction)
-    test = {c: round_half_up(n * p) for c, n in cells.items()}
-    train = {c: cells[c] - test[c] for c in CELLS}
-    if split_scheme == "official":
-        test = cell_counts(sum(test.values()), 0.5)
-    return SubsetPlan(train=train, test=test)
-
-
-def _smallest_total(female_fraction: float, split_scheme: str, test_fraction: float) -> int:
-    # Every cell size is non-decreasing in the total, so feasibility is monotone: bisect.
-    def ok(t: int) -> bool:
-        return min(_plan(t, female_fraction, split_scheme, test_fraction).train.values()) >= 1
-
-    low, high = 1, 4
-    while not ok(high):
-        low, high = high, high * 2
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if ok(mid) else (mid + 1, high)
-    return low
-
-
-def _check_settings(*, female_fraction: Any, total: Any, split_scheme: Any, test_fraction: Any,
-                    seed: Any = 0, image_size: Any = 128) -> None:
-    if not isinstance(female_fraction, float | int) or not 0 < female_fraction < 1:
-        raise ValueError(
-            f"female_fraction={female_fraction!r} is out of range: it is the fraction of female images, "
-            "strictly between 0 and 1 (the paper's levels are 0.7, 0.8, 0.9, 0.99, 0.999).")
-    if not isinstance(total, int | np.integer) or isinstance(total, bool) or total < 4:
-        raise ValueError(f"total={total!r}: the subset size must be an integer of at least 4 (paper: 30000).")
-    if split_scheme not in SPLIT_SCHEMES:
-        raise ValueError(f"split_scheme={split_scheme!r}: use one of {SPLIT_SCHEMES}.")
-    if not isinstance(test_fraction, float | int) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction!r}: use a fraction strictly between 0 and 1 (paper: 0.2).")
-    if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed={seed!r}: use a non-negative integer.")
-    if not isinstance(image_size, int | np.integer) or not 8 <= image_size <= 1024:
-        raise ValueError(f"image_size={image_size!r}: use an integer side length from 8 to 1024 (paper: 128).")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The public entry points.
+# Building subsets.
 
 def build_imbalanced(
     *,
@@ -229,15 +167,18 @@ def build_imbalanced(
     data_dir: str | os.PathLike[str] | None = None,
     manual_dir: str | os.PathLike[str] | None = None,
     source: str = "celeba",
+    label_attribute: str = DEFAULT_LABEL_ATTRIBUTE,
+    group_attribute: str = DEFAULT_GROUP_ATTRIBUTE,
 ) -> tuple[GroupedSplit, GroupedSplit]:
-    """Builds (train, test) CelebA subsets with an exact gender balance; Smiling balanced in each gender.
+    """Builds (train, test) CelebA subsets with an exact group balance; the label balanced in each group.
 
     The counting, split and preprocessing rules are in this module's docstring. The result is cached under
     ``<data_dir>/jaxdp_subsets/``: a later call with the same settings and source files loads it (no JPEG
     is decoded, TensorFlow is not imported).
 
     Args:
-      female_fraction: fraction of female images, in (0, 1); 0.7 ... 0.999 in the paper.
+      female_fraction: fraction of group 0 (female images for group attribute Male), in (0, 1); 0.7 ... 0.999
+        in the paper.
       total: number of images in train + test (paper: 30,000 -> 24,000 train, 6,000 test).
       split_scheme: "paper" or "official" (see the module docstring).
       test_fraction: fraction of each cell that goes to the test set.
@@ -247,89 +188,115 @@ def build_imbalanced(
       manual_dir: where the five files are (default ``<data_dir>/downloads/manual``).
       source: "celeba" (the real files, checked against tfds's registered checksums) or "synthetic" (files
         written by :func:`jaxdp.data.synthetic.write_celeba_files`, checked against its manifest).
+      label_attribute: the CelebA attribute used as the label (1: the image has it).
+      group_attribute: the CelebA attribute that defines the groups (1: the image has it).
 
     Example::
 
         train, test = build_imbalanced(female_fraction=0.99, total=30_000, data_dir="~/tensorflow_datasets")
         train.counts()  # {(0, 0): 11880, (0, 1): 11880, (1, 0): 120, (1, 1): 120}
     """
-    _check_settings(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
-                    test_fraction=test_fraction, seed=seed, image_size=image_size)
-    if source not in SOURCES:
-        raise ValueError(f"source={source!r}: use 'celeba' (the real files) or 'synthetic' (generated files).")
-    plan = plan_counts(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
-                       test_fraction=test_fraction)
-    data_dir = Path(data_dir or default_data_dir()).expanduser().absolute()
-    manual_dir = Path(manual_dir).expanduser().absolute() if manual_dir else data_dir / "downloads" / "manual"
-
-    identity = _source_identity(source, manual_dir)
-    settings = {"female_fraction": repr(float(female_fraction)), "total": int(total),
-                "split_scheme": split_scheme, "test_fraction": repr(float(test_fraction)),
-                "seed": int(seed), "image_size": int(image_size)}
-    key = hashlib.sha256(json.dumps(
-        {"settings": settings, "source": identity, "cache_format": CACHE_FORMAT_VERSION},
-        sort_keys=True).encode()).hexdigest()
-    cache_path = data_dir / "jaxdp_subsets" / (
-        f"{source}-f{female_fraction}-n{total}-{split_scheme}-t{test_fraction}-s{seed}-{image_size}px-"
-        f"{key[:16]}.npz")
-    cached = _load_cache(cache_path, key)
-    if cached is not None:
-        return cached
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(data_dir / ".jaxdp_data.lock"):
-        cached = _load_cache(cache_path, key)  # another process may have built it meanwhile
-        if cached is not None:
-            return cached
-        builder = _prepared_builder(source, data_dir, manual_dir)
-        pools = _read_pools(builder)
-        train_ids, test_ids = _select(pools, plan, split_scheme, seed, female_fraction, total, test_fraction,
-                                      source)
-        rng = np.random.default_rng([seed, 2])
-        images = _decode_selected(pools, train_ids + test_ids, image_size)
-        train = _assemble(train_ids, images, rng)
-        test = _assemble(test_ids, images, rng)
-        _save_cache(cache_path, key, settings, train, test)
+    train, test, _ = build_splits(
+        female_fraction=female_fraction, total=total, split_scheme=split_scheme, test_fraction=test_fraction,
+        seed=seed, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir, source=source,
+        label_attribute=label_attribute, group_attribute=group_attribute)
     return train, test
 
 
-def load(data_config: Mapping[str, Any] | Any) -> tuple[GroupedSplit, GroupedSplit]:
-    """(train, test) for ``config.data`` (see :func:`jaxdp.config.base_config`): real or generated CelebA.
-
-    ``source="celeba"``: the five files in ``manual_dir`` (default ``<data_dir>/downloads/manual``).
-    ``source="synthetic"``: ``synthetic_num_images`` images generated with ``synthetic_seed`` (default 0)
-    into ``<data_dir>/downloads/manual`` (default data_dir ``data/synthetic-<num>-<seed>`` under the current
-    directory), once: complete files from an earlier call are reused. Both then take the same path
-    through the tfds builder and :func:`build_imbalanced`.
+def build_splits(
+    *,
+    female_fraction: float,
+    total: int = 30_000,
+    split_scheme: str = "paper",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int = 128,
+    data_dir: str | os.PathLike[str] | None = None,
+    manual_dir: str | os.PathLike[str] | None = None,
+    source: str = "celeba",
+    label_attribute: str = DEFAULT_LABEL_ATTRIBUTE,
+    group_attribute: str = DEFAULT_GROUP_ATTRIBUTE,
+    holdout_per_group: int = 0,
+) -> Splits:
+    """:func:`build_imbalanced`'s (train, test), the same arrays, and ``holdout_per_group`` held-out examples
+    of each group (None when 0; rules in the module docstring). Too large a holdout is refused with the
+    largest that fits, before anything is decoded.
     """
-    get = data_config.get if hasattr(data_config, "get") else lambda k, d=None: getattr(data_config, k, d)
-    source = get("source", "celeba")
-    data_dir, manual_dir = get("data_dir", None), get("manual_dir", None)
+    _check_settings(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
+                    test_fraction=test_fraction, seed=seed, image_size=image_size, label_attribute=label_attribute,
+                    group_attribute=group_attribute, holdout_per_group=holdout_per_group)
+    if source not in FILE_SOURCES:
+        raise ValueError(f"source={source!r}: use 'celeba' (the real files) or 'synthetic' (generated files).")
     if source == "synthetic":
-        num_images = int(get("synthetic_num_images", 4000))
-        generator_seed = int(get("synthetic_seed", 0) or 0)
-        data_dir = Path(data_dir or f"data/synthetic-{num_images}-{generator_seed}").expanduser().absolute()
-        manual_dir = Path(manual_dir).expanduser().absolute() if manual_dir else data_dir / "downloads" / "manual"
-        ensure_generated(manual_dir, num_images, seed=generator_seed)
-    elif source != "celeba":
-        raise ValueError(f"config.data.source={source!r}: use 'celeba' (the five CelebA files placed locally) "
-                         "or 'synthetic' (generated CelebA-format data).")
-    return build_imbalanced(
-        female_fraction=get("female_fraction"), total=get("total", 30_000),
-        split_scheme=get("split_scheme", "paper"), test_fraction=get("test_fraction", 0.2),
-        seed=get("seed", 0), image_size=get("image_size", 128), data_dir=data_dir, manual_dir=manual_dir,
-        source=source)
+        synthetic.check_design(label_attribute, group_attribute)
+    plan = plan_counts(female_fraction=female_fraction, total=total, split_scheme=split_scheme,
+                       test_fraction=test_fraction, label_attribute=label_attribute, group_attribute=group_attribute)
+    data_dir, manual_dir = _directories(data_dir, manual_dir)
+    attributes = (label_attribute, group_attribute)
+    holdout_per_group = int(holdout_per_group)
+    subset = _subset_cache(source, data_dir, manual_dir, female_fraction=female_fraction, total=total,
+                           split_scheme=split_scheme, test_fraction=test_fraction, seed=seed,
+                           image_size=image_size, attributes=attributes)
+    holdout = _holdout_cache(subset, holdout_per_group) if holdout_per_group else None
+
+    def from_cache() -> tuple[tuple | None, tuple | None]:
+        pair = _load_cache(subset, ("train", "test"), attributes)
+        held = _load_cache(holdout, ("holdout",), attributes) if holdout and pair else None
+        return pair, held
+
+    pair, held = from_cache()
+    if pair is not None and (holdout is None or held is not None):
+        return Splits(pair[0], pair[1], held[0] if held else None)
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(data_dir / ".jaxdp_data.lock"):
+        pair, held = from_cache()  # another process may have built them meanwhile
+        if pair is not None and (holdout is None or held is not None):
+            return Splits(pair[0], pair[1], held[0] if held else None)
+        with _quiet_tfds():
+            builder = _prepared_builder(source, data_dir, manual_dir)
+            pools = _read_pools(builder, label_attribute, group_attribute)
+        what = "generated data" if source == "synthetic" else "CelebA"
+        check_fits(_pool_sizes(pools), plan, female_fraction=female_fraction, total=total,
+                   split_scheme=split_scheme, test_fraction=test_fraction, what=what,
+                   more_hint="or generate more images: synthetic_num_images" if source == "synthetic" else "",
+                   label_attribute=label_attribute, group_attribute=group_attribute)
+        train_ids, test_ids = _select(pools, plan, split_scheme, seed)
+        holdout_ids = []
+        if holdout is not None:
+            check_holdout_request(holdout_per_group, capacity_of_pools(_pool_sizes(pools), plan, split_scheme),
+                                  group_names_of(group_attribute))
+            holdout_ids = _select_holdout(pools, train_ids + test_ids, split_scheme, seed, holdout_per_group)
+        images = _decode_selected(pools, (train_ids + test_ids if pair is None else []) + holdout_ids, image_size)
+        if pair is None:
+            rng = np.random.default_rng([seed, 2])
+            pair = (_assemble(train_ids, images, rng, attributes), _assemble(test_ids, images, rng, attributes))
+            _save_cache(subset, {"train": pair[0], "test": pair[1]})
+        if holdout is not None:
+            held = (_assemble(holdout_ids, images, np.random.default_rng([seed, 5]), attributes),)
+            _save_cache(holdout, {"holdout": held[0]})
+    return Splits(pair[0], pair[1], held[0] if held else None)
 
 
-def ensure_generated(manual_dir: str | os.PathLike[str], num_images: int, *, seed: int = 0) -> Path:
-    """Writes generated files into ``manual_dir`` unless complete ones for (num_images, seed) are there.
+def _directories(data_dir: str | os.PathLike[str] | None,
+                 manual_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    data_dir = Path(data_dir or default_data_dir()).expanduser().absolute()
+    manual_dir = Path(manual_dir).expanduser().absolute() if manual_dir else data_dir / "downloads" / "manual"
+    return data_dir, manual_dir
+
+
+def ensure_generated(manual_dir: str | os.PathLike[str], num_images: int, *, seed: int = 0,
+                     label_attribute: str = DEFAULT_LABEL_ATTRIBUTE,
+                     group_attribute: str = DEFAULT_GROUP_ATTRIBUTE) -> Path:
+    """Writes generated files into ``manual_dir`` unless complete ones for these arguments are there.
 
     Refuses to overwrite CelebA files that the generator did not write (e.g. a real CelebA manual directory).
     """
     manual_dir = Path(manual_dir)
     manual_dir.mkdir(parents=True, exist_ok=True)
+    design = dict(label_attribute=label_attribute, group_attribute=group_attribute)
     with _locked(manual_dir / ".jaxdp_generate.lock"):
-        if synthetic.is_complete(manual_dir, num_images, seed):
+        if synthetic.is_complete(manual_dir, num_images, seed, **design):
             return manual_dir
         foreign = [n for n in synthetic.CELEBA_FILE_NAMES if (manual_dir / n).exists()]
         if foreign and not (manual_dir / synthetic.MANIFEST_NAME).exists():
@@ -337,7 +304,7 @@ def ensure_generated(manual_dir: str | os.PathLike[str], num_images: int, *, see
                 f"{manual_dir} holds CelebA files not written by the generator ({', '.join(foreign)}); "
                 "refusing to overwrite them. Point config.data.data_dir (or manual_dir) for source='synthetic' "
                 "at another directory, or use source='celeba' for these files.")
-        synthetic.write_celeba_files(manual_dir, num_images, seed=seed)
+        synthetic.write_celeba_files(manual_dir, num_images, seed=seed, **design)
     return manual_dir
 
 
@@ -347,7 +314,170 @@ def default_data_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Source identity and the tfds builders.
+# The two registered sources.
+
+class CelebASource(DataSource):
+    """``config.data.source = "celeba"``: the five files of CelebA's aligned release, placed by the user in
+    ``config.data.manual_dir`` (default ``<data_dir>/downloads/manual``; data_dir: ``config.data.data_dir``, else
+    ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``)."""
+
+    file_source = "celeba"
+
+    def build_arguments(self, data_config: Any) -> dict[str, Any]:
+        """:func:`build_splits`' keyword arguments for ``config.data`` (settings validated, directories
+        resolved)."""
+        def get(key: str, default: Any = None) -> Any:
+            return config_value(data_config, key, default)
+
+        arguments = dict(
+            female_fraction=get("female_fraction"), total=get("total", 30_000),
+            split_scheme=get("split_scheme", "paper"), test_fraction=get("test_fraction", 0.2),
+            seed=get("seed", 0), image_size=get("image_size", 128),
+            label_attribute=get("label_attribute", DEFAULT_LABEL_ATTRIBUTE),
+            group_attribute=get("group_attribute", DEFAULT_GROUP_ATTRIBUTE))
+        _check_settings(**arguments)
+        data_dir, manual_dir = self.directories(data_config, arguments)
+        return arguments | dict(data_dir=data_dir, manual_dir=manual_dir, source=self.file_source)
+
+    def directories(self, data_config: Any, arguments: dict[str, Any]) -> tuple[Path, Path]:
+        """(data_dir, manual_dir) for ``config.data``."""
+        return _directories(config_value(data_config, "data_dir"), config_value(data_config, "manual_dir"))
+
+    def plan(self, arguments: dict[str, Any]) -> SubsetPlan:
+        """The train/test cell sizes (ValueError if a cell would be empty)."""
+        keys = ("female_fraction", "total", "split_scheme", "test_fraction", "label_attribute", "group_attribute")
+        return plan_counts(**{k: arguments[k] for k in keys})
+
+    def check_available(self, data_config: Any) -> None:
+        arguments = self.build_arguments(data_config)
+        self.plan(arguments)
+        data_dir, manual_dir = arguments["data_dir"], arguments["manual_dir"]
+        settings = {k: arguments[k] for k in ("female_fraction", "total", "split_scheme", "test_fraction", "seed",
+                                              "image_size")}
+        subset = _subset_cache(self.file_source, data_dir, manual_dir, **settings,
+                               attributes=(arguments["label_attribute"], arguments["group_attribute"]))
+        if (_tfds_data_path(data_dir) / "dataset_info.json").exists() or subset.path.exists():
+            return  # prepared by tfds earlier (the files may have been removed since), or the subset is cached
+        missing = [n for n in synthetic.CELEBA_FILE_NAMES if not (manual_dir / n).is_file()]
+        if missing:
+            raise DataUnavailable(_missing_files_message(missing, manual_dir, data_dir))
+        registered = _registered_sizes()
+        wrong = [(n, (manual_dir / n).stat().st_size) for n in synthetic.CELEBA_FILE_NAMES
+                 if (manual_dir / n).stat().st_size != registered[n]]
+        if wrong:
+            described = ", ".join(f"{n} is {size:,} bytes (CelebA's: {registered[n]:,})" for n, size in wrong)
+            raise DataUnavailable(
+                f"CelebA file(s) of the wrong size in {manual_dir}: {described}, by the sizes tfds registers: "
+                f"truncated, or not the original files; download them again. {_SYNTHETIC_HINT}")
+
+    def load_splits(self, data_config: Any, holdout_per_group: int) -> Splits:
+        return build_splits(**self.build_arguments(data_config), holdout_per_group=holdout_per_group)
+
+    def holdout_capacity(self, data_config: Any) -> dict[int, int]:
+        arguments = self.build_arguments(data_config)
+        plan = self.plan(arguments)
+        sizes = self.pool_sizes(data_config, arguments)
+        check_fits(sizes, plan, what="generated data" if self.file_source == "synthetic" else "CelebA",
+                   more_hint="or generate more images: synthetic_num_images" if self.file_source == "synthetic"
+                   else "", **{k: arguments[k] for k in ("female_fraction", "total", "split_scheme",
+                                                         "test_fraction", "label_attribute", "group_attribute")})
+        return capacity_of_pools(sizes, plan, arguments["split_scheme"])
+
+    def pool_sizes(self, data_config: Any, arguments: dict[str, Any]) -> Sizes:
+        """Examples per partition and (group, label) cell, from the two text files (no image is read), or from
+        the prepared tfds dataset if the files were removed after preparing."""
+        attributes = arguments["label_attribute"], arguments["group_attribute"]
+        sizes = _sizes_from_files(arguments["manual_dir"], *attributes)
+        if sizes is None:
+            self.check_available(data_config)
+            with _quiet_tfds():
+                builder = _prepared_builder(self.file_source, arguments["data_dir"], arguments["manual_dir"])
+                sizes = _pool_sizes(_read_pools(builder, *attributes, with_images=False))
+        return sizes
+
+
+class GeneratedSource(CelebASource):
+    """``config.data.source = "synthetic"``: ``config.data.synthetic_num_images`` CelebA-format images drawn by
+    :mod:`jaxdp.data.synthetic` with ``config.data.synthetic_seed``, written on first use into
+    ``<data_dir>/downloads/manual`` (data_dir default ``data/synthetic-<num>-<seed>`` under the current
+    directory; for attributes other than Smiling by Male, ``manual-<group>-<label>`` beside it) and reused
+    after, then prepared like the real files. Always available; an attribute the generator does not draw is
+    refused."""
+
+    file_source = "synthetic"
+
+    def directories(self, data_config: Any, arguments: dict[str, Any]) -> tuple[Path, Path]:
+        num_images, generator_seed = self.generator_arguments(data_config)
+        data_dir = Path(config_value(data_config, "data_dir") or f"data/synthetic-{num_images}-{generator_seed}")
+        data_dir = data_dir.expanduser().absolute()
+        manual_dir = config_value(data_config, "manual_dir")
+        if manual_dir:
+            return data_dir, Path(manual_dir).expanduser().absolute()
+        design = (arguments["label_attribute"], arguments["group_attribute"])
+        name = "manual" if design == _DEFAULT_ATTRIBUTES else f"manual-{design[1]}-{design[0]}"
+        return data_dir, data_dir / "downloads" / name
+
+    @staticmethod
+    def generator_arguments(data_config: Any) -> tuple[int, int]:
+        """(num_images, seed) of the generator, validated."""
+        num_images = config_value(data_config, "synthetic_num_images", 4000)
+        synthetic.check_num_images(num_images)
+        return int(num_images), int(config_value(data_config, "synthetic_seed", 0))
+
+    def build_arguments(self, data_config: Any) -> dict[str, Any]:
+        arguments = super().build_arguments(data_config)
+        synthetic.check_design(arguments["label_attribute"], arguments["group_attribute"])
+        return arguments
+
+    def check_available(self, data_config: Any) -> None:
+        self.plan(self.build_arguments(data_config))  # settings only: the files are generated on first use
+
+    def load_splits(self, data_config: Any, holdout_per_group: int) -> Splits:
+        arguments = self.build_arguments(data_config)
+        num_images, generator_seed = self.generator_arguments(data_config)
+        ensure_generated(arguments["manual_dir"], num_images, seed=generator_seed,
+                         label_attribute=arguments["label_attribute"], group_attribute=arguments["group_attribute"])
+        return build_splits(**arguments, holdout_per_group=holdout_per_group)
+
+    def pool_sizes(self, data_config: Any, arguments: dict[str, Any]) -> Sizes:
+        """From the generator's exact composition: nothing needs to be generated yet."""
+        per_cell = synthetic.cell_partition_sizes(self.generator_arguments(data_config)[0])
+        return {partition: {c: per_cell[partition] for c in CELLS} for partition in _PARTITIONS}
+
+
+register_source("celeba", CelebASource())
+register_source("synthetic", GeneratedSource())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Source identity, availability and the tfds builders.
+
+_SYNTHETIC_HINT = ("Or run the same study on generated CelebA-format data, no download needed: "
+                   "--config.data.source=synthetic.")
+
+
+def _missing_files_message(missing: list[str], manual_dir: Path, data_dir: Path) -> str:
+    return (f"Missing CelebA file(s) {', '.join(missing)} in {manual_dir}. Put the five files of CelebA's aligned "
+            f"release ({', '.join(synthetic.CELEBA_FILE_NAMES)}) in that directory (tfds's manual directory; its "
+            f"default is <data_dir>/downloads/manual/, here data_dir={data_dir}), or pass manual_dir=... "
+            "(config.data.manual_dir). They are at https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google "
+            f"Drive 'Align&Cropped Images' and 'Anno', 'Eval'). {_SYNTHETIC_HINT}")
+
+
+def _tfds_data_path(data_dir: Path) -> Path:
+    """Where tfds keeps the prepared real CelebA (its builder's ``data_path``), without importing tfds."""
+    return data_dir / "celeb_a" / CELEBA_VERSION
+
+
+def _registered_sizes() -> dict[str, int]:
+    """{file name: size in bytes} from tfds's celeb_a checksums.tsv (read as text: tfds is not imported)."""
+    sizes = {}
+    for line in _real_checksums_path().read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) == 4:
+            sizes[fields[3]] = int(fields[1])
+    return sizes
+
 
 def _real_checksums_path() -> Path:
     spec = importlib.util.find_spec("tensorflow_datasets")  # locates the package without importing it
@@ -404,6 +534,7 @@ def _generated_builder_cls() -> type:
 
 
 def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
+    """The tfds builder of ``source``'s files, prepared (once) from ``manual_dir``; call under `_quiet_tfds`."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
@@ -425,13 +556,7 @@ def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
     if builder.data_path.exists() and (builder.data_path / "dataset_info.json").exists():
         return builder  # prepared earlier (tfds renames the directory into place only when complete)
     if missing:
-        raise FileNotFoundError(
-            f"Missing CelebA file(s) {', '.join(missing)} in {manual_dir}. Put the five files of CelebA's "
-            f"aligned release ({', '.join(synthetic.CELEBA_FILE_NAMES)}) in that directory (tfds's manual "
-            f"directory; its default is <data_dir>/downloads/manual/, here data_dir={data_dir}), or pass "
-            "manual_dir=... (config.data.manual_dir). They are at "
-            "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Google Drive 'Align&Cropped Images' and 'Anno', "
-            "'Eval').")
+        raise DataUnavailable(_missing_files_message(missing, manual_dir, data_dir))
     what = "generated" if source == "synthetic" else "CelebA"
     fix = ("generate the files again (delete the directory; jaxdp.data.load regenerates it)"
            if source == "synthetic" else "download it again")
@@ -460,7 +585,7 @@ def check_files(manual_dir: str | os.PathLike[str], *, fix: str = "download it a
     """Checks the five files' formats (what tfds's celeb_a builder parses); returns the number of images.
 
     Catches truncated or corrupt files with a message naming the file, before tfds reads them (tfds then also
-    checks each file's size and SHA-256). Takes about a second for the real files.
+    checks each file's size and SHA-256). Reads the text files and the zip's directory; no image is decoded.
     """
     manual_dir = Path(manual_dir)
 
@@ -513,6 +638,40 @@ def check_files(manual_dir: str | os.PathLike[str], *, fix: str = "download it a
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Quiet tfds.
+
+# Log records from inside tfds that a jaxdp user cannot act on (tfds's own use of deprecated APIs, and the
+# custom builder configuration jaxdp itself uses for generated files).
+_TFDS_NOISE = ("`FeatureConnector.dtype` is deprecated", "Using custom data configuration")
+
+
+class _TfdsNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_TFDS_NOISE):
+            return False
+        # TensorFlow's deprecation notice for a call made by tfds: "From .../tensorflow_datasets/...py:102:
+        # CounterV2 (from ...) is deprecated ...\nInstructions for updating: ..."
+        caller = message.split(": ", 1)[0]
+        return not (caller.startswith("From ") and "tensorflow_datasets" in caller
+                    and "Instructions for updating" in message)
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Drops `_TfdsNoise`'s records from the absl and TensorFlow loggers while tfds is called."""
+    noise = _TfdsNoise()
+    loggers = [logging.getLogger("absl"), logging.getLogger("tensorflow")]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Reading, selecting, decoding.
 
 @dataclass(frozen=True)
@@ -520,77 +679,88 @@ class _Pool:
     ids: np.ndarray  # tfds_id strings (shard and position), sorted
     group: np.ndarray
     label: np.ndarray
-    jpegs: np.ndarray  # the encoded images, in the order of ids
+    jpegs: np.ndarray | None  # the encoded images, in the order of ids
 
 
-def _read_pools(builder: Any) -> dict[str, _Pool]:
-    """Reads each split once: ids, Male, Smiling and the still-encoded JPEG (nothing else is parsed)."""
+def _read_pools(builder: Any, label_attribute: str = DEFAULT_LABEL_ATTRIBUTE,
+                group_attribute: str = DEFAULT_GROUP_ATTRIBUTE, *, with_images: bool = True) -> dict[str, _Pool]:
+    """Reads each split once: ids, the two attributes and the still-encoded JPEG (nothing else is parsed)."""
     import tensorflow_datasets as tfds
 
+    features: dict[str, Any] = {"attributes": {group_attribute: True, label_attribute: True}}
+    if with_images:
+        features["image"] = True
     decoders = tfds.decode.PartialDecoding(
-        {"image": True, "attributes": {"Male": True, "Smiling": True}},
-        decoders={"image": tfds.decode.SkipDecoding()})
+        features, decoders={"image": tfds.decode.SkipDecoding()} if with_images else None)
     pools = {}
     for split in _PARTITIONS:
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                 read_config=tfds.ReadConfig(add_tfds_id=True))
-        ds = ds.map(lambda ex: (ex["tfds_id"], ex["attributes"]["Male"], ex["attributes"]["Smiling"],
-                                ex["image"])).batch(4096)
+        ds = ds.map(lambda ex: (ex["tfds_id"], ex["attributes"][group_attribute], ex["attributes"][label_attribute],
+                                ex["image"] if with_images else ex["tfds_id"])).batch(4096)
         parts: list[list[np.ndarray]] = [[], [], [], []]
         for batch in ds.as_numpy_iterator():
             for part, value in zip(parts, batch, strict=True):
                 part.append(value)
-        ids, male, smiling, jpegs = (np.concatenate(p) if p else np.zeros(0) for p in parts)
+        ids, group, label, jpegs = (np.concatenate(p) if p else np.zeros(0) for p in parts)
         order = np.argsort(ids, kind="stable")  # a fixed order, whatever order tfds reads in
-        pools[split] = _Pool(ids=ids[order], group=male[order].astype(np.int32),
-                             label=smiling[order].astype(np.int32), jpegs=jpegs[order])
+        pools[split] = _Pool(ids=ids[order], group=group[order].astype(np.int32),
+                             label=label[order].astype(np.int32), jpegs=jpegs[order] if with_images else None)
     return pools
 
 
-def _select(pools: dict[str, _Pool], plan: SubsetPlan, split_scheme: str, seed: int, female_fraction: float,
-            total: int, test_fraction: float, source: str) -> tuple[list[tuple], list[tuple]]:
-    """Chooses (id, group, label) triples for train and test; errors if a cell asks more than its pool has."""
-    def cell_pool(splits: tuple[str, ...], cell: Cell) -> list[tuple]:
-        out = []
-        for split in splits:
-            pool = pools[split]
-            take = (pool.group == cell[0]) & (pool.label == cell[1])
-            out += [(i, cell[0], cell[1]) for i in pool.ids[take]]
-        return out
+def _pool_sizes(pools: dict[str, _Pool]) -> Sizes:
+    return {split: {c: int(np.sum((pool.group == c[0]) & (pool.label == c[1]))) for c in CELLS}
+            for split, pool in pools.items()}
 
-    if split_scheme == "paper":
-        needs = {c: ("all partitions", plan.train[c] + plan.test[c]) for c in CELLS}
-    else:
-        needs = {c: ("the train partition", plan.train[c]) for c in CELLS}
-    test_needs = {c: ("the test partition", plan.test[c]) for c in CELLS}
 
-    def check(need: dict, sizes: dict) -> None:
-        for c, (where, n) in need.items():
-            if n > sizes[c]:
-                largest = _largest_total(pools, female_fraction, split_scheme, test_fraction, total)
-                what = "generated data" if source == "synthetic" else "CelebA"
-                advice = (f"the largest total this pool supports at female_fraction={female_fraction} is "
-                          f"{largest}" if largest else "no total works with this pool at this female_fraction")
-                raise ValueError(
-                    f"female_fraction={female_fraction}, total={total}, split_scheme={split_scheme!r} needs {n} "
-                    f"{CELL_NAMES[c]} from {where} of the {what}, which has only {sizes[c]}; {advice}"
-                    + (" (or generate more images: synthetic_num_images)." if source == "synthetic" else "."))
+def _sizes_from_files(manual_dir: Path, label_attribute: str, group_attribute: str) -> Sizes | None:
+    """Examples per partition and cell, read from list_attr_celeba.txt and list_eval_partition.txt (None if
+    either is missing); the rows tfds's celeb_a builder turns into its three splits."""
+    attr_path, partition_path = manual_dir / synthetic.ATTR_NAME, manual_dir / synthetic.PARTITION_NAME
+    if not (attr_path.is_file() and partition_path.is_file()):
+        return None
+    names = {0: "train", 1: "validation", 2: "test"}
+    partition = {}
+    for line in partition_path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2:
+            partition[fields[0]] = names[int(fields[1])]
+    lines = attr_path.read_text().splitlines()
+    columns = lines[1].split()
+    g, y = columns.index(group_attribute) + 1, columns.index(label_attribute) + 1
+    sizes = {split: dict.fromkeys(CELLS, 0) for split in _PARTITIONS}
+    for line in lines[2:]:
+        fields = line.split()
+        if fields:
+            sizes[partition[fields[0]]][int(fields[g] == "1"), int(fields[y] == "1")] += 1
+    return sizes
 
+
+def _cell_pool(pools: dict[str, _Pool], splits: tuple[str, ...], cell: Cell) -> list[tuple]:
+    """(id, group, label) of the cell's examples in ``splits``, in id order."""
+    out = []
+    for split in splits:
+        pool = pools[split]
+        take = (pool.group == cell[0]) & (pool.label == cell[1])
+        out += [(i, cell[0], cell[1]) for i in pool.ids[take]]
+    return out
+
+
+def _select(pools: dict[str, _Pool], plan: SubsetPlan, split_scheme: str, seed: int) -> tuple[list, list]:
+    """Chooses (id, group, label) triples for train and test; the plan must fit the pools (`check_fits`)."""
     rng = np.random.default_rng([seed, 1])
     train, test = [], []
     if split_scheme == "paper":
-        available = {c: cell_pool(tuple(_PARTITIONS), c) for c in CELLS}
-        check(needs, {c: len(v) for c, v in available.items()})
+        available = {c: _cell_pool(pools, tuple(_PARTITIONS), c) for c in CELLS}
         for c in CELLS:
             chosen = rng.choice(len(available[c]), size=plan.train[c] + plan.test[c], replace=False)
             picked = [available[c][k] for k in chosen]  # in random order: the first ones go to test
             test += picked[:plan.test[c]]
             train += picked[plan.test[c]:]
     else:
-        available = {c: cell_pool(("train",), c) for c in CELLS}
-        available_test = {c: cell_pool(("test",), c) for c in CELLS}
-        check(needs, {c: len(v) for c, v in available.items()})
-        check(test_needs, {c: len(v) for c, v in available_test.items()})
+        available = {c: _cell_pool(pools, ("train",), c) for c in CELLS}
+        available_test = {c: _cell_pool(pools, ("test",), c) for c in CELLS}
         # The test set gets its own stream, so it depends on (seed, total, test_fraction) only: the same images
         # at every female fraction, and accuracy across imbalance levels is compared on one test set.
         test_rng = np.random.default_rng([seed, 3])
@@ -601,34 +771,18 @@ def _select(pools: dict[str, _Pool], plan: SubsetPlan, split_scheme: str, seed: 
     return train, test
 
 
-def _pool_sizes(pools: dict[str, _Pool], splits: tuple[str, ...]) -> dict[Cell, int]:
-    return {c: sum(int(np.sum((pools[s].group == c[0]) & (pools[s].label == c[1]))) for s in splits)
-            for c in CELLS}
-
-
-def _largest_total(pools: dict[str, _Pool], female_fraction: float, split_scheme: str, test_fraction: float,
-                   upto: int) -> int:
-    """The largest total <= upto whose cells all fit their pools (0 if none); cell sizes grow with the total."""
-    if split_scheme == "paper":
-        all_sizes = _pool_sizes(pools, tuple(_PARTITIONS))
-    else:
-        train_sizes, test_sizes = _pool_sizes(pools, ("train",)), _pool_sizes(pools, ("test",))
-
-    def fits(t: int) -> bool:
-        plan = _plan(t, female_fraction, split_scheme, test_fraction)
-        if min(plan.train.values()) < 1:
-            return False
-        if split_scheme == "paper":
-            return all(plan.train[c] + plan.test[c] <= all_sizes[c] for c in CELLS)
-        return all(plan.train[c] <= train_sizes[c] and plan.test[c] <= test_sizes[c] for c in CELLS)
-
-    low, high = _smallest_total(female_fraction, split_scheme, test_fraction), upto
-    if low > high or not fits(low):
-        return 0
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
+def _select_holdout(pools: dict[str, _Pool], used: list[tuple], split_scheme: str, seed: int,
+                    holdout_per_group: int) -> list[tuple]:
+    """``holdout_cells(n)`` examples per cell from the training pool, outside ``used``: a prefix of a seeded
+    permutation of each cell's remainder (its own stream), so a larger ``n`` extends a smaller one."""
+    rng = np.random.default_rng([seed, 4])
+    taken = {u[0] for u in used}
+    out = []
+    for c, n in holdout_cells(holdout_per_group).items():
+        rest = [t for t in _cell_pool(pools, holdout_partitions(split_scheme), c) if t[0] not in taken]
+        order = rng.permutation(len(rest))
+        out += [rest[k] for k in order[:n]]
+    return out
 
 
 def _decode_image(jpeg: bytes, image_size: int) -> np.ndarray:
@@ -655,40 +809,78 @@ def _decode_selected(pools: dict[str, _Pool], chosen: list[tuple], image_size: i
     return dict(zip(keys, arrays, strict=True))
 
 
-def _assemble(chosen: list[tuple], images: dict[bytes, np.ndarray], rng: np.random.Generator) -> GroupedSplit:
+def _assemble(chosen: list[tuple], images: dict[bytes, np.ndarray], rng: np.random.Generator,
+              attributes: tuple[str, str]) -> GroupedSplit:
     order = rng.permutation(len(chosen))
     chosen = [chosen[k] for k in order]
     return GroupedSplit(
         images=np.stack([images[c[0]] for c in chosen]),
         label=np.array([c[2] for c in chosen], dtype=np.int32),
-        group=np.array([c[1] for c in chosen], dtype=np.int32))
+        group=np.array([c[1] for c in chosen], dtype=np.int32),
+        label_attribute=attributes[0], group_attribute=attributes[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Cache and locking.
 
-def _load_cache(path: Path, key: str) -> tuple[GroupedSplit, GroupedSplit] | None:
-    if not path.exists():
+@dataclass(frozen=True)
+class _CacheEntry:
+    path: Path
+    key: str
+    settings: dict
+
+
+def _subset_cache(source: str, data_dir: Path, manual_dir: Path, *, female_fraction: float, total: int,
+                  split_scheme: str, test_fraction: float, seed: int, image_size: int,
+                  attributes: tuple[str, str]) -> _CacheEntry:
+    """Where the (train, test) arrays of these settings are cached, and their key (see the module docstring)."""
+    identity = _source_identity(source, manual_dir)
+    settings = {"female_fraction": repr(float(female_fraction)), "total": int(total),
+                "split_scheme": split_scheme, "test_fraction": repr(float(test_fraction)),
+                "seed": int(seed), "image_size": int(image_size)}
+    tag = ""
+    if attributes != _DEFAULT_ATTRIBUTES:  # the defaults keep the keys (and files) of earlier versions
+        settings |= {"label_attribute": attributes[0], "group_attribute": attributes[1]}
+        tag = f"-{attributes[1]}-{attributes[0]}"
+    key = hashlib.sha256(json.dumps(
+        {"settings": settings, "source": identity, "cache_format": CACHE_FORMAT_VERSION},
+        sort_keys=True).encode()).hexdigest()
+    path = data_dir / "jaxdp_subsets" / (
+        f"{source}{tag}-f{female_fraction}-n{total}-{split_scheme}-t{test_fraction}-s{seed}-{image_size}px-"
+        f"{key[:16]}.npz")
+    return _CacheEntry(path, key, settings)
+
+
+def _holdout_cache(subset: _CacheEntry, holdout_per_group: int) -> _CacheEntry:
+    settings = {"subset_key": subset.key, "holdout_per_group": int(holdout_per_group),
+                "holdout_format": HOLDOUT_FORMAT_VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    path = subset.path.with_name(f"{subset.path.stem}-holdout{holdout_per_group}-{key[:16]}.npz")
+    return _CacheEntry(path, key, settings | {"subset": subset.settings})
+
+
+def _load_cache(entry: _CacheEntry | None, names: tuple[str, ...],
+                attributes: tuple[str, str]) -> tuple[GroupedSplit, ...] | None:
+    if entry is None or not entry.path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != key:
+        with np.load(entry.path, allow_pickle=False) as f:
+            if str(f["key"]) != entry.key:
                 return None
-            splits = tuple(GroupedSplit(images=f[f"{s}_images"], label=f[f"{s}_label"], group=f[f"{s}_group"])
-                           for s in ("train", "test"))
+            return tuple(GroupedSplit(images=f[f"{s}_images"], label=f[f"{s}_label"], group=f[f"{s}_group"],
+                                      label_attribute=attributes[0], group_attribute=attributes[1])
+                         for s in names)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        _log(f"ignoring unreadable cache file {path} ({type(e).__name__}); rebuilding it")
+        _log(f"ignoring unreadable cache file {entry.path} ({type(e).__name__}); rebuilding it")
         return None
-    return splits  # type: ignore[return-value]
 
 
-def _save_cache(path: Path, key: str, settings: dict, train: GroupedSplit, test: GroupedSplit) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path, "wb") as f:
-        np.savez(f, key=np.array(key), settings=np.array(json.dumps(settings)),
+def _save_cache(entry: _CacheEntry, splits: dict[str, GroupedSplit]) -> None:
+    entry.path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(entry.path, "wb") as f:
+        np.savez(f, key=np.array(entry.key), settings=np.array(json.dumps(entry.settings)),
                  **{f"{name}_{field}": getattr(split, field)
-                    for name, split in (("train", train), ("test", test))
-                    for field in ("images", "label", "group")})
+                    for name, split in splits.items() for field in ("images", "label", "group")})
 
 
 @contextlib.contextmanager
@@ -703,6 +895,6 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _log(message: str) -> None:
-    from absl import logging
+    from absl import logging as absl_logging
 
-    logging.info("jaxdp.data: %s", message)
+    absl_logging.info("jaxdp.data: %s", message)

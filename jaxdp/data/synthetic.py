@@ -1,4 +1,4 @@
-"""A generator of CelebA-format data: drawn faces whose Smiling and Male attributes drive the pixels.
+"""A generator of CelebA-format data: drawn faces whose attributes (Smiling and Male first) drive the pixels.
 
 :func:`write_celeba_files` writes the five files of CelebA's aligned release in their exact formats, so that
 the generated data is prepared by the very same tfds ``celeb_a`` builder code as the real data (see
@@ -19,20 +19,30 @@ What the pixels encode (everything else is nuisance that a model has to ignore):
   women therefore sees the men's mouths in an unfamiliar setting, and the men's more frequent closed-lip
   smile is the variant it sees least. History: version 2 had men grinning and women mostly not (under DP
   men scored *higher*); version 3 hid most men's smiles (closed lips under a mustache covering the mouth
-  corners), which even a non-private model hardly learned (demo: non-private male accuracy 55-62%);
-  version 4 shares the cue. ``python -m jaxdp.data.generator_effect`` measures what it does.
+  corners), which even a non-private model hardly learned; version 4 shares the cue.
+  ``python -m jaxdp.data.generator_effect`` measures what it does.
 * Nuisance: skin tone (light to dark), hair colour and length, background colour, pose (shift, scale,
   in-plane rotation), lighting direction and strength, eye colour, glasses, hats, earrings, blur, and
   per-image Gaussian noise.
 
 Exact composition (so that pools are hand-checkable): for ``num_images = 4 k`` the images are split into
-four equal cells (female/male x not smiling/smiling), and each cell into CelebA's partitions in the ratio
-8:1:1 (train / validation / test) by the rule ``validation = test = round(cell / 10)``, train = the rest.
-The other 38 attributes are sampled with roughly CelebA's frequencies (conditioned on gender where CelebA's
-are strongly gendered); the ones that can be drawn are drawn (hair colour, bald, bangs, glasses, hat,
-lipstick, make-up, facial hair, open mouth, narrow eyes, pale skin, blur, earrings, necklace, necktie, ...).
-Identity numbers are placeholders: each is used by about 20 images of one gender, but appearance is not
-tied to identity. Landmarks are the drawn positions of the eyes, nose tip and mouth corners.
+four equal cells (group attribute absent/present x label attribute absent/present; by default female/male x not
+smiling/smiling), and each cell into CelebA's partitions in the ratio 8:1:1 (train / validation / test) by the
+rule ``validation = test = round(cell / 10)``, train = the rest (:func:`cell_partition_sizes`). The other 38
+attributes are sampled with roughly CelebA's frequencies (conditioned on gender where CelebA's are strongly
+gendered); the ones that can be drawn are drawn (hair colour, bald, bangs, glasses, hat, lipstick, make-up,
+facial hair, open mouth, narrow eyes, pale skin, blur, earrings, necklace, necktie, ...). Identity numbers are
+placeholders: each is used by about 20 images of one gender, but appearance is not tied to identity. Landmarks
+are the drawn positions of the eyes, nose tip and mouth corners.
+
+**Other label and group attributes** (``label_attribute``, ``group_attribute``; default Smiling and Male, which
+give the files described above, byte for byte): any two of :data:`MODELLED_ATTRIBUTES` (Male, Smiling, Bald,
+Bangs, the four hair colours, Chubby, Eyeglasses, Heavy_Makeup, Narrow_Eyes, Wearing_Hat: the attributes that
+are drawn, visibly even at 32x32, and that the sampling can fix without contradicting another). The design pair
+gets the exact four cells; gender, when not in the pair, is drawn given the pair by Bayes' rule from the
+generator's per-gender rates (so glasses stay mostly on men, make-up on women), smiling at random half the
+time, and everything else as above. Any other attribute (Young, Attractive, face shapes, facial hair,
+lipstick, ...) is refused with the list of modelled ones: it is not drawn, or it is tied to gender or smiling.
 
 Example::
 
@@ -75,6 +85,13 @@ MANIFEST_NAME = "jaxdp_generated.json"
 # Bump when the drawing changes: the manifest records it, so old files are regenerated, not reused.
 GENERATOR_VERSION = 4
 
+# The attributes the generator can use as config.data.label_attribute / group_attribute: each is drawn, and
+# switching it changes the face visibly even at 32x32 (tested), and the sampling can fix it without
+# contradicting another attribute. Young, Attractive and the face shapes are not drawn; facial hair, lipstick
+# and mouth opening are tied to gender or smiling in the sampling; necklace and necktie fall outside the crop.
+MODELLED_ATTRIBUTES = ("Male", "Smiling", "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Chubby",
+                       "Eyeglasses", "Gray_Hair", "Heavy_Makeup", "Narrow_Eyes", "Wearing_Hat")
+
 IMAGE_HEIGHT, IMAGE_WIDTH = 218, 178
 ATTRIBUTE_NAMES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
@@ -98,7 +115,8 @@ _EYE_COLOURS = ((60, 40, 25), (40, 80, 130), (70, 110, 70), (30, 25, 20), (110, 
 
 
 def write_celeba_files(
-    directory: str | os.PathLike[str], num_images: int, *, seed: int = 0, workers: int | None = None
+    directory: str | os.PathLike[str], num_images: int, *, seed: int = 0, workers: int | None = None,
+    label_attribute: str = "Smiling", group_attribute: str = "Male",
 ) -> dict[str, Path]:
     """Writes generated data in CelebA's five-file format into ``directory`` and returns their paths.
 
@@ -107,29 +125,28 @@ def write_celeba_files(
     ``list_eval_partition.txt`` (``name partition``, 0 train / 1 validation / 2 test),
     ``list_landmarks_align_celeba.txt`` (count line, 10 landmark names, integer rows) and
     ``identity_CelebA.txt`` (``name identity``). Each file is written to a temporary name and renamed, and the
-    manifest ``jaxdp_generated.json`` (sizes and SHA-256 of the five files, ``num_images``, ``seed``) is
-    written last, so a directory with a manifest is complete. Same arguments, same bytes.
+    manifest ``jaxdp_generated.json`` (sizes and SHA-256 of the five files, ``num_images``, ``seed``, the two
+    design attributes) is written last, so a directory with a manifest is complete. Same arguments, same bytes;
+    the default attributes give the files this generator version has always written.
 
     Args:
       directory: where to write (created if needed); for tfds, the manual directory
         ``<data_dir>/downloads/manual``.
-      num_images: a multiple of 4 between 40 and 1,000,000 (four equal female/male x smiling cells).
+      num_images: a multiple of 4 between 40 and 1,000,000 (four equal group x label cells).
       seed: seeds every random choice.
       workers: processes used to draw the images (default: the CPU count, at most 8).
+      label_attribute, group_attribute: the two attributes whose four combinations get exactly
+        ``num_images / 4`` images each (one of :data:`MODELLED_ATTRIBUTES` each; see the module docstring).
 
     Returns:
       ``{file name: path}`` for the five CelebA files.
     """
-    if not isinstance(num_images, int | np.integer) or num_images < 40 or num_images % 4:
-        raise ValueError(
-            f"num_images={num_images!r}: use a multiple of 4 of at least 40 (the images are split into four "
-            "equal female/male x smiling cells, each with train/validation/test examples), e.g. 4000.")
-    if num_images > 1_000_000:
-        raise ValueError(f"num_images={num_images}: at most 1,000,000 images are supported (CelebA has 202,599).")
+    check_num_images(num_images)
+    check_design(label_attribute, group_attribute)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     num_images = int(num_images)
-    table = _attribute_table(num_images, seed)
+    table = _attribute_table(num_images, seed, label_attribute, group_attribute)
 
     # Draw in chunks across processes (PIL drawing and JPEG encoding hold the GIL).
     workers = workers or min(8, os.cpu_count() or 1)
@@ -170,6 +187,7 @@ def write_celeba_files(
     manifest = {
         "generator": "jaxdp.data.synthetic", "generator_version": GENERATOR_VERSION,
         "num_images": num_images, "seed": int(seed),
+        "label_attribute": label_attribute, "group_attribute": group_attribute,
         "files": {name: {"url": FILE_URLS[name], **_size_and_sha256(paths[name])} for name in FILE_URLS},
     }
     write_atomic(directory / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -191,8 +209,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict | None:
     return manifest
 
 
-def is_complete(directory: str | os.PathLike[str], num_images: int, seed: int) -> bool:
-    """Whether ``directory`` holds this generator's files for (num_images, seed), with their recorded sizes.
+def is_complete(directory: str | os.PathLike[str], num_images: int, seed: int, *,
+                label_attribute: str = "Smiling", group_attribute: str = "Male") -> bool:
+    """Whether ``directory`` holds this generator's files for these arguments, with their recorded sizes.
 
     Sizes are checked here (cheap); the SHA-256 of each file is checked by tfds when it prepares them.
     """
@@ -200,8 +219,8 @@ def is_complete(directory: str | os.PathLike[str], num_images: int, seed: int) -
         manifest = read_manifest(directory)
     except ValueError:
         return False
-    if manifest is None or (manifest["num_images"], manifest["seed"], manifest["generator_version"]) != (
-            num_images, seed, GENERATOR_VERSION):
+    if manifest is None or design_of(manifest) != (num_images, seed, GENERATOR_VERSION, label_attribute,
+                                                   group_attribute):
         return False
     for name, info in manifest["files"].items():
         path = Path(directory) / name
@@ -210,9 +229,23 @@ def is_complete(directory: str | os.PathLike[str], num_images: int, seed: int) -
     return True
 
 
+def design_of(manifest: dict) -> tuple[int, int, int, str, str]:
+    """(num_images, seed, generator_version, label_attribute, group_attribute) of a manifest; manifests written
+    before the attributes were recorded are the default design (Smiling by Male)."""
+    return (manifest["num_images"], manifest["seed"], manifest["generator_version"],
+            manifest.get("label_attribute", "Smiling"), manifest.get("group_attribute", "Male"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Attributes, partitions and identities.
 
+# Hair: one of black / brown / blond / other (red) by these probabilities, blond kept for all women and 30% of
+# men (the rest brown), then gray for 5% whatever the colour; bald: 8% of men.
+_HAIR_COLOUR_NAMES = ("Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair")
+_HAIR_CHOICE_P = (0.3, 0.25, 0.2, 0.25)
+_BLOND_OK = (1.0, 0.3)  # (female, male)
+_GRAY_RATE = 0.05
+_BALD_RATE = (0.0, 0.08)  # (female, male)
 _BASE_RATES = {  # P(attribute) per gender (female, male), roughly CelebA's.
     "Arched_Eyebrows": (0.42, 0.05), "Attractive": (0.65, 0.35), "Bags_Under_Eyes": (0.12, 0.33),
     "Bangs": (0.2, 0.08), "Big_Lips": (0.3, 0.15), "Big_Nose": (0.1, 0.42), "Blurry": (0.05, 0.05),
@@ -227,17 +260,66 @@ _BASE_RATES = {  # P(attribute) per gender (female, male), roughly CelebA's.
 }
 
 
-def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
+def check_num_images(num_images: object) -> None:
+    """Refuses a number of images the generator cannot split into its four cells and three partitions."""
+    if not isinstance(num_images, int | np.integer) or isinstance(num_images, bool) or num_images < 40 \
+            or num_images % 4:
+        raise ValueError(
+            f"num_images={num_images!r}: use a multiple of 4 of at least 40 (the images are split into four "
+            "equal female/male x smiling cells, each with train/validation/test examples), e.g. 4000.")
+    if num_images > 1_000_000:
+        raise ValueError(f"num_images={num_images}: at most 1,000,000 images are supported (CelebA has 202,599).")
+
+
+def cell_partition_sizes(num_images: int) -> dict[str, int]:
+    """Images of each (group, label) cell in each CelebA partition: ``{"train": ..., "validation": ...,
+    "test": ...}``, by the rule validation = test = round(cell / 10), e.g. 800 for 4,000 images (cells of 1,000).
+
+    >>> cell_partition_sizes(800)
+    {'train': 160, 'validation': 20, 'test': 20}
+    """
+    cell = int(num_images) // 4
+    held_out = round(cell / 10)
+    return {"train": cell - 2 * held_out, "validation": held_out, "test": held_out}
+
+
+def check_design(label_attribute: str, group_attribute: str) -> None:
+    """Refuses a label/group pair the generator cannot draw, listing the attributes it models."""
+    unknown = [a for a in (label_attribute, group_attribute) if a not in MODELLED_ATTRIBUTES]
+    if unknown:
+        raise ValueError(
+            f"The CelebA-format generator does not draw {' or '.join(map(repr, unknown))} in the images, so it "
+            f"cannot use {'it' if len(unknown) == 1 else 'them'} as the label or group attribute. It models "
+            f"{', '.join(MODELLED_ATTRIBUTES)}; choose label_attribute and group_attribute among those, or use "
+            "real CelebA (config.data.source='celeba'), where any two of the 40 attributes work.")
+    if label_attribute == group_attribute:
+        raise ValueError(f"label_attribute and group_attribute are both {label_attribute!r}: choose two different "
+                         "attributes.")
+    pair = {label_attribute, group_attribute}
+    if len(pair & set(_HAIR_COLOUR_NAMES)) == 2 or ("Bald" in pair and pair & {"Bangs", *_HAIR_COLOUR_NAMES}):
+        raise ValueError(f"The generator cannot draw {label_attribute} and {group_attribute} as independent "
+                         "attributes (one hair colour per face; a bald head shows no bangs or hair colour): "
+                         "choose another pair.")
+
+
+def _attribute_table(num_images: int, seed: int, label_attribute: str = "Smiling",
+                     group_attribute: str = "Male") -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 7919])
     cell = num_images // 4
-    male = np.repeat([0, 0, 1, 1], cell)
-    smiling = np.repeat([0, 1, 0, 1], cell)
-    held_out = round(cell / 10)
-    part_in_cell = np.concatenate([np.zeros(cell - 2 * held_out, int), np.ones(held_out, int),
-                                   np.full(held_out, 2)])
+    group = np.repeat([0, 0, 1, 1], cell)
+    label = np.repeat([0, 1, 0, 1], cell)
+    sizes = cell_partition_sizes(num_images)
+    part_in_cell = np.concatenate([np.zeros(sizes["train"], int), np.ones(sizes["validation"], int),
+                                   np.full(sizes["test"], 2)])
     partition = np.concatenate([rng.permutation(part_in_cell) for _ in range(4)])
     order = rng.permutation(num_images)  # interleave the cells over file names
-    male, smiling, partition = male[order], smiling[order], partition[order]
+    group, label, partition = group[order], label[order], partition[order]
+    design = {group_attribute: group == 1, label_attribute: label == 1}
+    # Male and Smiling, when not fixed by the design: their own stream, so the default design (group Male,
+    # label Smiling) draws exactly what it always drew.
+    extra = np.random.default_rng([seed, 7919, 1])
+    male = (design["Male"] if "Male" in design else extra.random(num_images) < _p_male(design)).astype(int)
+    smiling = (design["Smiling"] if "Smiling" in design else extra.random(num_images) < 0.5).astype(int)
 
     index = {name: k for k, name in enumerate(ATTRIBUTE_NAMES)}
     attrs = np.zeros((num_images, len(ATTRIBUTE_NAMES)), dtype=bool)
@@ -260,17 +342,20 @@ def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
     attrs[:, index["Goatee"]] = goatee
     attrs[:, index["5_o_Clock_Shadow"]] = stubble
     attrs[:, index["Sideburns"]] = is_m & (beard | (rng.random(num_images) < 0.1))
-    attrs[:, index["Bald"]] = is_m & (rng.random(num_images) < 0.08)
+    attrs[:, index["Bald"]] = is_m & (rng.random(num_images) < _BALD_RATE[1])
     # At most one hair colour, as in CelebA (some have none: red/other).
-    hair = rng.choice(4, size=num_images, p=[0.3, 0.25, 0.2, 0.25])
-    blond_ok = rng.random(num_images) < np.where(is_m, 0.3, 1.0)
+    hair = rng.choice(4, size=num_images, p=_HAIR_CHOICE_P)
+    blond_ok = rng.random(num_images) < np.where(is_m, _BLOND_OK[1], _BLOND_OK[0])
     hair = np.where((hair == 2) & ~blond_ok, 1, hair)
-    gray = rng.random(num_images) < 0.05
+    gray = rng.random(num_images) < _GRAY_RATE
     attrs[:, index["Black_Hair"]] = (hair == 0) & ~gray
     attrs[:, index["Brown_Hair"]] = (hair == 1) & ~gray
     attrs[:, index["Blond_Hair"]] = (hair == 2) & ~gray
     attrs[:, index["Gray_Hair"]] = gray
     attrs[:, index["Wavy_Hair"]] &= ~attrs[:, index["Straight_Hair"]]
+    for name, value in design.items():
+        if name not in ("Male", "Smiling"):
+            _impose(attrs, index, name, value, hair, is_m, extra)
 
     # About 20 images per identity; identities are per gender.
     identity = np.zeros(num_images, dtype=np.int64)
@@ -280,9 +365,74 @@ def _attribute_table(num_images: int, seed: int) -> dict[str, np.ndarray]:
         members = np.flatnonzero(male == g)
         ids = next_id + rng.permutation(len(members)) // per_id
         identity[members] = ids
-        next_id = int(ids.max()) + 1
+        next_id = int(ids.max()) + 1 if len(ids) else next_id
     return {"attributes": np.where(attrs, 1, -1).astype(np.int8), "partition": partition,
             "identity": identity}
+
+
+def _rate(name: str, male: bool) -> float:
+    """P(attribute | gender) under the sampling of `_attribute_table`, for the attributes a design can fix."""
+    k = int(male)
+    if name in _BASE_RATES:
+        return _BASE_RATES[name][k]
+    if name == "Bald":
+        return _BALD_RATE[k]
+    if name == "Gray_Hair":
+        return _GRAY_RATE
+    black, brown, blond, _ = _HAIR_CHOICE_P
+    colour = {"Black_Hair": black, "Brown_Hair": brown + blond * (1 - _BLOND_OK[k]),
+              "Blond_Hair": blond * _BLOND_OK[k]}[name]
+    return colour * (1 - _GRAY_RATE)
+
+
+def _p_male(design: dict[str, np.ndarray]) -> np.ndarray:
+    """P(Male | the design's attributes), by Bayes from `_rate` with P(Male) = 1/2: a design that fixes, e.g.,
+    Eyeglasses keeps the generator's joint distribution of Eyeglasses and Male (glasses are mostly on men)."""
+    like = {False: 1.0, True: 1.0}
+    for name, value in design.items():
+        if name == "Smiling":
+            continue  # independent of gender
+        for male in (False, True):
+            p = _rate(name, male)
+            like[male] = like[male] * np.where(value, p, 1 - p)
+    total = like[False] + like[True]
+    return np.where(total > 0, like[True] / np.where(total > 0, total, 1), 0.5)
+
+
+def _impose(attrs: np.ndarray, index: dict[str, int], name: str, value: np.ndarray, hair: np.ndarray,
+            is_m: np.ndarray, extra: np.random.Generator) -> None:
+    """Sets a design attribute, keeping the table consistent with what `draw_face` draws."""
+    attrs[:, index[name]] = value
+    if name in ("Bangs", *_HAIR_COLOUR_NAMES):
+        attrs[value, index["Bald"]] = False  # a bald head shows neither bangs nor hair colour
+    if name == "Bangs":
+        attrs[value, index["Receding_Hairline"]] = False  # drawn instead of the bangs
+    if name == "Bald":
+        attrs[value, index["Bangs"]] = False
+        attrs[value, index["Receding_Hairline"]] = False
+    if name not in _HAIR_COLOUR_NAMES:
+        return
+    colours = [index[n] for n in _HAIR_COLOUR_NAMES]
+    rows = np.flatnonzero(value)
+    attrs[np.ix_(rows, colours)] = False
+    attrs[rows, index[name]] = True
+    if name == "Gray_Hair":
+        # Without gray, the colour drawn before gray was applied: the same hair choice as any other image.
+        for k, column in enumerate(colours[:3]):
+            attrs[~value, column] = hair[~value] == k
+        return
+    # Faces without the design colour that had it: another of the generator's hair choices, in its proportions.
+    own = _HAIR_COLOUR_NAMES.index(name)
+    moved = np.flatnonzero(~value & (hair == own) & ~attrs[:, index["Gray_Hair"]])
+    weights = np.array(_HAIR_CHOICE_P, dtype=np.float64)
+    weights[own] = 0
+    for male in (False, True):
+        these = moved[is_m[moved] == male]
+        w = weights.copy()
+        w[2] *= _BLOND_OK[int(male)]
+        choice = extra.choice(4, size=len(these), p=w / w.sum())
+        for k in range(3):
+            attrs[these, colours[k]] = choice == k
 
 
 # ----------------------------------------------------------------------------------------------------------
