@@ -272,15 +272,24 @@ class ShuffledSampler:
 SAMPLERS = {cls.scheme: cls for cls in (PoissonSampler, ShuffledSampler)}
 
 
-def make_sampler(scheme: str, dataset_size: int, batch_size: int, *, seed: int, chunk_multiple: int = 1):
+def make_sampler(scheme: str, dataset_size: int, batch_size: int, *, seed: int, chunk_multiple: int = 1,
+                 sampling_prob: float | None = None):
     """The sampler of ``scheme`` ("poisson": expected batch ``batch_size``; "fixed": exactly ``batch_size``),
-    with chunks a multiple of ``chunk_multiple`` wide (the number of data-parallel devices)."""
+    with chunks a multiple of ``chunk_multiple`` wide (the number of data-parallel devices).
+
+    ``sampling_prob`` (Poisson only) fixes q instead of ``batch_size / dataset_size``: a run that adds examples
+    whose number must stay secret (an audit's canaries) keeps the q, and so the steps and the epsilon, of its
+    public training set.
+    """
     if scheme not in SAMPLERS:
         raise ValueError(f"sampling scheme {scheme!r} is unknown; choose one of {tuple(SAMPLERS)}.")
     if scheme == PoissonSampler.scheme:
-        default = default_physical_batch_size(dataset_size, batch_size / dataset_size)
+        q = batch_size / dataset_size if sampling_prob is None else sampling_prob
+        default = default_physical_batch_size(dataset_size, q)
         physical = -(-default // chunk_multiple) * chunk_multiple
-        return PoissonSampler(dataset_size, expected_batch_size=batch_size, physical_batch_size=physical, seed=seed)
+        return PoissonSampler(dataset_size, q, physical_batch_size=physical, seed=seed)
+    if sampling_prob is not None:
+        raise ValueError("sampling_prob is for Poisson sampling; fixed-size batches take exactly batch_size.")
     if batch_size % chunk_multiple:
         raise ValueError(
             f"config.train.batch_size={batch_size} must be a multiple of the device count ({chunk_multiple}) "
