@@ -27,7 +27,7 @@ Run it with::
 """
 
 from jaxdp.config import base_config
-from jaxdp.sweep import grid
+from jaxdp_study.sweep import grid
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """The paper's whole grid: 4 privacy levels x 5 female fractions, plus clip 1 / 5 / 10 x 3 levels at 70%.
 
 The two grids share the three clip-5, 70%-female runs, which run once: 20 + 9 - 3 = 26 runs, one per row of
-jaxdp/resources/paper_results.csv. At the paper's cost (a DP run took 20 hours on four K80s) this is a cluster
+jaxdp_study/resources/paper_results.csv. At the paper's cost (a DP run took 20 hours on four K80s) this is a cluster
 job::
 
     python launch/sweep.py --config configs/paper.py --launcher slurm --slurm_partition gpu
@@ -9,7 +9,7 @@ job::
 """
 
 from jaxdp.config import base_config
-from jaxdp.sweep import grid
+from jaxdp_study.sweep import grid
 
 
 def get_config():

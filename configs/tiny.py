@@ -8,7 +8,7 @@ report) runs::
 """
 
 from jaxdp.config import base_config
-from jaxdp.sweep import grid
+from jaxdp_study.sweep import grid
 
 
 def get_config():

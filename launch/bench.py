@@ -2,7 +2,7 @@ r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's str
 
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
 
-What is measured and how: see jaxdp/bench.py. On a GPU (prepared for an H200, not yet run on one):
+What is measured and how: see jaxdp_study/bench.py. On a GPU (prepared for an H200, not yet run on one):
 
     python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 \
         --json bench_gpu.json
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from jaxdp import bench  # noqa: E402
+from jaxdp_study import bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the 'noise+adam only' entry (the cost breakdown of the DP step's noise)")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to pause before each timed step so the previous entry's CPU thread pools "
-                             "go idle (see jaxdp/bench.py)")
+                             "go idle (see jaxdp_study/bench.py)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     args = parser.parse_args(argv)
 

@@ -115,7 +115,7 @@ def _parse_seeds(values: list[str]) -> list[int]:
 def main(argv: list[str]) -> None:
     from absl import logging
 
-    from jaxdp import report, sweep
+    from jaxdp_study import report, sweep
 
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; keep the run lines readable
         logging.set_verbosity(logging.WARNING)

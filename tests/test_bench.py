@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxdp import bench
+from jaxdp_study import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=8, batch_size=2, stage_sizes=(1,), width=4, num_groups=2, rounds=2, settle_s=0.0)

@@ -1,4 +1,4 @@
-"""Tests of jaxdp.report: summary.csv, Table 1, figures, and the `report` mode of launch/sweep.py."""
+"""Tests of jaxdp_study.report: summary.csv, Table 1, figures, and the `report` mode of launch/sweep.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 from test_sweep import FakeTrain, load_cli, small_sweep
 
-from jaxdp import report, sweep
+from jaxdp_study import report, sweep
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",

@@ -1,4 +1,4 @@
-"""Tests of jaxdp.sweep and launch/sweep.py: expansion, naming, resume, launchers, bad input.
+"""Tests of jaxdp_study.sweep and launch/sweep.py: expansion, naming, resume, launchers, bad input.
 
 Most tests train with FakeTrain, which honours jaxdp.train.train_and_evaluate's contract (config.json,
 history.jsonl, checkpoints/, final.json written last; a second call resumes or returns the finished result)
@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from jaxdp import sweep
 from jaxdp.config import base_config
+from jaxdp_study import sweep
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
@@ -407,7 +407,7 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     """
     import importlib.util
 
-    from jaxdp import report
+    from jaxdp_study import report
 
     spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
     mod = importlib.util.module_from_spec(spec)

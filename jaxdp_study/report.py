@@ -13,7 +13,7 @@
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
   equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
-  (``jaxdp/resources/paper_results.csv``) are drawn as hollow markers on dotted lines where the setting
+  (``jaxdp_study/resources/paper_results.csv``) are drawn as hollow markers on dotted lines where the setting
   (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
   (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
 
@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdp.sweep import FINAL, PRIVACY_ORDER, RUN_RECORD, find_run_dirs
+from jaxdp_study.sweep import FINAL, PRIVACY_ORDER, RUN_RECORD, find_run_dirs
 
 GROUPS = (("0", "female"), ("1", "male"))
 ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
@@ -191,8 +191,8 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def paper_results() -> list[dict[str, Any]]:
-    """The paper's published numbers (jaxdp/resources/paper_results.csv) as dicts of floats/strings."""
-    text = importlib.resources.files("jaxdp").joinpath("resources/paper_results.csv").read_text()
+    """The paper's published numbers (jaxdp_study/resources/paper_results.csv) as dicts of floats/strings."""
+    text = importlib.resources.files("jaxdp_study").joinpath("resources/paper_results.csv").read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     out = []
     for rec in csv.DictReader(lines):
