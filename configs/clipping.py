@@ -7,7 +7,7 @@ the paper's setting (jaxdp/config.py defaults). Nine runs::
 """
 
 from jaxdp.config import base_config
-from jaxdp_study.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

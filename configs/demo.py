@@ -27,7 +27,7 @@ Run it with::
 """
 
 from jaxdp.config import base_config
-from jaxdp_study.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

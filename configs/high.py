@@ -11,7 +11,7 @@ accounting, whose guarantee is then only nominal: the accountant assumes Poisson
 """
 
 from jaxdp.config import base_config
-from jaxdp_study.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

@@ -7,7 +7,7 @@ batch 32, Adam 5e-5, 60 epochs. Five runs::
 """
 
 from jaxdp.config import base_config
-from jaxdp_study.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

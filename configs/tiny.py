@@ -8,7 +8,7 @@ report) runs::
 """
 
 from jaxdp.config import base_config
-from jaxdp_study.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

@@ -115,7 +115,8 @@ def _parse_seeds(values: list[str]) -> list[int]:
 def main(argv: list[str]) -> None:
     from absl import logging
 
-    from jaxdp_study import report, sweep
+    from jaxdp_study import grid as sweep
+    from jaxdp_study import report
 
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; keep the run lines readable
         logging.set_verbosity(logging.WARNING)

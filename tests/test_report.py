@@ -9,7 +9,8 @@ import math
 import pytest
 from test_sweep import FakeTrain, load_cli, small_sweep
 
-from jaxdp_study import report, sweep
+from jaxdp_study import grid as sweep
+from jaxdp_study import report
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",

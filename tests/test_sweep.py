@@ -18,7 +18,7 @@ import ml_collections
 import pytest
 
 from jaxdp.config import base_config
-from jaxdp_study import sweep
+from jaxdp_study import grid as sweep
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
