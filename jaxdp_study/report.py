@@ -40,7 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdp_study.grid import FINAL, PRIVACY_ORDER, RUN_RECORD, find_run_dirs
+from jaxdp_study.grid import PRIVACY_ORDER
+from jaxdp_study.workdir import FINAL, RUN_RECORD, find_run_dirs
 
 GROUPS = (("0", "female"), ("1", "male"))
 ACCOUNTANTS = ("pld", "rdp", "rdp_classic")

@@ -9,8 +9,7 @@ import math
 import pytest
 from test_sweep import FakeTrain, load_cli, small_sweep
 
-from jaxdp_study import grid as sweep
-from jaxdp_study import report
+from jaxdp_study import grid, launchers, report
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",
@@ -20,7 +19,7 @@ FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("sweep")
-    sweep.run_sweep(small_sweep(), wd, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), wd, train_fn=FakeTrain())
     report.write_report(wd, verbose=False)
     return wd
 
@@ -96,7 +95,7 @@ def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
     c = small_sweep()
     c.sweep.imbalance.data.female_fraction = (0.7,)
     del c.sweep["clipping"]
-    sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain())
     written = report.write_report(tmp_path)
     out = capsys.readouterr().out
     assert "skipped: Figure 1 needs runs at two or more female fractions" in out
@@ -162,8 +161,8 @@ def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
 def test_seeds_added_to_a_finished_sweep_train_only_new_runs_and_report_all(tmp_path):
     c = small_sweep()
     del c.sweep["clipping"]
-    first = sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
-    second = sweep.run_sweep(sweep.with_seeds(c, [0, 1]), tmp_path, train_fn=FakeTrain())
+    first = launchers.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    second = launchers.run_sweep(grid.with_seeds(c, [0, 1]), tmp_path, train_fn=FakeTrain())
     assert len(first.trained) == 9 and len(second.skipped) == 9 and len(second.trained) == 9
     rows = report.summary_rows(tmp_path)
     assert sorted(r["seed"] for r in rows) == [0] * 9 + [1] * 9 and "data.seed" not in rows[0]

@@ -1,4 +1,4 @@
-"""Tests of jaxdp_study.sweep and launch/sweep.py: expansion, naming, resume, launchers, bad input.
+"""Tests of jaxdp_study.grid, .workdir, .launchers and launch/sweep.py: expansion, naming, resume, launchers, bad input.
 
 Most tests train with FakeTrain, which honours jaxdp.train.train_and_evaluate's contract (config.json,
 history.jsonl, checkpoints/, final.json written last; a second call resumes or returns the finished result)
@@ -18,7 +18,7 @@ import ml_collections
 import pytest
 
 from jaxdp.config import base_config
-from jaxdp_study import grid as sweep
+from jaxdp_study import grid, launchers
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
@@ -104,9 +104,9 @@ class FakeTrain:
 def small_sweep() -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "t"
-    c.sweep.imbalance = sweep.grid({"privacy": ("high", "medium", "nondp"),
+    c.sweep.imbalance = grid.grid({"privacy": ("high", "medium", "nondp"),
                                     "data.female_fraction": (0.7, 0.9, 0.99)})
-    c.sweep.clipping = sweep.grid({"privacy": ("medium",), "data.female_fraction": (0.7,),
+    c.sweep.clipping = grid.grid({"privacy": ("medium",), "data.female_fraction": (0.7,),
                                    "dp.l2_clip_norm": (1.0, 5.0)})
     return c
 
@@ -120,7 +120,7 @@ def test_paper_grid_is_26_runs_one_per_published_row():
     spec = importlib.util.spec_from_file_location("paper_cfg", REPO / "configs" / "paper.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    runs = sweep.expand(mod.get_config())
+    runs = grid.expand(mod.get_config())
     # 4 levels x 5 fractions + 3 levels x 3 clips, sharing the 3 clip-5 runs at 70%.
     assert len(runs) == 26
     shared = [r for r in runs if set(r.grids) == {"imbalance", "clipping"}]
@@ -140,7 +140,7 @@ def test_level_configs_match_the_paper_settings():
         spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        runs = sweep.expand(mod.get_config())
+        runs = grid.expand(mod.get_config())
         assert [r.config.data.female_fraction for r in runs] == [0.7, 0.8, 0.9, 0.99, 0.999]
         for r in runs:
             assert r.config.dp.enabled is (z is not None)
@@ -151,61 +151,61 @@ def test_level_configs_match_the_paper_settings():
 
 def test_run_names_spell_out_settings_and_extra_axes():
     c = base_config()
-    c.sweep.g = sweep.grid({"optim.learning_rate": (1e-3,), "train.seed": (0, 1)})
-    names = [r.name for r in sweep.expand(c)]
+    c.sweep.g = grid.grid({"optim.learning_rate": (1e-3,), "train.seed": (0, 1)})
+    names = [r.name for r in grid.expand(c)]
     assert names == ["medium-ff0.7-clip5-seed0-learning_rate0.001",
                      "medium-ff0.7-clip5-seed1-learning_rate0.001"]
     c = base_config()
     c.dp.noise_multiplier = 0.8  # not the paper's medium value: the name must say so
-    assert sweep.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
+    assert grid.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
 
 
 def test_seed_axis_sets_train_and_data_seed_and_with_seeds_adds_it_to_every_grid():
     c = base_config()
-    c.sweep.g = sweep.grid({"data.female_fraction": (0.7, 0.99), "seed": (0, 2)})
-    runs = sweep.expand(c)
+    c.sweep.g = grid.grid({"data.female_fraction": (0.7, 0.99), "seed": (0, 2)})
+    runs = grid.expand(c)
     assert [r.name for r in runs] == ["medium-ff0.7-clip5-seed0", "medium-ff0.7-clip5-seed2",
                                       "medium-ff0.99-clip5-seed0", "medium-ff0.99-clip5-seed2"]
     assert [(r.config.train.seed, r.config.data.seed) for r in runs] == [(0, 0), (2, 2), (0, 0), (2, 2)]
     # Seed 0 of a replicate sweep is the same run as the unseeded sweep's (both seeds default to 0), so a
     # finished one-seed sweep is reused, not retrained, when seeds are added.
-    single = sweep.expand(small_sweep())
-    seeded = sweep.expand(sweep.with_seeds(small_sweep(), [0, 1]))
+    single = grid.expand(small_sweep())
+    seeded = grid.expand(grid.with_seeds(small_sweep(), [0, 1]))
     assert len(seeded) == 2 * len(single)
     by_name = {r.name: r for r in seeded}
     for r in single:
-        assert sweep.config_to_dict(by_name[r.name].config) == sweep.config_to_dict(r.config)
+        assert grid.config_to_dict(by_name[r.name].config) == grid.config_to_dict(r.config)
         one = by_name[r.name.replace("seed0", "seed1")].config
         assert (one.train.seed, one.data.seed) == (1, 1)
-    assert [r.name for r in sweep.expand(sweep.with_seeds(base_config(), [3]))] == ["medium-ff0.7-clip5-seed3"]
+    assert [r.name for r in grid.expand(grid.with_seeds(base_config(), [3]))] == ["medium-ff0.7-clip5-seed3"]
 
 
 @pytest.mark.parametrize("seeds, message", [
     ([], "give integers >= 0"), ([-1], "give integers >= 0"), ([1, 1], "repeats a seed")])
 def test_with_seeds_refuses_bad_seed_lists(seeds, message):
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.with_seeds(small_sweep(), seeds)
+    with pytest.raises(grid.SweepError, match=message):
+        grid.with_seeds(small_sweep(), seeds)
 
 
 def test_seed_axis_refuses_clashes_and_bad_values():
     c = base_config()
-    c.sweep.g = sweep.grid({"train.seed": (0, 1)})
-    with pytest.raises(sweep.SweepError, match="grid 'g' already sweeps train.seed"):
-        sweep.with_seeds(c, [0, 1])
-    c.sweep.g = sweep.grid({"seed": (0,), "data.seed": (1,)})
-    with pytest.raises(sweep.SweepError, match="do not also sweep data.seed"):
-        sweep.expand(c)
-    c.sweep.g = sweep.grid({"seed": (0, -2)})
-    with pytest.raises(sweep.SweepError, match=r"seeds must be integers >= 0, got \[-2\]"):
-        sweep.expand(c)
+    c.sweep.g = grid.grid({"train.seed": (0, 1)})
+    with pytest.raises(grid.SweepError, match="grid 'g' already sweeps train.seed"):
+        grid.with_seeds(c, [0, 1])
+    c.sweep.g = grid.grid({"seed": (0,), "data.seed": (1,)})
+    with pytest.raises(grid.SweepError, match="do not also sweep data.seed"):
+        grid.expand(c)
+    c.sweep.g = grid.grid({"seed": (0, -2)})
+    with pytest.raises(grid.SweepError, match=r"seeds must be integers >= 0, got \[-2\]"):
+        grid.expand(c)
 
 
 def test_run_filter_selects_by_name():
-    runs = sweep.expand(small_sweep())
-    assert [r.name for r in sweep.select_runs(runs, "nondp|clip1")] == [
+    runs = grid.expand(small_sweep())
+    assert [r.name for r in grid.select_runs(runs, "nondp|clip1")] == [
         "medium-ff0.7-clip1-seed0", "nondp-ff0.7-seed0", "nondp-ff0.9-seed0", "nondp-ff0.99-seed0"]
-    with pytest.raises(sweep.SweepError, match="matches none of the sweep's run names"):
-        sweep.select_runs(runs, "ultra")
+    with pytest.raises(grid.SweepError, match="matches none of the sweep's run names"):
+        grid.select_runs(runs, "ultra")
 
 
 @pytest.mark.parametrize("axes, message", [
@@ -216,10 +216,10 @@ def test_run_filter_selects_by_name():
 ])
 def test_bad_sweep_axes_are_refused(axes, message):
     c = base_config()
-    c.sweep.g = sweep.grid(axes) if axes != {"data.female_fraction": ()} else ml_collections.ConfigDict(
+    c.sweep.g = grid.grid(axes) if axes != {"data.female_fraction": ()} else ml_collections.ConfigDict(
         {"data": {"female_fraction": ()}})
-    with pytest.raises(sweep.SweepError) as e:
-        sweep.expand(c)
+    with pytest.raises(grid.SweepError) as e:
+        grid.expand(c)
     assert message in str(e.value)
 
 
@@ -228,7 +228,7 @@ def test_bad_sweep_axes_are_refused(axes, message):
 
 def test_sweep_runs_then_second_invocation_skips_all(tmp_path, capsys):
     fake = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=fake)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=fake)
     # 3 levels x 3 fractions + medium clip 1 (clip 5 at 70% is shared) = 10 runs.
     assert len(result.trained) == 10 and len(fake.calls) == 10 and result.skipped == []
     for name in result.trained:
@@ -239,21 +239,21 @@ def test_sweep_runs_then_second_invocation_skips_all(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[10/10] nondp-ff0.99-seed0" in out and "ETA" in out and "sweep done: 10 runs" in out
     again = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=again)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=again)
     assert again.calls == [] and len(result.skipped) == 10 and result.trained == []
 
 
 def test_killed_sweep_resumes_from_checkpoint(tmp_path):
     crash = FakeTrain(crash_in="medium-ff0.9-clip5-seed0")
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(small_sweep(), tmp_path, train_fn=crash)
+        launchers.run_sweep(small_sweep(), tmp_path, train_fn=crash)
     finished = sorted(p.parent.name for p in tmp_path.glob("*/final.json"))
     # Sorted order: high x3, then medium 0.7 clip1, clip5, then medium 0.9 is killed at step 4.
     assert len(finished) == 5 and "medium-ff0.9-clip5-seed0" not in finished
     partial = tmp_path / "medium-ff0.9-clip5-seed0"
     assert (partial / "checkpoints" / "latest").read_text() == "4"
     resume = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=resume)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=resume)
     assert resume.calls[0] == "medium-ff0.9-clip5-seed0" and len(resume.calls) == 5
     assert len(result.skipped) == 5
     steps = [json.loads(line)["step"] for line in (partial / "history.jsonl").read_text().splitlines()]
@@ -261,35 +261,35 @@ def test_killed_sweep_resumes_from_checkpoint(tmp_path):
 
 
 def test_changed_config_is_refused_then_overwritten(tmp_path):
-    sweep.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
     changed = small_sweep()
     changed.optim.learning_rate = 1e-4
-    with pytest.raises(sweep.SweepError) as e:
-        sweep.run_sweep(changed, tmp_path, train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError) as e:
+        launchers.run_sweep(changed, tmp_path, train_fn=FakeTrain())
     msg = str(e.value)
     assert "10 run directories" in msg and "optim.learning_rate: stored 5e-05 != new 0.0001" in msg
     assert "--overwrite" in msg and "another --workdir" in msg
     fake = FakeTrain()
-    sweep.run_sweep(changed, tmp_path, train_fn=fake, overwrite=True)
+    launchers.run_sweep(changed, tmp_path, train_fn=fake, overwrite=True)
     assert len(fake.calls) == 10
     stored = json.loads((tmp_path / "high-ff0.7-clip5-seed0" / "sweep_run.json").read_text())
     assert stored["config"]["optim"]["learning_rate"] == 1e-4
 
 
 def test_progress_only_change_does_not_block_resume(tmp_path):
-    sweep.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
     quiet = small_sweep()
     quiet.train.progress = False
-    assert len(sweep.run_sweep(quiet, tmp_path, train_fn=FakeTrain()).skipped) == 10
+    assert len(launchers.run_sweep(quiet, tmp_path, train_fn=FakeTrain()).skipped) == 10
 
 
 def test_unknown_launcher_and_unwritable_workdir(tmp_path):
-    with pytest.raises(sweep.SweepError, match="unknown launcher 'kubernetes'; choose one of local"):
-        sweep.run_sweep(small_sweep(), tmp_path, launcher="kubernetes", train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError, match="unknown launcher 'kubernetes'; choose one of local"):
+        launchers.run_sweep(small_sweep(), tmp_path, launcher="kubernetes", train_fn=FakeTrain())
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(sweep.SweepError, match="is not writable .*choose another --workdir"):
-        sweep.run_sweep(small_sweep(), blocker / "results", train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError, match="is not writable .*choose another --workdir"):
+        launchers.run_sweep(small_sweep(), blocker / "results", train_fn=FakeTrain())
 
 
 def test_submitit_local_executor_path(tmp_path, monkeypatch):
@@ -300,9 +300,9 @@ def test_submitit_local_executor_path(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTHONPATH", raising=False)  # run_sweep must make jaxdp importable in the job itself
     c = base_config()
     c.name = "sub"
-    c.sweep.g = sweep.grid({"privacy": ("medium", "nondp")})
+    c.sweep.g = grid.grid({"privacy": ("medium", "nondp")})
     try:
-        result = sweep.run_sweep(c, tmp_path, launcher="submitit_local", train_fn=FakeTrain())
+        result = launchers.run_sweep(c, tmp_path, launcher="submitit_local", train_fn=FakeTrain())
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.failed == {} and sorted(result.trained) == ["medium-ff0.7-clip5-seed0", "nondp-ff0.7-seed0"]
@@ -414,8 +414,8 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.data.data_dir = str(tmp_path / "data")
-    c.sweep.imbalance = sweep.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
-    result = sweep.run_sweep(c, tmp_path / "w")
+    c.sweep.imbalance = grid.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
+    result = launchers.run_sweep(c, tmp_path / "w")
     assert result.trained == ["nondp-ff0.7-seed0"]
     run_dir = tmp_path / "w" / "nondp-ff0.7-seed0"
     final = json.loads((run_dir / "final.json").read_text())
@@ -432,5 +432,35 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     assert {"summary.csv", "table1.md", "fig3_training_by_privacy.png"} <= written
     rows = (tmp_path / "w" / "summary.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("nondp-ff0.7-seed0,imbalance,nondp,false,,,0.7,0")
-    again = sweep.run_sweep(c, tmp_path / "w")
+    again = launchers.run_sweep(c, tmp_path / "w")
     assert again.skipped == ["nondp-ff0.7-seed0"] and again.trained == []
+
+
+# ------------------------------------------------------------------------------------------ the package
+
+
+def test_library_does_not_import_the_study():
+    code = ("import sys, jaxdp, jaxdp.config, jaxdp.data, jaxdp.train\n"
+            "print(jaxdp.__file__, sorted(m for m in sys.modules if m.startswith('jaxdp_study')))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(REPO / "jaxdp" / "__init__.py"), "[]"]
+
+
+def test_run_one_starts_jax_distributed_once_through_jaxdp_parallel(tmp_path, monkeypatch):
+    import jax
+
+    from jaxdp import parallel
+
+    started = []
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda: started.append("start") or True)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(started))
+    run = grid.expand(small_sweep())[0]
+    launchers.run_one(run.config, tmp_path / run.name, train_fn=FakeTrain())
+    assert started == []  # not a submitit job: the local launcher's process is a single process
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for _ in range(2):
+        launchers.run_one(run.config, tmp_path / run.name, train_fn=FakeTrain())
+    assert started == ["start"]
