@@ -10,18 +10,19 @@ job::
 
 from jaxdp.config import base_config
 from jaxdp_study.grid import grid
+from jaxdp_study.paper import FEMALE_FRACTIONS, L2_CLIP_NORMS, PRIVACY_ORDER
 
 
 def get_config():
     c = base_config()
     c.name = "paper"
     c.sweep.imbalance = grid({
-        "privacy": ("high", "medium", "low", "nondp"),
-        "data.female_fraction": (0.7, 0.8, 0.9, 0.99, 0.999),
+        "privacy": PRIVACY_ORDER,
+        "data.female_fraction": FEMALE_FRACTIONS,
     })
     c.sweep.clipping = grid({
         "privacy": ("high", "medium", "low"),
         "data.female_fraction": (0.7,),
-        "dp.l2_clip_norm": (1.0, 5.0, 10.0),
+        "dp.l2_clip_norm": L2_CLIP_NORMS,
     })
     return c

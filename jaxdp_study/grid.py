@@ -3,10 +3,10 @@
 A sweep config is a run config (:func:`jaxdp.config.base_config`) plus ``config.sweep``: a ConfigDict of
 *named grids*. Each grid holds axes; an axis is a config path (written nested, like the config itself) whose
 leaf is a tuple of values, or one of two special axes: ``privacy``, whose values name a row of
-:data:`PRIVACY_LEVELS`, and ``seed``, whose value is a replicate: it sets both ``train.seed`` (initialisation,
-Poisson batches, noise, flips) and ``data.seed`` (which images form the subset), so seeds differ in everything
-random. The runs of a grid are the Cartesian product of its axes; the runs of the sweep are the
-union of its grids, with duplicates (same resolved config) run once::
+:data:`jaxdp_study.paper.PRIVACY_LEVELS`, and ``seed``, whose value is a replicate: it sets both
+``train.seed`` (initialisation, Poisson batches, noise, flips) and ``data.seed`` (which images form the
+subset), so seeds differ in everything random. The runs of a grid are the Cartesian product of its axes; the
+runs of the sweep are the union of its grids, with duplicates (same resolved config) run once::
 
     c.sweep.imbalance = grid({"privacy": ("high", "medium", "low", "nondp"),
                               "data.female_fraction": (0.7, 0.8, 0.9, 0.99, 0.999)})
@@ -35,15 +35,7 @@ from typing import Any
 import ml_collections
 
 from jaxdp.config import flatten, validate_run_config
-
-# Paper settings (Farrand et al. 2020, Sec. 4): noise multiplier z per privacy level; clip S = 5, delta = 1e-6.
-PRIVACY_LEVELS: dict[str, dict[str, Any]] = {
-    "high": {"dp.enabled": True, "dp.privacy_level": "high", "dp.noise_multiplier": 1.5},
-    "medium": {"dp.enabled": True, "dp.privacy_level": "medium", "dp.noise_multiplier": 0.7},
-    "low": {"dp.enabled": True, "dp.privacy_level": "low", "dp.noise_multiplier": 0.5},
-    "nondp": {"dp.enabled": False, "dp.privacy_level": "nondp"},
-}
-PRIVACY_ORDER = ("high", "medium", "low", "nondp")
+from jaxdp_study.paper import PRIVACY_LEVELS, PRIVACY_ORDER, privacy_settings
 
 # Axes that every run name spells out (so they are not appended again as extra axes).
 _NAMED_AXES = frozenset({"privacy", "dp.privacy_level", "data.female_fraction", "dp.l2_clip_norm",
@@ -190,7 +182,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
             values = dict(zip(paths, combo, strict=True))
             run_config = copy.deepcopy(base)
             if "privacy" in values:
-                for k, v in PRIVACY_LEVELS[values["privacy"]].items():
+                for k, v in privacy_settings(values["privacy"]).items():
                     _set_path(run_config, k, v)
             for path, value in values.items():
                 if path == "privacy":
@@ -282,10 +274,9 @@ def run_name(config: ml_collections.ConfigDict, axes: Mapping[str, Any] | None =
     parts = [level, f"ff{_fmt(float(config.data.female_fraction))}"]
     if dp.enabled:
         parts.append(f"clip{_fmt(float(dp.l2_clip_norm))}")
-        preset = PRIVACY_LEVELS.get(str(dp.privacy_level), {})
         if dp.get("target_epsilon") is not None:
             parts.append(f"eps{_fmt(float(dp.target_epsilon))}")
-        elif preset.get("dp.noise_multiplier") != dp.noise_multiplier:
+        elif PRIVACY_LEVELS.get(str(dp.privacy_level)) != dp.noise_multiplier:
             parts.append(f"z{_fmt(float(dp.noise_multiplier))}")
     parts.append(f"seed{int(config.train.seed)}")
     for path, value in (axes or {}).items():

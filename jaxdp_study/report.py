@@ -13,7 +13,7 @@
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
   equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
-  (``jaxdp_study/resources/paper_results.csv``) are drawn as hollow markers on dotted lines where the setting
+  (:func:`jaxdp_study.paper.paper_results`) are drawn as hollow markers on dotted lines where the setting
   (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
   (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
 
@@ -29,7 +29,6 @@ The tables are byte-identical when regenerated from the same workdir.
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import io
 import json
 import math
@@ -40,11 +39,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdp_study.grid import PRIVACY_ORDER
+from jaxdp.accounting import ACCOUNTANTS
+from jaxdp_study.paper import L2_CLIP_NORM, PRIVACY_ORDER, paper_results
 from jaxdp_study.workdir import FINAL, RUN_RECORD, find_run_dirs
 
 GROUPS = (("0", "female"), ("1", "male"))
-ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
 PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "nondp": "#1f77b4"}
 GROUP_STYLE = {"female": dict(ls="-", marker="o"), "male": dict(ls="--", marker="s"),
                "overall": dict(ls=":", marker="^")}
@@ -191,16 +190,6 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def paper_results() -> list[dict[str, Any]]:
-    """The paper's published numbers (jaxdp_study/resources/paper_results.csv) as dicts of floats/strings."""
-    text = importlib.resources.files("jaxdp_study").joinpath("resources/paper_results.csv").read_text()
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    out = []
-    for rec in csv.DictReader(lines):
-        out.append({k: (v if k == "privacy" else _num(v) if v != "" else None) for k, v in rec.items()})
-    return out
-
-
 def _paper_match(paper: Sequence[Mapping[str, Any]], level: str, female_fraction: float,
                  clip: float | None) -> Mapping[str, Any] | None:
     for p in paper:
@@ -235,8 +224,8 @@ def _reference_clip(rows: Sequence[Mapping[str, Any]]) -> float | None:
     clips = [r["l2_clip_norm"] for r in rows if r["dp_enabled"]]
     if not clips:
         return None
-    if any(math.isclose(c, 5.0) for c in clips):
-        return 5.0  # the paper's clip bound for the imbalance study
+    if any(math.isclose(c, L2_CLIP_NORM) for c in clips):
+        return L2_CLIP_NORM  # the paper's clip bound for the imbalance study
     return max(set(clips), key=clips.count)
 
 

@@ -10,6 +10,7 @@ import pytest
 from test_sweep import FakeTrain, load_cli, small_sweep
 
 from jaxdp_study import grid, launchers, report
+from jaxdp_study.paper import paper_results
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",
@@ -174,7 +175,7 @@ def test_seeds_added_to_a_finished_sweep_train_only_new_runs_and_report_all(tmp_
 
 
 def test_paper_results_are_packaged():
-    paper = report.paper_results()
+    paper = paper_results()
     assert len(paper) == 26
     row = [p for p in paper if p["privacy"] == "medium" and p["female_pct"] == 99.9 and p["clip"] == 5][0]
     assert (row["acc_female"], row["acc_male"], row["delta_eo"]) == (86.62, 33.33, 0.3302)

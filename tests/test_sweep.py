@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from jaxdp.config import base_config
-from jaxdp_study import grid, launchers
+from jaxdp.config import base_config, flatten
+from jaxdp_study import grid, launchers, paper
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
@@ -147,6 +147,43 @@ def test_level_configs_match_the_paper_settings():
             if z is not None:
                 assert (r.config.dp.noise_multiplier, r.config.dp.l2_clip_norm) == (z, 5.0)
             assert (r.config.train.batch_size, r.config.train.epochs, r.config.data.total) == (32, 60, 30000)
+
+
+def _load_config(name: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_cfg", REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.mark.parametrize("level, z", [("high", 1.5), ("medium", 0.7), ("low", 0.5), ("nondp", None)])
+def test_level_configs_resolve_to_base_config_plus_the_level(level, z):
+    # The run configs of configs/<level>.py, value by value: what they were when each file set these keys itself.
+    base = flatten(base_config())
+    runs = grid.expand(_load_config(level))
+    assert len(runs) == 5
+    for run, ff in zip(runs, (0.7, 0.8, 0.9, 0.99, 0.999), strict=True):
+        name = f"{level}-ff{ff:g}-clip5-seed0" if z is not None else f"nondp-ff{ff:g}-seed0"
+        expected = {"name": name, "data.female_fraction": ff, "dp.privacy_level": level,
+                    "dp.enabled": z is not None, "dp.noise_multiplier": z if z is not None else 0.7,
+                    "dp.l2_clip_norm": 5.0, "dp.delta": 1e-6, "data.total": 30_000, "data.image_size": 128,
+                    "train.batch_size": 32, "train.epochs": 60.0, "optim.learning_rate": 5e-5}
+        assert (run.name, run.grids, run.axes) == (name, ["imbalance"], {"data.female_fraction": ff})
+        assert flatten(run.config) == {**base, **expected}
+
+
+def test_paper_table_is_the_one_the_configs_and_published_rows_use():
+    assert paper.PRIVACY_LEVELS == {"high": 1.5, "medium": 0.7, "low": 0.5, "nondp": None}
+    assert paper.PRIVACY_ORDER == ("high", "medium", "low", "nondp")
+    published = {(p["privacy"], p["noise_multiplier"]) for p in paper.paper_results()}
+    assert published == {(level, z) for level, z in paper.PRIVACY_LEVELS.items()}
+    assert base_config().dp.l2_clip_norm == paper.L2_CLIP_NORM
+    assert paper.privacy_settings("low") == {"dp.enabled": True, "dp.privacy_level": "low",
+                                             "dp.noise_multiplier": 0.5}
+    with pytest.raises(ValueError, match="unknown privacy level 'ultra'"):
+        paper.privacy_settings("ultra")
 
 
 def test_run_names_spell_out_settings_and_extra_axes():
@@ -396,6 +433,13 @@ def test_cli_seeds_flag(tmp_path, cli):
     code, _, err = cli("--config", "configs/tiny.py", "--seeds", "0,x", "--workdir", str(tmp_path / "w"))
     assert code == 2 and "--seeds=0,x: give integers >= 0" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_medium_config_lists_the_paper_runs(tmp_path, cli):
+    code, out, _ = cli("--config", "configs/medium.py", "--dry_run", "--workdir", str(tmp_path / "w"))
+    assert code == 0 and "5 runs in" in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == [
+        f"medium-ff{ff}-clip5-seed0" for ff in ("0.7", "0.8", "0.9", "0.99", "0.999")]
 
 
 @pytest.mark.slow
