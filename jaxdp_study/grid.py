@@ -40,6 +40,8 @@ from jaxdp_study.paper import PRIVACY_LEVELS, PRIVACY_ORDER, privacy_settings
 # Axes that every run name spells out (so they are not appended again as extra axes).
 _NAMED_AXES = frozenset({"privacy", "dp.privacy_level", "data.female_fraction", "dp.l2_clip_norm",
                          "train.seed", "seed"})
+# Axes that a run name shows before its seed when they matter (-z0.8, -eps3), never as extra axes.
+_NAMED_DP_AXES = frozenset({"dp.noise_multiplier", "dp.enabled", "dp.target_epsilon"})
 # The config keys the special axis "seed" sets; a grid may not sweep them next to it.
 SEED_KEYS = ("train.seed", "data.seed")
 
@@ -279,12 +281,22 @@ def run_name(config: ml_collections.ConfigDict, axes: Mapping[str, Any] | None =
         elif PRIVACY_LEVELS.get(str(dp.privacy_level)) != dp.noise_multiplier:
             parts.append(f"z{_fmt(float(dp.noise_multiplier))}")
     parts.append(f"seed{int(config.train.seed)}")
-    for path, value in (axes or {}).items():
-        if path not in _NAMED_AXES and path not in ("dp.noise_multiplier", "dp.enabled",
-                                                     "dp.target_epsilon"):
-            parts.append(f"{path.split('.')[-1]}{_fmt(value)}")
-    return "-".join(parts)
+    extra = variant(axes or {})
+    return "-".join([*parts, extra] if extra else parts)
 
+
+def variant(axes: Mapping[str, Any]) -> str:
+    """The swept axes a run name spells out after its seed, e.g. ``learning_rate0.001`` ("" when none).
+
+    Computed from a run's axis values (``Run.axes``, or the ``axes`` of its stored run record), so it does not
+    depend on what its directory is called. Runs of one privacy level with the same variant form one series of
+    the report (their female fractions, clip bounds and seeds differ).
+
+    >>> variant({"privacy": "medium", "optim.learning_rate": 0.001, "seed": 1})
+    'learning_rate0.001'
+    """
+    return "-".join(f"{path.split('.')[-1]}{_fmt(value)}" for path, value in axes.items()
+                    if path not in _NAMED_AXES and path not in _NAMED_DP_AXES)
 
 
 def select_runs(runs: Sequence[Run], run_filter: str | None) -> list[Run]:

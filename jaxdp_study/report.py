@@ -23,7 +23,8 @@ Newcombe's square-and-add method (Newcombe 1998, method 10), which is what a res
 Runs that differ only in seed are averaged in the figures: a point is the mean over seeds, its error bar the
 mean of the seeds' intervals (one run's test-sampling uncertainty, not the spread between seeds), and each
 seed's own value is drawn faintly beside it; ``imbalance_drop`` gives the between-seed standard deviation.
-The tables are byte-identical when regenerated from the same workdir.
+The tables are byte-identical when regenerated from the same workdir, also after its run directories have been
+renamed: a run's settings are read from its run record (``sweep_run.json``), never from its directory's name.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ import io
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxdp.accounting import ACCOUNTANTS
+from jaxdp_study import grid
 from jaxdp_study.paper import L2_CLIP_NORM, PRIVACY_ORDER, paper_results
-from jaxdp_study.workdir import FINAL, RUN_RECORD, find_run_dirs
+from jaxdp_study.workdir import FINAL, read_run_record, runs_by_name
 
 GROUPS = (("0", "female"), ("1", "male"))
 PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "nondp": "#1f77b4"}
@@ -111,32 +112,38 @@ def _gap_intervals(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep."""
+    """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep.
+
+    Everything about a run's settings comes from its run record (``sweep_run.json``: name, grids, axis values,
+    resolved config), its results from ``final.json``; directory names are never read.
+    """
     records = []
     axes_seen: list[str] = []
-    for run_dir in find_run_dirs(workdir):
+    dirs = runs_by_name(workdir)
+    for name in sorted(dirs):
+        run_dir = dirs[name]
         if not (run_dir / FINAL).exists():
             continue
-        record, final = _read_json(run_dir / RUN_RECORD), _read_json(run_dir / FINAL)
-        records.append((run_dir, record, final))
+        record, final = read_run_record(run_dir), _read_json(run_dir / FINAL)
+        records.append((record, final))
         for axis in record.get("axes", {}):
             if axis not in axes_seen:
                 axes_seen.append(axis)
     extra_axes = [a for a in axes_seen if a not in ("privacy", "data.female_fraction", "dp.l2_clip_norm",
                                                     "train.seed", "seed", "dp.privacy_level")]
     rows = []
-    for run_dir, record, final in records:
+    for record, final in records:
         c = record["config"]
         dp = c["dp"]
         eps = final.get("epsilon") or {}
         level = dp["privacy_level"] if dp["enabled"] else "nondp"
         row: dict[str, Any] = {
-            "run": run_dir.name, "grids": ";".join(record.get("grids", [])), "privacy_level": level,
+            "run": record["name"], "grids": ";".join(record.get("grids", [])), "privacy_level": level,
             "dp_enabled": bool(dp["enabled"]),
             "noise_multiplier": dp["noise_multiplier"] if dp["enabled"] else None,
             "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
             "female_fraction": c["data"]["female_fraction"], "seed": c["train"]["seed"],
-            "variant": re.sub(r"^.*?-seed\d+-?", "", run_dir.name),
+            "variant": grid.variant(record.get("axes", {})),
         }
         for axis in extra_axes:
             row[axis] = record.get("axes", {}).get(axis)
@@ -599,11 +606,11 @@ def _history_panel(ax: Any, run_dirs: Sequence[Path], title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _run_dirs(workdir: Path, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
-    return [workdir / r["run"] for r in rows]
+def _dirs_of(run_dirs: Mapping[str, Path], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    return [run_dirs[r["run"]] for r in rows]
 
 
-def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                path: Path) -> Path | str:
     """Paper Figure 3: accuracy by group vs training step, one panel per privacy level, least imbalance."""
     rows = _imbalance_rows(rows)
@@ -615,7 +622,7 @@ def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, ((level, variant), rs) in zip(axes[0], panels, strict=True):
-        _history_panel(ax, _run_dirs(workdir, rs), _series_label(level, variant, rs))
+        _history_panel(ax, _dirs_of(run_dirs, rs), _series_label(level, variant, rs))
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
@@ -623,7 +630,7 @@ def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
     return _save(fig, path)
 
 
-def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                  path: Path) -> Path | str:
     """Paper Figure 4: accuracy by group vs training step, one panel per female fraction, medium privacy."""
     rows = _imbalance_rows(rows)
@@ -637,7 +644,7 @@ def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], workdir: Pat
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, ((ff,), rs) in zip(axes[0], panels, strict=True):
-        _history_panel(ax, _run_dirs(workdir, rs), f"{_pct_label(ff)} female")
+        _history_panel(ax, _dirs_of(run_dirs, rs), f"{_pct_label(ff)} female")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Accuracy by group during training at each imbalance (Figure 4), "
@@ -671,13 +678,17 @@ def _history_mean(run_dir: Path, key: str) -> float:
     return _mean(load_history(run_dir), key)
 
 
-def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], workdir: Path, key: str) -> dict[float, float]:
-    """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``."""
-    return {ff: _nanmean(_history_mean(workdir / r["run"], key) for r in seed_rows)
+def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
+                          key: str) -> dict[float, float]:
+    """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``.
+
+    ``run_dirs`` maps each row's ``run`` (its run name) to its directory (:func:`jaxdp_study.workdir.runs_by_name`).
+    """
+    return {ff: _nanmean(_history_mean(run_dirs[r["run"]], key) for r in seed_rows)
             for (ff,), seed_rows in _groups(rows, ("female_fraction",)).items()}
 
 
-def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                 path: Path) -> Path | str:
     """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step."""
     rows = [r for r in _imbalance_rows(rows) if r["dp_enabled"]]
@@ -693,7 +704,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
                                            key=lambda kv: _row_sort_key(kv[1][0])):
             for g, name in GROUPS:
-                pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, workdir, f"{key}_{g}").items())
+                pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, run_dirs, f"{key}_{g}").items())
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=PRIVACY_COLORS.get(level, "0.3"),
                         ls=GROUP_STYLE[name]["ls"], marker=GROUP_STYLE[name]["marker"],
                         label=_series_label(level, variant, rs) if name == "female" else None)
@@ -711,7 +722,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         first_seed = min((int(r["seed"]) for r in lv_rows), default=None)  # one seed's trajectories, named
         lv_rows = [r for r in lv_rows if int(r["seed"]) == first_seed]
         for i, ((ff,), rs) in enumerate(sorted(_groups(lv_rows, ("female_fraction",)).items())):
-            hist = load_history(workdir / rs[0]["run"])
+            hist = load_history(run_dirs[rs[0]["run"]])
             color = cmap(i / max(len(xs) - 1, 1))
             for g, name in GROUPS:
                 ax.plot([h["step"] for h in hist], [_num(h.get(f"{key}_{g}")) for h in hist], color=color,
@@ -735,6 +746,7 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
     written paths."""
     root = Path(workdir)
     rows = summary_rows(root)
+    run_dirs = runs_by_name(root)
     written: list[Path] = []
     (root / "summary.csv").write_text(_csv_text(rows))
     written.append(root / "summary.csv")
@@ -752,10 +764,10 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
         for result in (
                 figure_imbalance(rows, fig_dir / "fig1_accuracy_vs_imbalance.png"),
                 figure_clipping(rows, fig_dir / "fig2_accuracy_vs_clip.png"),
-                figure_training_by_privacy(rows, root, fig_dir / "fig3_training_by_privacy.png"),
-                figure_training_by_imbalance(rows, root, fig_dir / "fig4_training_by_imbalance.png"),
+                figure_training_by_privacy(rows, run_dirs, fig_dir / "fig3_training_by_privacy.png"),
+                figure_training_by_imbalance(rows, run_dirs, fig_dir / "fig4_training_by_imbalance.png"),
                 figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
-                figure_clipping_diagnostics(rows, root, fig_dir / "fig6_clipping_per_group.png")):
+                figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png")):
             if isinstance(result, Path):
                 written.append(result)
             elif verbose:

@@ -123,3 +123,19 @@ def summarize_plan(statuses: Iterable[RunStatus]) -> str:
 def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run record (``sweep_run.json``) of a run directory: ``name``, ``grids``, ``axes``, ``config``."""
     return json.loads((Path(run_dir) / RUN_RECORD).read_text())
+
+
+def runs_by_name(workdir: str | os.PathLike) -> dict[str, Path]:
+    """The run directories under ``workdir`` keyed by the run name in their record, not by their own name.
+
+    A directory can be renamed or moved within the workdir without changing what the report says about it.
+    SweepError if two directories hold records of the same run (e.g. a copy kept as a backup).
+    """
+    out: dict[str, Path] = {}
+    for run_dir in find_run_dirs(workdir):
+        name = read_run_record(run_dir)["name"]
+        if name in out:
+            raise SweepError(f"{out[name]} and {run_dir} both hold run {name!r} (their {RUN_RECORD}); move one "
+                             f"of them out of {Path(workdir)}")
+        out[name] = run_dir
+    return out

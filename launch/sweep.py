@@ -135,7 +135,10 @@ def main(argv: list[str]) -> None:
         if not run_dirs.find_run_dirs(workdir):
             _die(f"{workdir!r} holds no sweep runs (no */{run_dirs.RUN_RECORD}); pass the --workdir a sweep "
                  f"wrote to")
-        written = report.write_report(workdir, figures=_FIGURES.value)
+        try:
+            written = report.write_report(workdir, figures=_FIGURES.value)
+        except grid.SweepError as e:
+            _die(str(e))
         print("\n".join(f"wrote {p}" for p in written))
         return
     if _LAUNCHER.value not in launchers.LAUNCHERS:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import shutil
 
 import pytest
 from test_sweep import FakeTrain, load_cli, small_sweep
 
 from jaxdp_study import grid, launchers, report
 from jaxdp_study.paper import paper_results
+from jaxdp_study.workdir import find_run_dirs, runs_by_name
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",
@@ -92,6 +95,42 @@ def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
     assert {n: (workdir / n).read_bytes() for n in before} == before
 
 
+def test_tables_do_not_depend_on_run_directory_names(tmp_path):
+    # A run's settings come from its record (sweep_run.json), so renaming its directory changes nothing; here the
+    # directories are shuffled among opaque names, and one series differs by an extra axis (learning rate).
+    c = grid.with_seeds(small_sweep(), [0, 1])
+    c.sweep.lr = grid.grid({"privacy": ("medium", "nondp"), "data.female_fraction": (0.7, 0.99),
+                            "optim.learning_rate": (1e-3,)})
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    tables = ("summary.csv", "table1.csv", "table1.md", "imbalance_drop.csv", "imbalance_drop.md")
+    report.write_report(tmp_path, figures=False, verbose=False)
+    before = {n: (tmp_path / n).read_bytes() for n in tables}
+    rows = report.summary_rows(tmp_path)
+    clip_before = report.clip_stat_by_fraction(rows, runs_by_name(tmp_path), "clip_fraction_1")
+    assert "medium learning_rate0.001" in before["imbalance_drop.md"].decode()
+    dirs = sorted(find_run_dirs(tmp_path))
+    for i, d in enumerate(dirs):
+        d.rename(tmp_path / f"tmp{i}")
+    for i, j in enumerate(reversed(range(len(dirs)))):
+        (tmp_path / f"tmp{i}").rename(tmp_path / f"run{j:02d}")
+    for n in tables:
+        (tmp_path / n).unlink()
+    report.write_report(tmp_path, figures=False, verbose=False)
+    assert {n: (tmp_path / n).read_bytes() for n in tables} == before
+    after = report.clip_stat_by_fraction(rows, runs_by_name(tmp_path), "clip_fraction_1")
+    assert after == clip_before and not any(math.isnan(v) for v in after.values())
+
+
+def test_two_directories_holding_one_run_are_refused(tmp_path):
+    c = small_sweep()
+    c.sweep.imbalance.data.female_fraction = (0.7,)
+    del c.sweep["clipping"]
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    shutil.copytree(tmp_path / "nondp-ff0.7-seed0", tmp_path / "backup")
+    with pytest.raises(grid.SweepError, match="both hold run 'nondp-ff0.7-seed0'"):
+        report.write_report(tmp_path, figures=False)
+
+
 def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
     c = small_sweep()
     c.sweep.imbalance.data.female_fraction = (0.7,)
@@ -114,7 +153,7 @@ def test_clipping_diagnostics_average_seeds_per_fraction(tmp_path):
             "".join(json.dumps({"step": i, "clip_fraction_1": v}) + "\n" for i, v in enumerate(values)))
     rows = [{"run": "a", "female_fraction": 0.7}, {"run": "b", "female_fraction": 0.7},
             {"run": "c", "female_fraction": 0.99}]
-    means = report.clip_stat_by_fraction(rows, tmp_path, "clip_fraction_1")
+    means = report.clip_stat_by_fraction(rows, {run: tmp_path / run for run in histories}, "clip_fraction_1")
     assert means == pytest.approx({0.7: 0.3, 0.99: 0.5})
 
 
