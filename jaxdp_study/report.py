@@ -4,7 +4,9 @@
 ``history.jsonl``) and writes, without training anything:
 
 - ``summary.csv``: one row per finished run — swept axes, privacy level, noise multiplier, clip bound, epsilon
-  under each accountant, and every final test metric with its 95% confidence interval;
+  under each accountant, ``reproducible`` and ``privacy_note`` (from final.json), every final test metric with
+  its 95% confidence interval, and the run's last non-private diagnostics (columns ``nonprivate_*``, as the
+  trainer names them: training-data statistics without noise, not covered by epsilon) when it recorded them;
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
@@ -12,10 +14,14 @@
   non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
-  equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
+  equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics (non-private, and titled so).
+  The paper's values
   (:func:`jaxdp_study.paper.paper_results`) are drawn as hollow markers on dotted lines where the setting
   (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
   (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
+
+When any run was trained with ``dp.reproducible=True`` (its batches and noise derived from the public
+``train.seed``), the tables say so under them (:func:`reproducible_note`) and the figures in their titles.
 
 Groups: group 0 = female, group 1 = male (jaxdp.fairness' convention); gaps are female minus male. Error bars
 are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
@@ -51,6 +57,8 @@ GROUP_STYLE = {"female": dict(ls="-", marker="o"), "male": dict(ls="--", marker=
 # The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
 GAPS = {"delta_accuracy": "accuracy", "delta_demographic_parity": "demographic_parity",
         "delta_equal_opportunity": "tpr", "delta_fpr": "fpr"}
+# History keys of the per-group clipping diagnostics (suffix _0 / _1): training-data statistics without noise.
+CLIP_DIAGNOSTICS = ("nonprivate_clip_fraction", "nonprivate_grad_norm_mean")
 _FIRST_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
                   "delta_equal_opportunity", "delta_fpr")
 
@@ -152,6 +160,8 @@ def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
                     "steps": final.get("steps"), "epochs": c["train"]["epochs"]})
         for acc in ACCOUNTANTS:
             row[f"epsilon_{acc}"] = eps.get(acc)
+        row["reproducible"] = final.get("reproducible")
+        row["privacy_note"] = final.get("privacy_note")
         row["wall_time_s"] = final.get("wall_time_s")
         metrics = dict(final.get("metrics", {}))
         metrics.update(_gap_intervals(metrics))
@@ -299,8 +309,9 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "–" if math.isnan(v) else format(v, fmt)
 
 
-def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
-    """Table 1 as markdown, ours next to the paper's (paper values at the same privacy level and fraction)."""
+def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None, note: str | None = None) -> str:
+    """Table 1 as markdown, ours next to the paper's (paper values at the same privacy level and fraction);
+    ``note`` (e.g. :func:`reproducible_note`) is printed under the table."""
     head = (f"**Table 1: overall test accuracy at {100 * (ff or 0):g}% female and its change from the non-DP "
             f"baseline (percentage points); ours vs Farrand et al. 2020.**\n\n"
             "| privacy level | z | clip | ε (PLD) | ε (RDP) | ε (RDP, classic) | accuracy (%) [95% CI] | Δ vs "
@@ -318,7 +329,26 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
             f"{_f(r['accuracy'])}{ci} | {_f(r['delta_vs_nondp'], '+.2f')} | "
             f"{_f(r['accuracy_female'])} / {_f(r['accuracy_male'])} | {_f(r['paper_epsilon'], 'g')} | "
             f"{_f(r['paper_accuracy'])} | {_f(r['paper_delta_vs_nondp'], '+.2f')} |")
-    return head + "\n".join(body) + "\n"
+    return head + "\n".join(body) + "\n" + _note_text(note)
+
+
+def _note_text(note: str | None) -> str:
+    return f"\n{note}\n" if note else ""
+
+
+def reproducible_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """A paragraph for the tables when any run of summary ``rows`` was trained with ``dp.reproducible=True``.
+
+    Such a run derives its batches and noise from ``train.seed``, which its config states; the sentence each
+    run's ``final.json`` carries (``privacy_note``) says what that means for its epsilon. None when no run is
+    reproducible.
+    """
+    runs = [r for r in rows if r.get("reproducible") is True]
+    if not runs:
+        return None
+    notes = sorted({str(r["privacy_note"]) for r in runs if r.get("privacy_note")})
+    return (f"**Reproducible runs: {len(runs)} of {len(rows)}** (`dp.reproducible=True`; column `reproducible` "
+            f"of summary.csv): " + (" ".join(notes) if notes else "see their final.json."))
 
 
 def _sd(values: Sequence[float]) -> float | None:
@@ -385,10 +415,10 @@ def imbalance_drop(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """:func:`imbalance_drop` as markdown."""
+def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]], note: str | None = None) -> str:
+    """:func:`imbalance_drop` as markdown; ``note`` (e.g. :func:`reproducible_note`) is printed under it."""
     if not rows:
-        return "No series has runs at two or more female fractions.\n"
+        return "No series has runs at two or more female fractions.\n" + _note_text(note)
     lo = rows[0]["from_female_fraction"]
     head = (f"**Accuracy lost from {100 * lo:g}% female to each more imbalanced fraction (percentage points; "
             "positive = lost), and the male loss beyond non-DP's (same seeds paired); mean ± sample SD over "
@@ -407,7 +437,7 @@ def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{_f(r['female_drop_mean'])} | "
             f"{pm(r['male_drop_excess_vs_nondp_mean'], r['male_drop_excess_vs_nondp_sd'], '+.2f')} | "
             f"{_f(r['paper_male_drop'])} | {_f(r['paper_male_drop_excess_vs_nondp'], '+.2f')} |" for r in rows]
-    return head + "\n".join(body) + "\n"
+    return head + "\n".join(body) + "\n" + _note_text(note)
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -523,6 +553,19 @@ def _source_note(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"ours: {', '.join(srcs)}"
 
 
+def _suptitle(fig: Any, title: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The figure's title, with a second line when any of its runs' epsilon is void against seed-knowers."""
+    reproducible = sum(r.get("reproducible") is True for r in rows)
+    if reproducible:
+        title += (f"\n{reproducible} of these {len(rows)} runs used dp.reproducible=True: their ε is no guarantee "
+                  f"against anyone who knows train.seed")
+    lines = title.count("\n") + 1
+    if lines > 1 and not fig.get_constrained_layout():  # lift it clear of the panel titles
+        fig.suptitle(title, fontsize=10, y=0.98 + 0.035 * (lines - 1))
+    else:
+        fig.suptitle(title, fontsize=10)
+
+
 def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     """Paper Figure 1: per-group accuracy, and female - male accuracy gap, vs female share, per privacy level."""
     rows = _imbalance_rows(rows)
@@ -547,8 +590,8 @@ def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | st
     b.set_title("(b) accuracy gap (Figure 1)")
     _category_axis(b, xs, [_pct_label(x) for x in xs], "female share of the data")
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
-                 f"95% CI", fontsize=10)
+    _suptitle(fig, f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
+                   f"95% CI", rows)
     return _save(fig, path)
 
 
@@ -580,8 +623,8 @@ def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str
     b.set_title("(b) accuracy gap")
     _category_axis(b, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
-                 f"{_source_note(rs)}; error bars: 95% CI", fontsize=10)
+    _suptitle(fig, f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
+                   f"{_source_note(rs)}; error bars: 95% CI", rs)
     return _save(fig, path)
 
 
@@ -625,8 +668,8 @@ def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], run_dirs: Mapp
         _history_panel(ax, _dirs_of(run_dirs, rs), _series_label(level, variant, rs))
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
-                 f"bands: 95% CI — {_source_note(rows)}", fontsize=10)
+    _suptitle(fig, f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
+                   f"bands: 95% CI — {_source_note(rows)}", rows)
     return _save(fig, path)
 
 
@@ -647,8 +690,8 @@ def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], run_dirs: Ma
         _history_panel(ax, _dirs_of(run_dirs, rs), f"{_pct_label(ff)} female")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Accuracy by group during training at each imbalance (Figure 4), "
-                 f"{_series_label(levels[0], '', at)}; bands: 95% CI — {_source_note(at)}", fontsize=10)
+    _suptitle(fig, f"Accuracy by group during training at each imbalance (Figure 4), "
+                   f"{_series_label(levels[0], '', at)}; bands: 95% CI — {_source_note(at)}", at)
     return _save(fig, path)
 
 
@@ -669,8 +712,8 @@ def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path 
         _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
     _paper_handle(a)
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
-                 f"(Newcombe)", fontsize=10)
+    _suptitle(fig, f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
+                   f"(Newcombe)", rows)
     return _save(fig, path)
 
 
@@ -690,16 +733,24 @@ def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[s
 
 def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                 path: Path) -> Path | str:
-    """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step."""
+    """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step.
+
+    These are the runs' non-private diagnostics (``nonprivate_clip_fraction_g``, ``nonprivate_grad_norm_mean_g``
+    of history.jsonl: statistics of the training data without noise, not covered by epsilon), and the figure's
+    titles say so. Skipped when no run recorded them (``train.nonprivate_diagnostics=False``).
+    """
     rows = [r for r in _imbalance_rows(rows) if r["dp_enabled"]]
     if not rows:
         return "clipping diagnostics need DP runs"
+    if not any(f"{key}_{g}" in r for r in rows for key in CLIP_DIAGNOSTICS for g, _ in GROUPS):
+        return (f"clipping per group (a non-private diagnostic) needs {', '.join(CLIP_DIAGNOSTICS)}_0/1 in the "
+                f"runs' results, which a run records only with train.nonprivate_diagnostics=True")
     xs = sorted({r["female_fraction"] for r in rows})
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     pos = {x: i for i, x in enumerate(xs)}
-    for col, (key, ylabel) in enumerate((("clip_fraction", "fraction of examples clipped"),
-                                         ("grad_norm_mean", "mean per-example gradient norm"))):
+    for col, (key, ylabel) in enumerate(zip(CLIP_DIAGNOSTICS, ("fraction of examples clipped",
+                                                               "mean per-example gradient norm"), strict=True)):
         ax = axes[0][col]
         for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
                                            key=lambda kv: _row_sort_key(kv[1][0])):
@@ -713,6 +764,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
                     label=name)
         _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
         ax.set_ylabel(ylabel + "\n(mean over training)")
+        ax.set_title("per female share, mean over training; non-private diagnostic", fontsize=10)
         ax.legend(fontsize=7.5)
         level = next(lv for lv in ("medium", "low", "high", *sorted({r["privacy_level"] for r in rows}))
                      if any(r["privacy_level"] == lv for r in rows))
@@ -729,12 +781,13 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
                         ls=GROUP_STYLE[name]["ls"], label=f"{_pct_label(ff)} {name}")
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel + "\n(since previous evaluation)")
-        ax.set_title(f"{level} privacy, per female share (seed {lv_rows[0]['seed'] if lv_rows else '-'})",
-                     fontsize=10)
+        ax.set_title(f"{level} privacy, per female share (seed {lv_rows[0]['seed'] if lv_rows else '-'}); "
+                     f"non-private diagnostic", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Clipping per group (female solid, male dashed): share of training examples whose "
-                 f"gradient was clipped, and their mean pre-clip L2 norm — {_source_note(rows)}", fontsize=10)
+    _suptitle(fig, f"Clipping per group, a non-private diagnostic (statistics of the training data without noise, "
+                   f"not covered by ε)\nShare of training examples whose gradient was clipped, and their mean pre-clip "
+                   f"L2 norm (female solid, male dashed) — {_source_note(rows)}", rows)
     return _save(fig, path)
 
 
@@ -750,13 +803,14 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
     written: list[Path] = []
     (root / "summary.csv").write_text(_csv_text(rows))
     written.append(root / "summary.csv")
+    note = reproducible_note(rows)
     t1, ff = table1(rows)
     (root / "table1.csv").write_text(_csv_text(t1))
-    (root / "table1.md").write_text(table1_markdown(t1, ff))
+    (root / "table1.md").write_text(table1_markdown(t1, ff, note))
     written += [root / "table1.csv", root / "table1.md"]
     drop = imbalance_drop(rows)
     (root / "imbalance_drop.csv").write_text(_csv_text(drop))
-    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop))
+    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop, note))
     written += [root / "imbalance_drop.csv", root / "imbalance_drop.md"]
     if figures and rows:
         fig_dir = root / "figures"

@@ -21,6 +21,7 @@ from jaxdp.config import base_config, flatten
 from jaxdp_study import grid, launchers, paper
 
 REPO = Path(__file__).resolve().parent.parent
+PRIVACY_NOTE = "The epsilon is no guarantee against anyone who knows train.seed (dp.reproducible=True)."
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
 
 
@@ -55,11 +56,12 @@ def fake_metrics(config: ml_collections.ConfigDict, progress: float) -> dict:
     m["delta_demographic_parity"] = abs(m["demographic_parity_0"] - m["demographic_parity_1"])
     m["delta_equal_opportunity"] = abs(m["tpr_0"] - m["tpr_1"])
     m["delta_fpr"] = abs(m["fpr_0"] - m["fpr_1"])
-    dp = bool(config.dp.enabled)
-    m["clip_fraction_0"] = 0.6 if dp else math.nan
-    m["clip_fraction_1"] = 0.6 + 0.3 * (ff - 0.7) if dp else math.nan
-    m["grad_norm_mean_0"] = 4.0 if dp else math.nan
-    m["grad_norm_mean_1"] = 4.0 + 10 * (ff - 0.7) if dp else math.nan
+    if config.train.nonprivate_diagnostics:  # training-data statistics without noise: the trainer's nonprivate_ keys
+        dp = bool(config.dp.enabled)
+        m["nonprivate_clip_fraction_0"] = 0.6 if dp else math.nan
+        m["nonprivate_clip_fraction_1"] = 0.6 + 0.3 * (ff - 0.7) if dp else math.nan
+        m["nonprivate_grad_norm_mean_0"] = 4.0 if dp else math.nan
+        m["nonprivate_grad_norm_mean_1"] = 4.0 + 10 * (ff - 0.7) if dp else math.nan
     return m
 
 
@@ -83,9 +85,10 @@ class FakeTrain:
             if on_progress is not None:
                 on_progress(step, self.steps, {"loss": 0.5, "epsilon": eps})
             if step % 4 == 0:
-                row = {"step": step, "epoch": step / self.steps, "wall_time_s": 0.1 * step,
-                       "train_loss": 0.7 - 0.02 * step, "epsilon": eps,
+                row = {"step": step, "epoch": step / self.steps, "wall_time_s": 0.1 * step, "epsilon": eps,
                        **fake_metrics(config, step / self.steps)}
+                if config.train.nonprivate_diagnostics:
+                    row["nonprivate_train_loss"] = 0.7 - 0.02 * step
                 with open(wd / "history.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 ckpt.write_text(str(step))
@@ -94,7 +97,8 @@ class FakeTrain:
         final = {"metrics": fake_metrics(config, 1.0),
                  "epsilon": {"pld": eps, "rdp": eps and eps * 1.1, "rdp_classic": eps and eps * 1.3},
                  "delta": float(config.dp.delta), "steps": self.steps, "sampling": config.dp.sampling,
-                 "wall_time_s": 1.0}
+                 "wall_time_s": 1.0, "reproducible": bool(config.dp.reproducible),
+                 "privacy_note": PRIVACY_NOTE if config.dp.enabled and config.dp.reproducible else None}
         tmp = wd / "final.json.tmp"
         tmp.write_text(json.dumps(final))
         os.replace(tmp, wd / "final.json")
