@@ -23,9 +23,7 @@ How it is measured (every figure in the output is one of these):
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
   hit all entries alike. Before each timed step the benchmark sleeps ``settle_s`` (default 1 s): XLA's and
   PyTorch's CPU thread pools keep spinning for a while after a step, and without the pause each entry
-  competes with the previous entry's idle threads. Measured on the 2-core development CPU (64x64, batch 32):
-  without it torch's non-private step read 36 ex/s in the interleaved run against 59-64 ex/s alone; with a
-  1 s pause it reads 59 ex/s interleaved (Opacus hooks 10.1 -> 13.3; JAX entries changed by under 10%).
+  competes with the previous entry's idle threads (what that did to the numbers: README, "Performance").
 * ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
 * ``peak_memory_bytes``: the largest growth of the process's resident memory during one timed step, over
   all timed steps: before each step free heap memory is returned to the OS (``malloc_trim``), the kernel's

@@ -2,7 +2,7 @@ r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's str
 
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
 
-What is measured and how: see jaxdp_study/bench.py. On a GPU (prepared for an H200, not yet run on one):
+What is measured and how: see jaxdp_study/bench.py. On a GPU:
 
     python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 \
         --json bench_gpu.json
