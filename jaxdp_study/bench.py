@@ -303,6 +303,30 @@ def _peak_rss_growth(before: int | None) -> int | None:
     return None if before is None or peak is None else max(peak - before, 0)
 
 
+def settings_from_config(config: Any) -> dict[str, Any]:
+    """The :func:`run_benchmark` arguments an experiment config (``configs/*.py``'s ``get_config()``) fixes.
+
+    The model (``model.stage_sizes``, ``width``, ``num_groups``), ``data.image_size``, ``train.batch_size``, the
+    clipping strategy (``dp.clipping_strategy``, the only DP entry), ``dp.l2_clip_norm``, ``dp.noise_multiplier``
+    and ``optim.learning_rate``; the sweep's axes are ignored (the config's own values are benchmarked). Raises
+    ValueError for a model the benchmark cannot build (it builds the GroupNorm ResNet family).
+
+    >>> from jaxdp.config import base_config
+    >>> settings_from_config(base_config())["strategies"]
+    ['vmap']
+    """
+    from jaxdp.models.factory import MODEL_NAMES
+
+    model, dp = config.model, config.dp
+    if str(model.name).lower() not in MODEL_NAMES or model.norm != "group":
+        raise ValueError(f"the benchmark builds GroupNorm ResNets (config.model.name in {MODEL_NAMES}, norm 'group'); "
+                         f"this config asks for name={model.name!r}, norm={model.norm!r}")
+    return dict(image_size=int(config.data.image_size), batch_size=int(config.train.batch_size),
+                strategies=[str(dp.clipping_strategy)], stage_sizes=tuple(int(s) for s in model.stage_sizes),
+                width=int(model.width), num_groups=int(model.num_groups), l2_clip_norm=float(dp.l2_clip_norm),
+                noise_multiplier=float(dp.noise_multiplier), learning_rate=float(config.optim.learning_rate))
+
+
 def run_benchmark(
     image_size: int = 64,
     batch_size: int = 32,
