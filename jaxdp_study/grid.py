@@ -151,7 +151,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
         if not isinstance(g, ml_collections.ConfigDict):
             raise SweepError(
                 f"config.sweep.{grid_name} in sweep '{sweep_name}' must be a grid (a ConfigDict of axes, "
-                f"e.g. jaxdp.sweep.grid({{'data.female_fraction': (0.7, 0.9)}})), got {g!r}")
+                f"e.g. jaxdp_study.grid.grid({{'data.female_fraction': (0.7, 0.9)}})), got {g!r}")
         axes = {p: _axis_values(sweep_name, grid_name, p, v) for p, v in flatten(g).items()}
         for path in axes:
             if path == "privacy":

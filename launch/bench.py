@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=None, help=f"default {DEFAULTS['width']}")
     parser.add_argument("--num-groups", type=int, default=None,
                         help=f"GroupNorm groups (default {DEFAULTS['num_groups']})")
-    parser.add_argument("--max-pixels", type=int, default=bench.fastclip.DEFAULT_MATMUL_MAX_PIXELS,
-                        help="convolutions on maps of at most this many pixels run as patches x matmul")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="convolutions on maps of at most this many pixels run as patches x matmul in the "
+                             "'matmul conv' entry (default: jaxdp's)")
     parser.add_argument("--no-noise-only", action="store_true",
                         help="skip the 'noise+adam only' entry (the cost breakdown of the DP step's noise)")
     parser.add_argument("--settle", type=float, default=1.0,
@@ -78,11 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
                         width=args.width, num_groups=args.num_groups,
                         strategies=None if args.strategies is None else [s for s in args.strategies.split(",") if s])
         settings.update({k: v for k, v in explicit.items() if v is not None})
+        if args.max_pixels is not None:
+            settings["max_pixels"] = args.max_pixels
         result = bench.run_benchmark(
             **settings, compare_opacus=args.compare_opacus,
             opacus_modes=[m for m in args.opacus_modes.split(",") if m],
             rounds=args.rounds, steps_per_round=args.steps_per_round,
-            max_pixels=args.max_pixels, include_noise_only=not args.no_noise_only, settle_s=args.settle,
+            include_noise_only=not args.no_noise_only, settle_s=args.settle,
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
