@@ -743,8 +743,9 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
     if not rows:
         return "clipping diagnostics need DP runs"
     if not any(f"{key}_{g}" in r for r in rows for key in CLIP_DIAGNOSTICS for g, _ in GROUPS):
-        return (f"clipping per group (a non-private diagnostic) needs {', '.join(CLIP_DIAGNOSTICS)}_0/1 in the "
-                f"runs' results, which a run records only with train.nonprivate_diagnostics=True")
+        needed = " and ".join(f"{key}_0/1" for key in CLIP_DIAGNOSTICS)
+        return (f"clipping per group (a non-private diagnostic) needs {needed} in the runs' results, which runs "
+                f"record with train.nonprivate_diagnostics=True (runs written before these keys existed lack them too)")
     xs = sorted({r["female_fraction"] for r in rows})
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
