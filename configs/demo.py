@@ -1,4 +1,4 @@
-"""The demo: the paper's study shrunk to about ten minutes on 2 CPU cores, on generated CelebA-format data.
+"""The demo: the paper's study shrunk to fit a laptop CPU, on generated CelebA-format data.
 
 Every privacy level (high / medium / low / non-DP) x three female fractions (70%, 90%, 99%) = 12 runs. What is
 smaller than the paper, and why:
@@ -27,7 +27,7 @@ Run it with::
 """
 
 from jaxdp.config import base_config
-from jaxdp.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():
@@ -52,7 +52,7 @@ def get_config():
     c.train.eval_every_steps = 50
     c.train.checkpoint_every_steps = 50
     c.dp.l2_clip_norm = 1.0
-    c.dp.clipping_strategy = "bookkeeping"  # same clipped sums as "vmap", faster on CPU (jaxdp/fastclip.py)
+    c.dp.clipping_strategy = "bookkeeping"  # same clipped sums as "vmap" (jaxdp.clipping)
     c.sweep.imbalance = grid({
         "privacy": ("high", "medium", "low", "nondp"),
         "data.female_fraction": (0.7, 0.9, 0.99),

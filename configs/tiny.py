@@ -1,4 +1,4 @@
-"""A seconds-long end-to-end sweep for tests and smoke checks: 2 privacy levels x 2 female fractions.
+"""The smallest end-to-end sweep, for tests and smoke checks: 2 privacy levels x 2 female fractions.
 
 Generated 16x16 images, 200 of them (balanced test set), the smallest ResNet (stage_sizes (1, 1, 1, 1),
 width 8), one epoch. Its numbers mean nothing; it proves the pipeline (data, training, accounting, resume,
@@ -8,7 +8,7 @@ report) runs::
 """
 
 from jaxdp.config import base_config
-from jaxdp.sweep import grid
+from jaxdp_study.grid import grid
 
 
 def get_config():

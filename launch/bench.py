@@ -1,8 +1,10 @@
 r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's strategies vs non-private vs Opacus.
 
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
+    python launch/bench.py --config configs/demo.py           # the model, image size, batch and clipping of a config
+    python launch/bench.py --config configs/demo.py --strategies vmap,bookkeeping   # flags override the config
 
-What is measured and how: see jaxdp/bench.py. On a GPU (prepared for an H200, not yet run on one):
+What is measured and how: see jaxdp_study/bench.py. On a GPU:
 
     python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 \
         --json bench_gpu.json
@@ -11,46 +13,79 @@ What is measured and how: see jaxdp/bench.py. On a GPU (prepared for an H200, no
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from jaxdp import bench  # noqa: E402
+from jaxdp_study import bench  # noqa: E402
+
+# What the benchmark runs without --config (and what a flag left out keeps): the paper's ResNet18 at 64x64.
+DEFAULTS = dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64, num_groups=32)
+
+
+def load_config(path: str):
+    """``get_config()`` of an experiment config file (``configs/*.py``)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist (relative to {os.getcwd()})")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--config", default=None,
+                        help="experiment config (e.g. configs/demo.py): benchmark its model, image size, batch size, "
+                             "clipping strategy, clip bound, noise multiplier and learning rate; the flags below "
+                             "override it")
+    parser.add_argument("--image-size", type=int, default=None, help=f"default {DEFAULTS['image_size']}")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     parser.add_argument("--strategies", default=None,
-                        help="comma-separated jaxdp clipping strategies (default: all available)")
+                        help="comma-separated jaxdp clipping strategies (default: the config's, else all available)")
     parser.add_argument("--compare-opacus", action="store_true",
                         help=f"also time PyTorch + Opacus, interleaved (needs `{bench.TORCH_INSTALL}`)")
     parser.add_argument("--opacus-modes", default=",".join(bench.OPACUS_MODES))
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over all entries (median is reported)")
     parser.add_argument("--steps-per-round", type=int, default=1)
-    parser.add_argument("--stage-sizes", default="2,2,2,2", help="BasicBlocks per stage (ResNet18: 2,2,2,2)")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--max-pixels", type=int, default=bench.fastclip.DEFAULT_MATMUL_MAX_PIXELS,
-                        help="convolutions on maps of at most this many pixels run as patches x matmul")
+    parser.add_argument("--stage-sizes", type=_ints, default=None,
+                        help="BasicBlocks per stage (default 2,2,2,2: ResNet18)")
+    parser.add_argument("--width", type=int, default=None, help=f"default {DEFAULTS['width']}")
+    parser.add_argument("--num-groups", type=int, default=None,
+                        help=f"GroupNorm groups (default {DEFAULTS['num_groups']})")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="convolutions on maps of at most this many pixels run as patches x matmul in the "
+                             "'matmul conv' entry (default: jaxdp's)")
     parser.add_argument("--no-noise-only", action="store_true",
                         help="skip the 'noise+adam only' entry (the cost breakdown of the DP step's noise)")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to pause before each timed step so the previous entry's CPU thread pools "
-                             "go idle (see jaxdp/bench.py)")
+                             "go idle (see jaxdp_study/bench.py)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     args = parser.parse_args(argv)
 
     try:
+        settings = dict(DEFAULTS)
+        if args.config is not None:
+            settings.update(bench.settings_from_config(load_config(args.config)))
+        explicit = dict(image_size=args.image_size, batch_size=args.batch_size, stage_sizes=args.stage_sizes,
+                        width=args.width, num_groups=args.num_groups,
+                        strategies=None if args.strategies is None else [s for s in args.strategies.split(",") if s])
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+        if args.max_pixels is not None:
+            settings["max_pixels"] = args.max_pixels
         result = bench.run_benchmark(
-            args.image_size, args.batch_size,
-            strategies=None if args.strategies is None else [s for s in args.strategies.split(",") if s],
-            compare_opacus=args.compare_opacus,
+            **settings, compare_opacus=args.compare_opacus,
             opacus_modes=[m for m in args.opacus_modes.split(",") if m],
             rounds=args.rounds, steps_per_round=args.steps_per_round,
-            stage_sizes=tuple(int(s) for s in args.stage_sizes.split(",")), width=args.width,
-            max_pixels=args.max_pixels, include_noise_only=not args.no_noise_only, settle_s=args.settle,
+            include_noise_only=not args.no_noise_only, settle_s=args.settle,
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")

@@ -115,7 +115,8 @@ def _parse_seeds(values: list[str]) -> list[int]:
 def main(argv: list[str]) -> None:
     from absl import logging
 
-    from jaxdp import report, sweep
+    from jaxdp_study import grid, launchers, report
+    from jaxdp_study import workdir as run_dirs
 
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; keep the run lines readable
         logging.set_verbosity(logging.WARNING)
@@ -131,15 +132,18 @@ def main(argv: list[str]) -> None:
         _die("pass --config configs/<name>.py (e.g. --config configs/demo.py), or `report --workdir DIR`")
     workdir = _WORKDIR.value or os.path.join("results", str(config.name))
     if mode == "report":
-        if not sweep.find_run_dirs(workdir):
-            _die(f"{workdir!r} holds no sweep runs (no */{sweep.RUN_RECORD}); pass the --workdir a sweep "
+        if not run_dirs.find_run_dirs(workdir):
+            _die(f"{workdir!r} holds no sweep runs (no */{run_dirs.RUN_RECORD}); pass the --workdir a sweep "
                  f"wrote to")
-        written = report.write_report(workdir, figures=_FIGURES.value)
+        try:
+            written = report.write_report(workdir, figures=_FIGURES.value)
+        except grid.SweepError as e:
+            _die(str(e))
         print("\n".join(f"wrote {p}" for p in written))
         return
-    if _LAUNCHER.value not in sweep.LAUNCHERS:
-        _die(f"unknown --launcher={_LAUNCHER.value!r}; choose one of {', '.join(sweep.LAUNCHERS)}")
-    slurm = sweep.SlurmOptions(
+    if _LAUNCHER.value not in launchers.LAUNCHERS:
+        _die(f"unknown --launcher={_LAUNCHER.value!r}; choose one of {', '.join(launchers.LAUNCHERS)}")
+    slurm = launchers.SlurmOptions(
         partition=_S_PARTITION.value, account=_S_ACCOUNT.value, qos=_S_QOS.value,
         constraint=_S_CONSTRAINT.value, time_min=_S_TIME.value, nodes=_S_NODES.value,
         gpus_per_node=_S_GPUS.value, tasks_per_node=_S_TASKS.value, cpus_per_task=_S_CPUS.value,
@@ -147,16 +151,16 @@ def main(argv: list[str]) -> None:
     wait = _WAIT.value if _WAIT.value is not None else _LAUNCHER.value != "slurm"
     try:
         if _SEEDS.value is not None:
-            config = sweep.with_seeds(config, _parse_seeds(_SEEDS.value))
+            config = grid.with_seeds(config, _parse_seeds(_SEEDS.value))
         if _DRY_RUN.value:
-            runs = sweep.select_runs(sweep.expand(config), _RUNS.value)
-            statuses = sweep.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)
+            runs = grid.select_runs(grid.expand(config), _RUNS.value)
+            statuses = run_dirs.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)
             print(f"{len(statuses)} runs in {os.path.abspath(workdir)}")
-            print(sweep.summarize_plan(statuses))
+            print(run_dirs.summarize_plan(statuses))
             return
-        result = sweep.run_sweep(config, workdir, launcher=_LAUNCHER.value, overwrite=_OVERWRITE.value,
+        result = launchers.run_sweep(config, workdir, launcher=_LAUNCHER.value, overwrite=_OVERWRITE.value,
                                  cache_dir=_CACHE.value, slurm=slurm, wait=wait, run_filter=_RUNS.value)
-    except sweep.SweepError as e:
+    except grid.SweepError as e:
         _die(str(e))
     if not wait:
         print(f"jobs submitted; when they finish: python launch/sweep.py report --workdir {workdir}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxdp import bench
+from jaxdp_study import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=8, batch_size=2, stage_sizes=(1,), width=4, num_groups=2, rounds=2, settle_s=0.0)
@@ -79,3 +79,73 @@ def test_cli_with_opacus(tmp_path):
         _check_entry(entry, jax_entry=entry["framework"] == "jax")
     assert result["results"][-1]["vs_fastest_opacus"] > 0
     assert "| opacus ghost |" in proc.stdout
+
+
+def _load_launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_bench_cli", ROOT / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_come_from_an_experiment_config():
+    cli = _load_launcher()
+    demo = bench.settings_from_config(cli.load_config(str(ROOT / "configs" / "demo.py")))
+    assert demo == dict(image_size=32, batch_size=256, strategies=["bookkeeping"], stage_sizes=(1, 1, 1), width=8,
+                        num_groups=8, l2_clip_norm=1.0, noise_multiplier=0.7, learning_rate=5e-3)
+    config = cli.load_config(str(ROOT / "configs" / "tiny.py"))
+    config.model.norm = "batch"
+    with pytest.raises(ValueError, match="GroupNorm ResNets"):
+        bench.settings_from_config(config)
+
+
+def test_cli_resolves_flags_over_config_over_defaults(monkeypatch):
+    cli = _load_launcher()
+    calls = []
+    monkeypatch.setattr(cli.bench, "run_benchmark", lambda **kw: calls.append(kw) or {"stub": True})
+    monkeypatch.setattr(cli.bench, "format_table", lambda result: "")
+    tiny = str(ROOT / "configs" / "tiny.py")
+    cli.main([])
+    cli.main(["--config", tiny])
+    cli.main(["--config", tiny, "--batch-size", "4", "--stage-sizes", "1,1", "--strategies", "vmap,bookkeeping"])
+    keys = ("image_size", "batch_size", "strategies", "stage_sizes", "width", "num_groups")
+    plain, config, overridden = ({k: kw[k] for k in keys} for kw in calls)
+    assert plain == dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64,
+                         num_groups=32)  # as before --config existed: ResNet18, 64x64, batch 32, every strategy
+    assert config == dict(image_size=16, batch_size=32, strategies=["vmap"], stage_sizes=(1, 1, 1, 1), width=8,
+                          num_groups=4)  # configs/tiny.py
+    assert overridden == {**config, "batch_size": 4, "stage_sizes": (1, 1), "strategies": ["vmap", "bookkeeping"]}
+    assert (calls[1]["l2_clip_norm"], calls[1]["noise_multiplier"], calls[1]["learning_rate"]) == (5.0, 0.7, 1e-3)
+    assert "l2_clip_norm" not in calls[0]  # run_benchmark's own defaults
+
+
+def test_cli_benchmarks_a_config_with_todays_json(tmp_path, capsys):
+    # configs/tiny.py's settings, its model shrunk by flags so that the compiles stay short.
+    out = tmp_path / "bench.json"
+    cli = _load_launcher()
+    result = cli.main(["--config", str(ROOT / "configs" / "tiny.py"), "--image-size", "8", "--batch-size", "2",
+                       "--stage-sizes", "1", "--width", "4", "--rounds", "2", "--settle", "0", "--no-noise-only",
+                       "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    config = result["config"]
+    assert (config["num_groups"], config["strategies"], config["l2_clip_norm"], config["noise_multiplier"],
+            config["learning_rate"]) == (4, ["vmap"], 5.0, 0.7, 1e-3)
+    assert sorted(config) == sorted(["image_size", "batch_size", "strategies", "rounds", "steps_per_round",
+                                     "settle_s", "max_pixels", "compare_opacus", "opacus_modes", "stage_sizes",
+                                     "width", "num_groups", "l2_clip_norm", "noise_multiplier", "learning_rate",
+                                     "seed"])
+    assert sorted(result) == ["config", "environment", "results"]
+    assert [r["name"] for r in result["results"]] == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
+                                                      "jax dp vmap"]
+    for entry in result["results"]:
+        _check_entry(entry, jax_entry=True)
+    assert "| jax dp vmap |" in capsys.readouterr().out
+
+
+def test_cli_bad_config_is_one_line(capsys):
+    cli = _load_launcher()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", "configs/nope.py"])
+    assert e.value.code == 2 and "config file 'configs/nope.py' does not exist" in capsys.readouterr().err

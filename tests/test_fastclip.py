@@ -11,8 +11,8 @@ import pytest
 
 import jaxdp
 from jaxdp import fastclip
-from jaxdp.bench import random_params
 from jaxdp.models import ResNet18
+from jaxdp_study.bench import random_params
 
 FAST = tuple(fastclip.STRATEGIES)
 

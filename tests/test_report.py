@@ -1,15 +1,19 @@
-"""Tests of jaxdp.report: summary.csv, Table 1, figures, and the `report` mode of launch/sweep.py."""
+"""Tests of jaxdp_study.report: summary.csv, Table 1, figures, and the `report` mode of launch/sweep.py."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import shutil
 
 import pytest
-from test_sweep import FakeTrain, load_cli, small_sweep
+from test_sweep import PRIVACY_NOTE, FakeTrain, load_cli, small_sweep
 
-from jaxdp import report, sweep
+from jaxdp_study import grid, launchers, report
+from jaxdp_study.paper import paper_results
+from jaxdp_study.workdir import find_run_dirs, runs_by_name
 
 FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_training_by_privacy.png",
            "fig4_training_by_imbalance.png", "fig5_fairness_gaps_vs_imbalance.png",
@@ -19,7 +23,7 @@ FIGURES = {"fig1_accuracy_vs_imbalance.png", "fig2_accuracy_vs_clip.png", "fig3_
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("sweep")
-    sweep.run_sweep(small_sweep(), wd, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), wd, train_fn=FakeTrain())
     report.write_report(wd, verbose=False)
     return wd
 
@@ -91,11 +95,47 @@ def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
     assert {n: (workdir / n).read_bytes() for n in before} == before
 
 
+def test_tables_do_not_depend_on_run_directory_names(tmp_path):
+    # A run's settings come from its record (sweep_run.json), so renaming its directory changes nothing; here the
+    # directories are shuffled among opaque names, and one series differs by an extra axis (learning rate).
+    c = grid.with_seeds(small_sweep(), [0, 1])
+    c.sweep.lr = grid.grid({"privacy": ("medium", "nondp"), "data.female_fraction": (0.7, 0.99),
+                            "optim.learning_rate": (1e-3,)})
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    tables = ("summary.csv", "table1.csv", "table1.md", "imbalance_drop.csv", "imbalance_drop.md")
+    report.write_report(tmp_path, figures=False, verbose=False)
+    before = {n: (tmp_path / n).read_bytes() for n in tables}
+    rows = report.summary_rows(tmp_path)
+    clip_before = report.clip_stat_by_fraction(rows, runs_by_name(tmp_path), "nonprivate_clip_fraction_1")
+    assert "medium learning_rate0.001" in before["imbalance_drop.md"].decode()
+    dirs = sorted(find_run_dirs(tmp_path))
+    for i, d in enumerate(dirs):
+        d.rename(tmp_path / f"tmp{i}")
+    for i, j in enumerate(reversed(range(len(dirs)))):
+        (tmp_path / f"tmp{i}").rename(tmp_path / f"run{j:02d}")
+    for n in tables:
+        (tmp_path / n).unlink()
+    report.write_report(tmp_path, figures=False, verbose=False)
+    assert {n: (tmp_path / n).read_bytes() for n in tables} == before
+    after = report.clip_stat_by_fraction(rows, runs_by_name(tmp_path), "nonprivate_clip_fraction_1")
+    assert after == clip_before and not any(math.isnan(v) for v in after.values())
+
+
+def test_two_directories_holding_one_run_are_refused(tmp_path):
+    c = small_sweep()
+    c.sweep.imbalance.data.female_fraction = (0.7,)
+    del c.sweep["clipping"]
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    shutil.copytree(tmp_path / "nondp-ff0.7-seed0", tmp_path / "backup")
+    with pytest.raises(grid.SweepError, match="both hold run 'nondp-ff0.7-seed0'"):
+        report.write_report(tmp_path, figures=False)
+
+
 def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
     c = small_sweep()
     c.sweep.imbalance.data.female_fraction = (0.7,)
     del c.sweep["clipping"]
-    sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain())
     written = report.write_report(tmp_path)
     out = capsys.readouterr().out
     assert "skipped: Figure 1 needs runs at two or more female fractions" in out
@@ -104,16 +144,71 @@ def test_figures_without_the_data_they_need_are_skipped(tmp_path, capsys):
                                                                "fig6_clipping_per_group.png"}
 
 
+def test_nonprivate_statistics_are_labelled_and_reproducibility_reported(workdir):
+    rows = _rows(workdir / "summary.csv")
+    columns = set(rows[0])
+    assert {"nonprivate_clip_fraction_0", "nonprivate_grad_norm_mean_1", "reproducible", "privacy_note"} <= columns
+    assert not {"clip_fraction_0", "grad_norm_mean_1", "train_loss"} & columns
+    assert {(r["reproducible"], r["privacy_note"]) for r in rows} == {("false", "")}
+    assert "eproducible" not in (workdir / "table1.md").read_text() + (workdir / "imbalance_drop.md").read_text()
+
+
+def test_clipping_figure_titles_say_non_private(workdir, monkeypatch):
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    rows = report.summary_rows(workdir)
+    report.figure_clipping_diagnostics(rows, runs_by_name(workdir), workdir / "unused.png")
+    (fig,) = figures
+    assert "a non-private diagnostic" in fig._suptitle.get_text()
+    assert all("non-private diagnostic" in ax.get_title() for ax in fig.axes)
+    assert "dp.reproducible" not in fig._suptitle.get_text()
+
+
+def test_without_nonprivate_diagnostics_the_report_still_works(tmp_path, capsys):
+    c = small_sweep()
+    c.train.nonprivate_diagnostics = False
+    c.sweep.imbalance.data.female_fraction = (0.7, 0.99)
+    del c.sweep["clipping"]
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    written = report.write_report(tmp_path)
+    assert "skipped: clipping per group (a non-private diagnostic) needs nonprivate_clip_fraction" in \
+        capsys.readouterr().out
+    assert {p.name for p in written if p.suffix == ".png"} == FIGURES - {"fig2_accuracy_vs_clip.png",
+                                                                        "fig6_clipping_per_group.png"}
+    assert not [k for k in _rows(tmp_path / "summary.csv")[0] if k.startswith("nonprivate_")]
+
+
+def test_reproducible_runs_are_said_so_in_tables_and_figures(tmp_path, monkeypatch):
+    c = small_sweep()
+    c.dp.reproducible = True
+    del c.sweep["clipping"]
+    launchers.run_sweep(c, tmp_path, train_fn=FakeTrain(), stream=io.StringIO())
+    report.write_report(tmp_path, figures=False)
+    rows = {r["run"]: r for r in _rows(tmp_path / "summary.csv")}
+    assert rows["high-ff0.7-clip5-seed0"]["reproducible"] == "true"
+    assert rows["high-ff0.7-clip5-seed0"]["privacy_note"] == PRIVACY_NOTE
+    assert (rows["nondp-ff0.7-seed0"]["reproducible"], rows["nondp-ff0.7-seed0"]["privacy_note"]) == ("true", "")
+    for table in ("table1.md", "imbalance_drop.md"):
+        assert f"**Reproducible runs: 9 of 9** (`dp.reproducible=True`; column `reproducible` of summary.csv): " \
+            f"{PRIVACY_NOTE}\n" in (tmp_path / table).read_text()
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
+    assert "\n9 of these 9 runs used dp.reproducible=True: their ε is no guarantee against anyone who knows " \
+        "train.seed" in figures[0]._suptitle.get_text()
+
+
 def test_clipping_diagnostics_average_seeds_per_fraction(tmp_path):
     # Two seeds at 0.7 (run means 0.2 and 0.4 -> 0.3), one at 0.99 (NaN rows ignored -> 0.5).
     histories = {"a": [0.1, 0.3], "b": [0.4], "c": [0.5, float("nan")]}
     for run, values in histories.items():
         (tmp_path / run).mkdir()
         (tmp_path / run / "history.jsonl").write_text(
-            "".join(json.dumps({"step": i, "clip_fraction_1": v}) + "\n" for i, v in enumerate(values)))
+            "".join(json.dumps({"step": i, "nonprivate_clip_fraction_1": v}) + "\n" for i, v in enumerate(values)))
     rows = [{"run": "a", "female_fraction": 0.7}, {"run": "b", "female_fraction": 0.7},
             {"run": "c", "female_fraction": 0.99}]
-    means = report.clip_stat_by_fraction(rows, tmp_path, "clip_fraction_1")
+    means = report.clip_stat_by_fraction(rows, {run: tmp_path / run for run in histories},
+                                         "nonprivate_clip_fraction_1")
     assert means == pytest.approx({0.7: 0.3, 0.99: 0.5})
 
 
@@ -161,8 +256,8 @@ def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
 def test_seeds_added_to_a_finished_sweep_train_only_new_runs_and_report_all(tmp_path):
     c = small_sweep()
     del c.sweep["clipping"]
-    first = sweep.run_sweep(c, tmp_path, train_fn=FakeTrain())
-    second = sweep.run_sweep(sweep.with_seeds(c, [0, 1]), tmp_path, train_fn=FakeTrain())
+    first = launchers.run_sweep(c, tmp_path, train_fn=FakeTrain())
+    second = launchers.run_sweep(grid.with_seeds(c, [0, 1]), tmp_path, train_fn=FakeTrain())
     assert len(first.trained) == 9 and len(second.skipped) == 9 and len(second.trained) == 9
     rows = report.summary_rows(tmp_path)
     assert sorted(r["seed"] for r in rows) == [0] * 9 + [1] * 9 and "data.seed" not in rows[0]
@@ -174,7 +269,7 @@ def test_seeds_added_to_a_finished_sweep_train_only_new_runs_and_report_all(tmp_
 
 
 def test_paper_results_are_packaged():
-    paper = report.paper_results()
+    paper = paper_results()
     assert len(paper) == 26
     row = [p for p in paper if p["privacy"] == "medium" and p["female_pct"] == 99.9 and p["clip"] == 5][0]
     assert (row["acc_female"], row["acc_male"], row["delta_eo"]) == (86.62, 33.33, 0.3302)

@@ -1,4 +1,4 @@
-"""Tests of jaxdp.sweep and launch/sweep.py: expansion, naming, resume, launchers, bad input.
+"""Tests of jaxdp_study.grid, .workdir, .launchers and launch/sweep.py: expansion, naming, resume, launchers, bad input.
 
 Most tests train with FakeTrain, which honours jaxdp.train.train_and_evaluate's contract (config.json,
 history.jsonl, checkpoints/, final.json written last; a second call resumes or returns the finished result)
@@ -17,10 +17,11 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from jaxdp import sweep
-from jaxdp.config import base_config
+from jaxdp.config import base_config, flatten
+from jaxdp_study import grid, launchers, paper
 
 REPO = Path(__file__).resolve().parent.parent
+PRIVACY_NOTE = "The epsilon is no guarantee against anyone who knows train.seed (dp.reproducible=True)."
 BASE_ACCURACY = {"high": 67.0, "medium": 84.0, "low": 86.0, "nondp": 90.0}
 
 
@@ -55,11 +56,12 @@ def fake_metrics(config: ml_collections.ConfigDict, progress: float) -> dict:
     m["delta_demographic_parity"] = abs(m["demographic_parity_0"] - m["demographic_parity_1"])
     m["delta_equal_opportunity"] = abs(m["tpr_0"] - m["tpr_1"])
     m["delta_fpr"] = abs(m["fpr_0"] - m["fpr_1"])
-    dp = bool(config.dp.enabled)
-    m["clip_fraction_0"] = 0.6 if dp else math.nan
-    m["clip_fraction_1"] = 0.6 + 0.3 * (ff - 0.7) if dp else math.nan
-    m["grad_norm_mean_0"] = 4.0 if dp else math.nan
-    m["grad_norm_mean_1"] = 4.0 + 10 * (ff - 0.7) if dp else math.nan
+    if config.train.nonprivate_diagnostics:  # training-data statistics without noise: the trainer's nonprivate_ keys
+        dp = bool(config.dp.enabled)
+        m["nonprivate_clip_fraction_0"] = 0.6 if dp else math.nan
+        m["nonprivate_clip_fraction_1"] = 0.6 + 0.3 * (ff - 0.7) if dp else math.nan
+        m["nonprivate_grad_norm_mean_0"] = 4.0 if dp else math.nan
+        m["nonprivate_grad_norm_mean_1"] = 4.0 + 10 * (ff - 0.7) if dp else math.nan
     return m
 
 
@@ -83,9 +85,10 @@ class FakeTrain:
             if on_progress is not None:
                 on_progress(step, self.steps, {"loss": 0.5, "epsilon": eps})
             if step % 4 == 0:
-                row = {"step": step, "epoch": step / self.steps, "wall_time_s": 0.1 * step,
-                       "train_loss": 0.7 - 0.02 * step, "epsilon": eps,
+                row = {"step": step, "epoch": step / self.steps, "wall_time_s": 0.1 * step, "epsilon": eps,
                        **fake_metrics(config, step / self.steps)}
+                if config.train.nonprivate_diagnostics:
+                    row["nonprivate_train_loss"] = 0.7 - 0.02 * step
                 with open(wd / "history.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
                 ckpt.write_text(str(step))
@@ -94,7 +97,8 @@ class FakeTrain:
         final = {"metrics": fake_metrics(config, 1.0),
                  "epsilon": {"pld": eps, "rdp": eps and eps * 1.1, "rdp_classic": eps and eps * 1.3},
                  "delta": float(config.dp.delta), "steps": self.steps, "sampling": config.dp.sampling,
-                 "wall_time_s": 1.0}
+                 "wall_time_s": 1.0, "reproducible": bool(config.dp.reproducible),
+                 "privacy_note": PRIVACY_NOTE if config.dp.enabled and config.dp.reproducible else None}
         tmp = wd / "final.json.tmp"
         tmp.write_text(json.dumps(final))
         os.replace(tmp, wd / "final.json")
@@ -104,9 +108,9 @@ class FakeTrain:
 def small_sweep() -> ml_collections.ConfigDict:
     c = base_config()
     c.name = "t"
-    c.sweep.imbalance = sweep.grid({"privacy": ("high", "medium", "nondp"),
+    c.sweep.imbalance = grid.grid({"privacy": ("high", "medium", "nondp"),
                                     "data.female_fraction": (0.7, 0.9, 0.99)})
-    c.sweep.clipping = sweep.grid({"privacy": ("medium",), "data.female_fraction": (0.7,),
+    c.sweep.clipping = grid.grid({"privacy": ("medium",), "data.female_fraction": (0.7,),
                                    "dp.l2_clip_norm": (1.0, 5.0)})
     return c
 
@@ -120,7 +124,7 @@ def test_paper_grid_is_26_runs_one_per_published_row():
     spec = importlib.util.spec_from_file_location("paper_cfg", REPO / "configs" / "paper.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    runs = sweep.expand(mod.get_config())
+    runs = grid.expand(mod.get_config())
     # 4 levels x 5 fractions + 3 levels x 3 clips, sharing the 3 clip-5 runs at 70%.
     assert len(runs) == 26
     shared = [r for r in runs if set(r.grids) == {"imbalance", "clipping"}]
@@ -140,7 +144,7 @@ def test_level_configs_match_the_paper_settings():
         spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        runs = sweep.expand(mod.get_config())
+        runs = grid.expand(mod.get_config())
         assert [r.config.data.female_fraction for r in runs] == [0.7, 0.8, 0.9, 0.99, 0.999]
         for r in runs:
             assert r.config.dp.enabled is (z is not None)
@@ -149,63 +153,100 @@ def test_level_configs_match_the_paper_settings():
             assert (r.config.train.batch_size, r.config.train.epochs, r.config.data.total) == (32, 60, 30000)
 
 
+def _load_config(name: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_cfg", REPO / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.mark.parametrize("level, z", [("high", 1.5), ("medium", 0.7), ("low", 0.5), ("nondp", None)])
+def test_level_configs_resolve_to_base_config_plus_the_level(level, z):
+    # The run configs of configs/<level>.py, value by value: what they were when each file set these keys itself.
+    base = flatten(base_config())
+    runs = grid.expand(_load_config(level))
+    assert len(runs) == 5
+    for run, ff in zip(runs, (0.7, 0.8, 0.9, 0.99, 0.999), strict=True):
+        name = f"{level}-ff{ff:g}-clip5-seed0" if z is not None else f"nondp-ff{ff:g}-seed0"
+        expected = {"name": name, "data.female_fraction": ff, "dp.privacy_level": level,
+                    "dp.enabled": z is not None, "dp.noise_multiplier": z if z is not None else 0.7,
+                    "dp.l2_clip_norm": 5.0, "dp.delta": 1e-6, "data.total": 30_000, "data.image_size": 128,
+                    "train.batch_size": 32, "train.epochs": 60.0, "optim.learning_rate": 5e-5}
+        assert (run.name, run.grids, run.axes) == (name, ["imbalance"], {"data.female_fraction": ff})
+        assert flatten(run.config) == {**base, **expected}
+
+
+def test_paper_table_is_the_one_the_configs_and_published_rows_use():
+    assert paper.PRIVACY_LEVELS == {"high": 1.5, "medium": 0.7, "low": 0.5, "nondp": None}
+    assert paper.PRIVACY_ORDER == ("high", "medium", "low", "nondp")
+    published = {(p["privacy"], p["noise_multiplier"]) for p in paper.paper_results()}
+    assert published == {(level, z) for level, z in paper.PRIVACY_LEVELS.items()}
+    assert base_config().dp.l2_clip_norm == paper.L2_CLIP_NORM
+    assert paper.privacy_settings("low") == {"dp.enabled": True, "dp.privacy_level": "low",
+                                             "dp.noise_multiplier": 0.5}
+    with pytest.raises(ValueError, match="unknown privacy level 'ultra'"):
+        paper.privacy_settings("ultra")
+
+
 def test_run_names_spell_out_settings_and_extra_axes():
     c = base_config()
-    c.sweep.g = sweep.grid({"optim.learning_rate": (1e-3,), "train.seed": (0, 1)})
-    names = [r.name for r in sweep.expand(c)]
+    c.sweep.g = grid.grid({"optim.learning_rate": (1e-3,), "train.seed": (0, 1)})
+    names = [r.name for r in grid.expand(c)]
     assert names == ["medium-ff0.7-clip5-seed0-learning_rate0.001",
                      "medium-ff0.7-clip5-seed1-learning_rate0.001"]
     c = base_config()
     c.dp.noise_multiplier = 0.8  # not the paper's medium value: the name must say so
-    assert sweep.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
+    assert grid.run_name(c) == "medium-ff0.7-clip5-z0.8-seed0"
 
 
 def test_seed_axis_sets_train_and_data_seed_and_with_seeds_adds_it_to_every_grid():
     c = base_config()
-    c.sweep.g = sweep.grid({"data.female_fraction": (0.7, 0.99), "seed": (0, 2)})
-    runs = sweep.expand(c)
+    c.sweep.g = grid.grid({"data.female_fraction": (0.7, 0.99), "seed": (0, 2)})
+    runs = grid.expand(c)
     assert [r.name for r in runs] == ["medium-ff0.7-clip5-seed0", "medium-ff0.7-clip5-seed2",
                                       "medium-ff0.99-clip5-seed0", "medium-ff0.99-clip5-seed2"]
     assert [(r.config.train.seed, r.config.data.seed) for r in runs] == [(0, 0), (2, 2), (0, 0), (2, 2)]
     # Seed 0 of a replicate sweep is the same run as the unseeded sweep's (both seeds default to 0), so a
     # finished one-seed sweep is reused, not retrained, when seeds are added.
-    single = sweep.expand(small_sweep())
-    seeded = sweep.expand(sweep.with_seeds(small_sweep(), [0, 1]))
+    single = grid.expand(small_sweep())
+    seeded = grid.expand(grid.with_seeds(small_sweep(), [0, 1]))
     assert len(seeded) == 2 * len(single)
     by_name = {r.name: r for r in seeded}
     for r in single:
-        assert sweep.config_to_dict(by_name[r.name].config) == sweep.config_to_dict(r.config)
+        assert grid.config_to_dict(by_name[r.name].config) == grid.config_to_dict(r.config)
         one = by_name[r.name.replace("seed0", "seed1")].config
         assert (one.train.seed, one.data.seed) == (1, 1)
-    assert [r.name for r in sweep.expand(sweep.with_seeds(base_config(), [3]))] == ["medium-ff0.7-clip5-seed3"]
+    assert [r.name for r in grid.expand(grid.with_seeds(base_config(), [3]))] == ["medium-ff0.7-clip5-seed3"]
 
 
 @pytest.mark.parametrize("seeds, message", [
     ([], "give integers >= 0"), ([-1], "give integers >= 0"), ([1, 1], "repeats a seed")])
 def test_with_seeds_refuses_bad_seed_lists(seeds, message):
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.with_seeds(small_sweep(), seeds)
+    with pytest.raises(grid.SweepError, match=message):
+        grid.with_seeds(small_sweep(), seeds)
 
 
 def test_seed_axis_refuses_clashes_and_bad_values():
     c = base_config()
-    c.sweep.g = sweep.grid({"train.seed": (0, 1)})
-    with pytest.raises(sweep.SweepError, match="grid 'g' already sweeps train.seed"):
-        sweep.with_seeds(c, [0, 1])
-    c.sweep.g = sweep.grid({"seed": (0,), "data.seed": (1,)})
-    with pytest.raises(sweep.SweepError, match="do not also sweep data.seed"):
-        sweep.expand(c)
-    c.sweep.g = sweep.grid({"seed": (0, -2)})
-    with pytest.raises(sweep.SweepError, match=r"seeds must be integers >= 0, got \[-2\]"):
-        sweep.expand(c)
+    c.sweep.g = grid.grid({"train.seed": (0, 1)})
+    with pytest.raises(grid.SweepError, match="grid 'g' already sweeps train.seed"):
+        grid.with_seeds(c, [0, 1])
+    c.sweep.g = grid.grid({"seed": (0,), "data.seed": (1,)})
+    with pytest.raises(grid.SweepError, match="do not also sweep data.seed"):
+        grid.expand(c)
+    c.sweep.g = grid.grid({"seed": (0, -2)})
+    with pytest.raises(grid.SweepError, match=r"seeds must be integers >= 0, got \[-2\]"):
+        grid.expand(c)
 
 
 def test_run_filter_selects_by_name():
-    runs = sweep.expand(small_sweep())
-    assert [r.name for r in sweep.select_runs(runs, "nondp|clip1")] == [
+    runs = grid.expand(small_sweep())
+    assert [r.name for r in grid.select_runs(runs, "nondp|clip1")] == [
         "medium-ff0.7-clip1-seed0", "nondp-ff0.7-seed0", "nondp-ff0.9-seed0", "nondp-ff0.99-seed0"]
-    with pytest.raises(sweep.SweepError, match="matches none of the sweep's run names"):
-        sweep.select_runs(runs, "ultra")
+    with pytest.raises(grid.SweepError, match="matches none of the sweep's run names"):
+        grid.select_runs(runs, "ultra")
 
 
 @pytest.mark.parametrize("axes, message", [
@@ -216,10 +257,10 @@ def test_run_filter_selects_by_name():
 ])
 def test_bad_sweep_axes_are_refused(axes, message):
     c = base_config()
-    c.sweep.g = sweep.grid(axes) if axes != {"data.female_fraction": ()} else ml_collections.ConfigDict(
+    c.sweep.g = grid.grid(axes) if axes != {"data.female_fraction": ()} else ml_collections.ConfigDict(
         {"data": {"female_fraction": ()}})
-    with pytest.raises(sweep.SweepError) as e:
-        sweep.expand(c)
+    with pytest.raises(grid.SweepError) as e:
+        grid.expand(c)
     assert message in str(e.value)
 
 
@@ -228,7 +269,7 @@ def test_bad_sweep_axes_are_refused(axes, message):
 
 def test_sweep_runs_then_second_invocation_skips_all(tmp_path, capsys):
     fake = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=fake)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=fake)
     # 3 levels x 3 fractions + medium clip 1 (clip 5 at 70% is shared) = 10 runs.
     assert len(result.trained) == 10 and len(fake.calls) == 10 and result.skipped == []
     for name in result.trained:
@@ -239,21 +280,21 @@ def test_sweep_runs_then_second_invocation_skips_all(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[10/10] nondp-ff0.99-seed0" in out and "ETA" in out and "sweep done: 10 runs" in out
     again = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=again)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=again)
     assert again.calls == [] and len(result.skipped) == 10 and result.trained == []
 
 
 def test_killed_sweep_resumes_from_checkpoint(tmp_path):
     crash = FakeTrain(crash_in="medium-ff0.9-clip5-seed0")
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(small_sweep(), tmp_path, train_fn=crash)
+        launchers.run_sweep(small_sweep(), tmp_path, train_fn=crash)
     finished = sorted(p.parent.name for p in tmp_path.glob("*/final.json"))
     # Sorted order: high x3, then medium 0.7 clip1, clip5, then medium 0.9 is killed at step 4.
     assert len(finished) == 5 and "medium-ff0.9-clip5-seed0" not in finished
     partial = tmp_path / "medium-ff0.9-clip5-seed0"
     assert (partial / "checkpoints" / "latest").read_text() == "4"
     resume = FakeTrain()
-    result = sweep.run_sweep(small_sweep(), tmp_path, train_fn=resume)
+    result = launchers.run_sweep(small_sweep(), tmp_path, train_fn=resume)
     assert resume.calls[0] == "medium-ff0.9-clip5-seed0" and len(resume.calls) == 5
     assert len(result.skipped) == 5
     steps = [json.loads(line)["step"] for line in (partial / "history.jsonl").read_text().splitlines()]
@@ -261,35 +302,35 @@ def test_killed_sweep_resumes_from_checkpoint(tmp_path):
 
 
 def test_changed_config_is_refused_then_overwritten(tmp_path):
-    sweep.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
     changed = small_sweep()
     changed.optim.learning_rate = 1e-4
-    with pytest.raises(sweep.SweepError) as e:
-        sweep.run_sweep(changed, tmp_path, train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError) as e:
+        launchers.run_sweep(changed, tmp_path, train_fn=FakeTrain())
     msg = str(e.value)
     assert "10 run directories" in msg and "optim.learning_rate: stored 5e-05 != new 0.0001" in msg
     assert "--overwrite" in msg and "another --workdir" in msg
     fake = FakeTrain()
-    sweep.run_sweep(changed, tmp_path, train_fn=fake, overwrite=True)
+    launchers.run_sweep(changed, tmp_path, train_fn=fake, overwrite=True)
     assert len(fake.calls) == 10
     stored = json.loads((tmp_path / "high-ff0.7-clip5-seed0" / "sweep_run.json").read_text())
     assert stored["config"]["optim"]["learning_rate"] == 1e-4
 
 
 def test_progress_only_change_does_not_block_resume(tmp_path):
-    sweep.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
+    launchers.run_sweep(small_sweep(), tmp_path, train_fn=FakeTrain())
     quiet = small_sweep()
     quiet.train.progress = False
-    assert len(sweep.run_sweep(quiet, tmp_path, train_fn=FakeTrain()).skipped) == 10
+    assert len(launchers.run_sweep(quiet, tmp_path, train_fn=FakeTrain()).skipped) == 10
 
 
 def test_unknown_launcher_and_unwritable_workdir(tmp_path):
-    with pytest.raises(sweep.SweepError, match="unknown launcher 'kubernetes'; choose one of local"):
-        sweep.run_sweep(small_sweep(), tmp_path, launcher="kubernetes", train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError, match="unknown launcher 'kubernetes'; choose one of local"):
+        launchers.run_sweep(small_sweep(), tmp_path, launcher="kubernetes", train_fn=FakeTrain())
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(sweep.SweepError, match="is not writable .*choose another --workdir"):
-        sweep.run_sweep(small_sweep(), blocker / "results", train_fn=FakeTrain())
+    with pytest.raises(grid.SweepError, match="is not writable .*choose another --workdir"):
+        launchers.run_sweep(small_sweep(), blocker / "results", train_fn=FakeTrain())
 
 
 def test_submitit_local_executor_path(tmp_path, monkeypatch):
@@ -300,9 +341,9 @@ def test_submitit_local_executor_path(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTHONPATH", raising=False)  # run_sweep must make jaxdp importable in the job itself
     c = base_config()
     c.name = "sub"
-    c.sweep.g = sweep.grid({"privacy": ("medium", "nondp")})
+    c.sweep.g = grid.grid({"privacy": ("medium", "nondp")})
     try:
-        result = sweep.run_sweep(c, tmp_path, launcher="submitit_local", train_fn=FakeTrain())
+        result = launchers.run_sweep(c, tmp_path, launcher="submitit_local", train_fn=FakeTrain())
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert result.failed == {} and sorted(result.trained) == ["medium-ff0.7-clip5-seed0", "nondp-ff0.7-seed0"]
@@ -398,6 +439,13 @@ def test_cli_seeds_flag(tmp_path, cli):
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_medium_config_lists_the_paper_runs(tmp_path, cli):
+    code, out, _ = cli("--config", "configs/medium.py", "--dry_run", "--workdir", str(tmp_path / "w"))
+    assert code == 0 and "5 runs in" in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == [
+        f"medium-ff{ff}-clip5-seed0" for ff in ("0.7", "0.8", "0.9", "0.99", "0.999")]
+
+
 @pytest.mark.slow
 def test_real_training_tiny_sweep_end_to_end(tmp_path):
     """configs/tiny.py shrunk to one run on the real trainer: every artefact, then a skip on rerun.
@@ -407,15 +455,15 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     """
     import importlib.util
 
-    from jaxdp import report
+    from jaxdp_study import report
 
     spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.data.data_dir = str(tmp_path / "data")
-    c.sweep.imbalance = sweep.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
-    result = sweep.run_sweep(c, tmp_path / "w")
+    c.sweep.imbalance = grid.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
+    result = launchers.run_sweep(c, tmp_path / "w")
     assert result.trained == ["nondp-ff0.7-seed0"]
     run_dir = tmp_path / "w" / "nondp-ff0.7-seed0"
     final = json.loads((run_dir / "final.json").read_text())
@@ -432,5 +480,35 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     assert {"summary.csv", "table1.md", "fig3_training_by_privacy.png"} <= written
     rows = (tmp_path / "w" / "summary.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("nondp-ff0.7-seed0,imbalance,nondp,false,,,0.7,0")
-    again = sweep.run_sweep(c, tmp_path / "w")
+    again = launchers.run_sweep(c, tmp_path / "w")
     assert again.skipped == ["nondp-ff0.7-seed0"] and again.trained == []
+
+
+# ------------------------------------------------------------------------------------------ the package
+
+
+def test_library_does_not_import_the_study():
+    code = ("import sys, jaxdp, jaxdp.config, jaxdp.data, jaxdp.train\n"
+            "print(jaxdp.__file__, sorted(m for m in sys.modules if m.startswith('jaxdp_study')))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [str(REPO / "jaxdp" / "__init__.py"), "[]"]
+
+
+def test_run_one_starts_jax_distributed_once_through_jaxdp_parallel(tmp_path, monkeypatch):
+    import jax
+
+    from jaxdp import parallel
+
+    started = []
+    monkeypatch.setattr(parallel, "initialize_distributed", lambda: started.append("start") or True)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(started))
+    run = grid.expand(small_sweep())[0]
+    launchers.run_one(run.config, tmp_path / run.name, train_fn=FakeTrain())
+    assert started == []  # not a submitit job: the local launcher's process is a single process
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for _ in range(2):
+        launchers.run_one(run.config, tmp_path / run.name, train_fn=FakeTrain())
+    assert started == ["start"]

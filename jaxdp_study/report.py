@@ -4,7 +4,9 @@
 ``history.jsonl``) and writes, without training anything:
 
 - ``summary.csv``: one row per finished run — swept axes, privacy level, noise multiplier, clip bound, epsilon
-  under each accountant, and every final test metric with its 95% confidence interval;
+  under each accountant, ``reproducible`` and ``privacy_note`` (from final.json), every final test metric with
+  its 95% confidence interval, and the run's last non-private diagnostics (columns ``nonprivate_*``, as the
+  trainer names them: training-data statistics without noise, not covered by epsilon) when it recorded them;
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
@@ -12,10 +14,14 @@
   non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
-  equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics. The paper's values
-  (``jaxdp/resources/paper_results.csv``) are drawn as hollow markers on dotted lines where the setting
+  equal-opportunity gaps vs imbalance) and the per-group clipping diagnostics (non-private, and titled so).
+  The paper's values
+  (:func:`jaxdp_study.paper.paper_results`) are drawn as hollow markers on dotted lines where the setting
   (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
   (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
+
+When any run was trained with ``dp.reproducible=True`` (its batches and noise derived from the public
+``train.seed``), the tables say so under them (:func:`reproducible_note`) and the figures in their titles.
 
 Groups: group 0 = female, group 1 = male (jaxdp.fairness' convention); gaps are female minus male. Error bars
 are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
@@ -23,33 +29,36 @@ Newcombe's square-and-add method (Newcombe 1998, method 10), which is what a res
 Runs that differ only in seed are averaged in the figures: a point is the mean over seeds, its error bar the
 mean of the seeds' intervals (one run's test-sampling uncertainty, not the spread between seeds), and each
 seed's own value is drawn faintly beside it; ``imbalance_drop`` gives the between-seed standard deviation.
-The tables are byte-identical when regenerated from the same workdir.
+The tables are byte-identical when regenerated from the same workdir, also after its run directories have been
+renamed: a run's settings are read from its run record (``sweep_run.json``), never from its directory's name.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import io
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdp.sweep import FINAL, PRIVACY_ORDER, RUN_RECORD, find_run_dirs
+from jaxdp.accounting import ACCOUNTANTS
+from jaxdp_study import grid
+from jaxdp_study.paper import L2_CLIP_NORM, PRIVACY_ORDER, paper_results
+from jaxdp_study.workdir import FINAL, read_run_record, runs_by_name
 
 GROUPS = (("0", "female"), ("1", "male"))
-ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
 PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "nondp": "#1f77b4"}
 GROUP_STYLE = {"female": dict(ls="-", marker="o"), "male": dict(ls="--", marker="s"),
                "overall": dict(ls=":", marker="^")}
 # The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
 GAPS = {"delta_accuracy": "accuracy", "delta_demographic_parity": "demographic_parity",
         "delta_equal_opportunity": "tpr", "delta_fpr": "fpr"}
+# History keys of the per-group clipping diagnostics (suffix _0 / _1): training-data statistics without noise.
+CLIP_DIAGNOSTICS = ("nonprivate_clip_fraction", "nonprivate_grad_norm_mean")
 _FIRST_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
                   "delta_equal_opportunity", "delta_fpr")
 
@@ -111,32 +120,38 @@ def _gap_intervals(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep."""
+    """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep.
+
+    Everything about a run's settings comes from its run record (``sweep_run.json``: name, grids, axis values,
+    resolved config), its results from ``final.json``; directory names are never read.
+    """
     records = []
     axes_seen: list[str] = []
-    for run_dir in find_run_dirs(workdir):
+    dirs = runs_by_name(workdir)
+    for name in sorted(dirs):
+        run_dir = dirs[name]
         if not (run_dir / FINAL).exists():
             continue
-        record, final = _read_json(run_dir / RUN_RECORD), _read_json(run_dir / FINAL)
-        records.append((run_dir, record, final))
+        record, final = read_run_record(run_dir), _read_json(run_dir / FINAL)
+        records.append((record, final))
         for axis in record.get("axes", {}):
             if axis not in axes_seen:
                 axes_seen.append(axis)
     extra_axes = [a for a in axes_seen if a not in ("privacy", "data.female_fraction", "dp.l2_clip_norm",
                                                     "train.seed", "seed", "dp.privacy_level")]
     rows = []
-    for run_dir, record, final in records:
+    for record, final in records:
         c = record["config"]
         dp = c["dp"]
         eps = final.get("epsilon") or {}
         level = dp["privacy_level"] if dp["enabled"] else "nondp"
         row: dict[str, Any] = {
-            "run": run_dir.name, "grids": ";".join(record.get("grids", [])), "privacy_level": level,
+            "run": record["name"], "grids": ";".join(record.get("grids", [])), "privacy_level": level,
             "dp_enabled": bool(dp["enabled"]),
             "noise_multiplier": dp["noise_multiplier"] if dp["enabled"] else None,
             "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
             "female_fraction": c["data"]["female_fraction"], "seed": c["train"]["seed"],
-            "variant": re.sub(r"^.*?-seed\d+-?", "", run_dir.name),
+            "variant": grid.variant(record.get("axes", {})),
         }
         for axis in extra_axes:
             row[axis] = record.get("axes", {}).get(axis)
@@ -145,6 +160,8 @@ def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
                     "steps": final.get("steps"), "epochs": c["train"]["epochs"]})
         for acc in ACCOUNTANTS:
             row[f"epsilon_{acc}"] = eps.get(acc)
+        row["reproducible"] = final.get("reproducible")
+        row["privacy_note"] = final.get("privacy_note")
         row["wall_time_s"] = final.get("wall_time_s")
         metrics = dict(final.get("metrics", {}))
         metrics.update(_gap_intervals(metrics))
@@ -190,16 +207,6 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def paper_results() -> list[dict[str, Any]]:
-    """The paper's published numbers (jaxdp/resources/paper_results.csv) as dicts of floats/strings."""
-    text = importlib.resources.files("jaxdp").joinpath("resources/paper_results.csv").read_text()
-    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-    out = []
-    for rec in csv.DictReader(lines):
-        out.append({k: (v if k == "privacy" else _num(v) if v != "" else None) for k, v in rec.items()})
-    return out
-
-
 def _paper_match(paper: Sequence[Mapping[str, Any]], level: str, female_fraction: float,
                  clip: float | None) -> Mapping[str, Any] | None:
     for p in paper:
@@ -234,8 +241,8 @@ def _reference_clip(rows: Sequence[Mapping[str, Any]]) -> float | None:
     clips = [r["l2_clip_norm"] for r in rows if r["dp_enabled"]]
     if not clips:
         return None
-    if any(math.isclose(c, 5.0) for c in clips):
-        return 5.0  # the paper's clip bound for the imbalance study
+    if any(math.isclose(c, L2_CLIP_NORM) for c in clips):
+        return L2_CLIP_NORM  # the paper's clip bound for the imbalance study
     return max(set(clips), key=clips.count)
 
 
@@ -302,8 +309,9 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "–" if math.isnan(v) else format(v, fmt)
 
 
-def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
-    """Table 1 as markdown, ours next to the paper's (paper values at the same privacy level and fraction)."""
+def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None, note: str | None = None) -> str:
+    """Table 1 as markdown, ours next to the paper's (paper values at the same privacy level and fraction);
+    ``note`` (e.g. :func:`reproducible_note`) is printed under the table."""
     head = (f"**Table 1: overall test accuracy at {100 * (ff or 0):g}% female and its change from the non-DP "
             f"baseline (percentage points); ours vs Farrand et al. 2020.**\n\n"
             "| privacy level | z | clip | ε (PLD) | ε (RDP) | ε (RDP, classic) | accuracy (%) [95% CI] | Δ vs "
@@ -321,7 +329,26 @@ def table1_markdown(rows: Sequence[Mapping[str, Any]], ff: float | None) -> str:
             f"{_f(r['accuracy'])}{ci} | {_f(r['delta_vs_nondp'], '+.2f')} | "
             f"{_f(r['accuracy_female'])} / {_f(r['accuracy_male'])} | {_f(r['paper_epsilon'], 'g')} | "
             f"{_f(r['paper_accuracy'])} | {_f(r['paper_delta_vs_nondp'], '+.2f')} |")
-    return head + "\n".join(body) + "\n"
+    return head + "\n".join(body) + "\n" + _note_text(note)
+
+
+def _note_text(note: str | None) -> str:
+    return f"\n{note}\n" if note else ""
+
+
+def reproducible_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """A paragraph for the tables when any run of summary ``rows`` was trained with ``dp.reproducible=True``.
+
+    Such a run derives its batches and noise from ``train.seed``, which its config states; the sentence each
+    run's ``final.json`` carries (``privacy_note``) says what that means for its epsilon. None when no run is
+    reproducible.
+    """
+    runs = [r for r in rows if r.get("reproducible") is True]
+    if not runs:
+        return None
+    notes = sorted({str(r["privacy_note"]) for r in runs if r.get("privacy_note")})
+    return (f"**Reproducible runs: {len(runs)} of {len(rows)}** (`dp.reproducible=True`; column `reproducible` "
+            f"of summary.csv): " + (" ".join(notes) if notes else "see their final.json."))
 
 
 def _sd(values: Sequence[float]) -> float | None:
@@ -388,10 +415,10 @@ def imbalance_drop(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """:func:`imbalance_drop` as markdown."""
+def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]], note: str | None = None) -> str:
+    """:func:`imbalance_drop` as markdown; ``note`` (e.g. :func:`reproducible_note`) is printed under it."""
     if not rows:
-        return "No series has runs at two or more female fractions.\n"
+        return "No series has runs at two or more female fractions.\n" + _note_text(note)
     lo = rows[0]["from_female_fraction"]
     head = (f"**Accuracy lost from {100 * lo:g}% female to each more imbalanced fraction (percentage points; "
             "positive = lost), and the male loss beyond non-DP's (same seeds paired); mean ± sample SD over "
@@ -410,7 +437,7 @@ def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{_f(r['female_drop_mean'])} | "
             f"{pm(r['male_drop_excess_vs_nondp_mean'], r['male_drop_excess_vs_nondp_sd'], '+.2f')} | "
             f"{_f(r['paper_male_drop'])} | {_f(r['paper_male_drop_excess_vs_nondp'], '+.2f')} |" for r in rows]
-    return head + "\n".join(body) + "\n"
+    return head + "\n".join(body) + "\n" + _note_text(note)
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -526,6 +553,19 @@ def _source_note(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"ours: {', '.join(srcs)}"
 
 
+def _suptitle(fig: Any, title: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The figure's title, with a second line when any of its runs' epsilon is void against seed-knowers."""
+    reproducible = sum(r.get("reproducible") is True for r in rows)
+    if reproducible:
+        title += (f"\n{reproducible} of these {len(rows)} runs used dp.reproducible=True: their ε is no guarantee "
+                  f"against anyone who knows train.seed")
+    lines = title.count("\n") + 1
+    if lines > 1 and not fig.get_constrained_layout():  # lift it clear of the panel titles
+        fig.suptitle(title, fontsize=10, y=0.98 + 0.035 * (lines - 1))
+    else:
+        fig.suptitle(title, fontsize=10)
+
+
 def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     """Paper Figure 1: per-group accuracy, and female - male accuracy gap, vs female share, per privacy level."""
     rows = _imbalance_rows(rows)
@@ -550,8 +590,8 @@ def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | st
     b.set_title("(b) accuracy gap (Figure 1)")
     _category_axis(b, xs, [_pct_label(x) for x in xs], "female share of the data")
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
-                 f"95% CI", fontsize=10)
+    _suptitle(fig, f"Accuracy vs data imbalance at each privacy level — {_source_note(rows)}; error bars: "
+                   f"95% CI", rows)
     return _save(fig, path)
 
 
@@ -583,8 +623,8 @@ def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str
     b.set_title("(b) accuracy gap")
     _category_axis(b, xs, [f"{x:g}" for x in xs], "L2 clip bound S")
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
-                 f"{_source_note(rs)}; error bars: 95% CI", fontsize=10)
+    _suptitle(fig, f"Accuracy vs gradient clip bound at {_pct_label(ff)} female (Figure 2) — "
+                   f"{_source_note(rs)}; error bars: 95% CI", rs)
     return _save(fig, path)
 
 
@@ -609,11 +649,11 @@ def _history_panel(ax: Any, run_dirs: Sequence[Path], title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _run_dirs(workdir: Path, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
-    return [workdir / r["run"] for r in rows]
+def _dirs_of(run_dirs: Mapping[str, Path], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    return [run_dirs[r["run"]] for r in rows]
 
 
-def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                path: Path) -> Path | str:
     """Paper Figure 3: accuracy by group vs training step, one panel per privacy level, least imbalance."""
     rows = _imbalance_rows(rows)
@@ -625,15 +665,15 @@ def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], workdir: Path,
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, ((level, variant), rs) in zip(axes[0], panels, strict=True):
-        _history_panel(ax, _run_dirs(workdir, rs), _series_label(level, variant, rs))
+        _history_panel(ax, _dirs_of(run_dirs, rs), _series_label(level, variant, rs))
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
-                 f"bands: 95% CI — {_source_note(rows)}", fontsize=10)
+    _suptitle(fig, f"Accuracy by group during training at {_pct_label(ff)} female (Figure 3); "
+                   f"bands: 95% CI — {_source_note(rows)}", rows)
     return _save(fig, path)
 
 
-def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                  path: Path) -> Path | str:
     """Paper Figure 4: accuracy by group vs training step, one panel per female fraction, medium privacy."""
     rows = _imbalance_rows(rows)
@@ -647,11 +687,11 @@ def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], workdir: Pat
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, ((ff,), rs) in zip(axes[0], panels, strict=True):
-        _history_panel(ax, _run_dirs(workdir, rs), f"{_pct_label(ff)} female")
+        _history_panel(ax, _dirs_of(run_dirs, rs), f"{_pct_label(ff)} female")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Accuracy by group during training at each imbalance (Figure 4), "
-                 f"{_series_label(levels[0], '', at)}; bands: 95% CI — {_source_note(at)}", fontsize=10)
+    _suptitle(fig, f"Accuracy by group during training at each imbalance (Figure 4), "
+                   f"{_series_label(levels[0], '', at)}; bands: 95% CI — {_source_note(at)}", at)
     return _save(fig, path)
 
 
@@ -672,8 +712,8 @@ def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path 
         _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
     _paper_handle(a)
     _figure_legend(fig, (a, b))
-    fig.suptitle(f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
-                 f"(Newcombe)", fontsize=10)
+    _suptitle(fig, f"Fairness gaps vs data imbalance (Figure 5) — {_source_note(rows)}; error bars: 95% CI "
+                   f"(Newcombe)", rows)
     return _save(fig, path)
 
 
@@ -681,29 +721,42 @@ def _history_mean(run_dir: Path, key: str) -> float:
     return _mean(load_history(run_dir), key)
 
 
-def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], workdir: Path, key: str) -> dict[float, float]:
-    """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``."""
-    return {ff: _nanmean(_history_mean(workdir / r["run"], key) for r in seed_rows)
+def clip_stat_by_fraction(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
+                          key: str) -> dict[float, float]:
+    """Per female fraction: the mean over runs (seeds) of each run's mean of history column ``key``.
+
+    ``run_dirs`` maps each row's ``run`` (its run name) to its directory (:func:`jaxdp_study.workdir.runs_by_name`).
+    """
+    return {ff: _nanmean(_history_mean(run_dirs[r["run"]], key) for r in seed_rows)
             for (ff,), seed_rows in _groups(rows, ("female_fraction",)).items()}
 
 
-def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path,
+def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path],
                                 path: Path) -> Path | str:
-    """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step."""
+    """Per-group clipping: fraction of examples clipped and mean pre-clip gradient norm, vs imbalance and step.
+
+    These are the runs' non-private diagnostics (``nonprivate_clip_fraction_g``, ``nonprivate_grad_norm_mean_g``
+    of history.jsonl: statistics of the training data without noise, not covered by epsilon), and the figure's
+    titles say so. Skipped when no run recorded them (``train.nonprivate_diagnostics=False``).
+    """
     rows = [r for r in _imbalance_rows(rows) if r["dp_enabled"]]
     if not rows:
         return "clipping diagnostics need DP runs"
+    if not any(f"{key}_{g}" in r for r in rows for key in CLIP_DIAGNOSTICS for g, _ in GROUPS):
+        needed = " and ".join(f"{key}_0/1" for key in CLIP_DIAGNOSTICS)
+        return (f"clipping per group (a non-private diagnostic) needs {needed} in the runs' results, which runs "
+                f"record with train.nonprivate_diagnostics=True (runs written before these keys existed lack them too)")
     xs = sorted({r["female_fraction"] for r in rows})
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     pos = {x: i for i, x in enumerate(xs)}
-    for col, (key, ylabel) in enumerate((("clip_fraction", "fraction of examples clipped"),
-                                         ("grad_norm_mean", "mean per-example gradient norm"))):
+    for col, (key, ylabel) in enumerate(zip(CLIP_DIAGNOSTICS, ("fraction of examples clipped",
+                                                               "mean per-example gradient norm"), strict=True)):
         ax = axes[0][col]
         for (level, variant), rs in sorted(_groups(rows, ("privacy_level", "variant")).items(),
                                            key=lambda kv: _row_sort_key(kv[1][0])):
             for g, name in GROUPS:
-                pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, workdir, f"{key}_{g}").items())
+                pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, run_dirs, f"{key}_{g}").items())
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=PRIVACY_COLORS.get(level, "0.3"),
                         ls=GROUP_STYLE[name]["ls"], marker=GROUP_STYLE[name]["marker"],
                         label=_series_label(level, variant, rs) if name == "female" else None)
@@ -712,6 +765,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
                     label=name)
         _category_axis(ax, xs, [_pct_label(x) for x in xs], "female share of the data")
         ax.set_ylabel(ylabel + "\n(mean over training)")
+        ax.set_title("per female share, mean over training; non-private diagnostic", fontsize=10)
         ax.legend(fontsize=7.5)
         level = next(lv for lv in ("medium", "low", "high", *sorted({r["privacy_level"] for r in rows}))
                      if any(r["privacy_level"] == lv for r in rows))
@@ -721,19 +775,20 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], workdir: Path
         first_seed = min((int(r["seed"]) for r in lv_rows), default=None)  # one seed's trajectories, named
         lv_rows = [r for r in lv_rows if int(r["seed"]) == first_seed]
         for i, ((ff,), rs) in enumerate(sorted(_groups(lv_rows, ("female_fraction",)).items())):
-            hist = load_history(workdir / rs[0]["run"])
+            hist = load_history(run_dirs[rs[0]["run"]])
             color = cmap(i / max(len(xs) - 1, 1))
             for g, name in GROUPS:
                 ax.plot([h["step"] for h in hist], [_num(h.get(f"{key}_{g}")) for h in hist], color=color,
                         ls=GROUP_STYLE[name]["ls"], label=f"{_pct_label(ff)} {name}")
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel + "\n(since previous evaluation)")
-        ax.set_title(f"{level} privacy, per female share (seed {lv_rows[0]['seed'] if lv_rows else '-'})",
-                     fontsize=10)
+        ax.set_title(f"{level} privacy, per female share (seed {lv_rows[0]['seed'] if lv_rows else '-'}); "
+                     f"non-private diagnostic", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Clipping per group (female solid, male dashed): share of training examples whose "
-                 f"gradient was clipped, and their mean pre-clip L2 norm — {_source_note(rows)}", fontsize=10)
+    _suptitle(fig, f"Clipping per group, a non-private diagnostic (statistics of the training data without noise, "
+                   f"not covered by ε)\nShare of training examples whose gradient was clipped, and their mean pre-clip "
+                   f"L2 norm (female solid, male dashed) — {_source_note(rows)}", rows)
     return _save(fig, path)
 
 
@@ -745,16 +800,18 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
     written paths."""
     root = Path(workdir)
     rows = summary_rows(root)
+    run_dirs = runs_by_name(root)
     written: list[Path] = []
     (root / "summary.csv").write_text(_csv_text(rows))
     written.append(root / "summary.csv")
+    note = reproducible_note(rows)
     t1, ff = table1(rows)
     (root / "table1.csv").write_text(_csv_text(t1))
-    (root / "table1.md").write_text(table1_markdown(t1, ff))
+    (root / "table1.md").write_text(table1_markdown(t1, ff, note))
     written += [root / "table1.csv", root / "table1.md"]
     drop = imbalance_drop(rows)
     (root / "imbalance_drop.csv").write_text(_csv_text(drop))
-    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop))
+    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop, note))
     written += [root / "imbalance_drop.csv", root / "imbalance_drop.md"]
     if figures and rows:
         fig_dir = root / "figures"
@@ -762,10 +819,10 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
         for result in (
                 figure_imbalance(rows, fig_dir / "fig1_accuracy_vs_imbalance.png"),
                 figure_clipping(rows, fig_dir / "fig2_accuracy_vs_clip.png"),
-                figure_training_by_privacy(rows, root, fig_dir / "fig3_training_by_privacy.png"),
-                figure_training_by_imbalance(rows, root, fig_dir / "fig4_training_by_imbalance.png"),
+                figure_training_by_privacy(rows, run_dirs, fig_dir / "fig3_training_by_privacy.png"),
+                figure_training_by_imbalance(rows, run_dirs, fig_dir / "fig4_training_by_imbalance.png"),
                 figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
-                figure_clipping_diagnostics(rows, root, fig_dir / "fig6_clipping_per_group.png")):
+                figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png")):
             if isinstance(result, Path):
                 written.append(result)
             elif verbose:

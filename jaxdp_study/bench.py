@@ -23,9 +23,7 @@ How it is measured (every figure in the output is one of these):
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
   hit all entries alike. Before each timed step the benchmark sleeps ``settle_s`` (default 1 s): XLA's and
   PyTorch's CPU thread pools keep spinning for a while after a step, and without the pause each entry
-  competes with the previous entry's idle threads. Measured on the 2-core development CPU (64x64, batch 32):
-  without it torch's non-private step read 36 ex/s in the interleaved run against 59-64 ex/s alone; with a
-  1 s pause it reads 59 ex/s interleaved (Opacus hooks 10.1 -> 13.3; JAX entries changed by under 10%).
+  competes with the previous entry's idle threads (what that did to the numbers: README, "Performance").
 * ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
 * ``peak_memory_bytes``: the largest growth of the process's resident memory during one timed step, over
   all timed steps: before each step free heap memory is returned to the OS (``malloc_trim``), the kernel's
@@ -303,6 +301,30 @@ def _start_peak_rss() -> int | None:
 def _peak_rss_growth(before: int | None) -> int | None:
     peak = _proc_status_bytes("VmHWM")
     return None if before is None or peak is None else max(peak - before, 0)
+
+
+def settings_from_config(config: Any) -> dict[str, Any]:
+    """The :func:`run_benchmark` arguments an experiment config (``configs/*.py``'s ``get_config()``) fixes.
+
+    The model (``model.stage_sizes``, ``width``, ``num_groups``), ``data.image_size``, ``train.batch_size``, the
+    clipping strategy (``dp.clipping_strategy``, the only DP entry), ``dp.l2_clip_norm``, ``dp.noise_multiplier``
+    and ``optim.learning_rate``; the sweep's axes are ignored (the config's own values are benchmarked). Raises
+    ValueError for a model the benchmark cannot build (it builds the GroupNorm ResNet family).
+
+    >>> from jaxdp.config import base_config
+    >>> settings_from_config(base_config())["strategies"]
+    ['vmap']
+    """
+    from jaxdp.models.factory import MODEL_NAMES
+
+    model, dp = config.model, config.dp
+    if str(model.name).lower() not in MODEL_NAMES or model.norm != "group":
+        raise ValueError(f"the benchmark builds GroupNorm ResNets (config.model.name in {MODEL_NAMES}, norm 'group'); "
+                         f"this config asks for name={model.name!r}, norm={model.norm!r}")
+    return dict(image_size=int(config.data.image_size), batch_size=int(config.train.batch_size),
+                strategies=[str(dp.clipping_strategy)], stage_sizes=tuple(int(s) for s in model.stage_sizes),
+                width=int(model.width), num_groups=int(model.num_groups), l2_clip_norm=float(dp.l2_clip_norm),
+                noise_multiplier=float(dp.noise_multiplier), learning_rate=float(config.optim.learning_rate))
 
 
 def run_benchmark(
