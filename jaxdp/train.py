@@ -286,6 +286,22 @@ def _chunk(mesh, train_set, indices: np.ndarray, mask: np.ndarray) -> Chunk:
         train_set.group[indices].astype(np.int32), mask, indices.astype(np.int32))))
 
 
+def check_runnable(config: ml_collections.ConfigDict) -> None:
+    """Everything about a run that can be checked before it starts, without training: the config's values, that
+    its data is on this machine (:func:`jaxdp.data.check_available`) and that its audit fits the data.
+
+    Raises ValueError, or :class:`jaxdp.data.DataUnavailable` (whose message says which files to put where), with
+    a message that names the value and what would work. ``launch/sweep.py`` calls it for every run of a sweep
+    before the first run starts.
+    """
+    from jaxdp import data
+
+    validate_run_config(config)
+    data.check_available(config.data)
+    if config.audit.enabled:
+        _check_audit_capacity(config, data.holdout_capacity(config.data), data.group_names(config.data))
+
+
 def _check_audit_capacity(config, capacity: dict[int, int], names: tuple[str, str]) -> int:
     """Held-out examples per group the audit needs (non-members + canaries); refuses, with the numbers that would
     work, when the data has fewer."""
@@ -434,7 +450,7 @@ def train_and_evaluate(
     config = ml_collections.ConfigDict(config.to_dict())
     if "sweep" in config:
         del config["sweep"]
-    validate_run_config(config)
+    check_runnable(config) if datasets is None else validate_run_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     final_path = workdir / "final.json"
