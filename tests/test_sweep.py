@@ -526,4 +526,4 @@ def test_cli_without_celeba_stops_before_any_run_with_one_message(tmp_path):
                    "--config.data.source=synthetic", "medium-ff0.7-clip5-seed0"):
         assert needle in r.stderr, (needle, r.stderr)
     assert r.stderr.count("Missing CelebA") == 1, "one message for the five runs, not five"
-    assert work.is_dir() and not any(work.iterdir())
+    assert not work.exists() or not any(work.iterdir())
