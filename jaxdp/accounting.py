@@ -272,12 +272,32 @@ def _check_supported(accountant: str, neighboring: dp_accounting.NeighboringRela
         )
 
 
+# Epsilons already computed in this process, by the event's full description: a sweep's runs at one privacy level
+# and dataset size have identical ledgers at every evaluation (PLD costs up to a second or two per call).
+_EPSILON_CACHE: dict[tuple, float] = {}
+
+
 def _event_epsilon(
     event: dp_accounting.DpEvent,
     delta: float,
     accountant: str,
     neighboring: dp_accounting.NeighboringRelation,
     pld_value_discretization: float | None = None,
+) -> float:
+    key = (repr(event), float(delta), accountant, neighboring.name, pld_value_discretization)
+    if key not in _EPSILON_CACHE:
+        if len(_EPSILON_CACHE) > 4096:
+            _EPSILON_CACHE.clear()
+        _EPSILON_CACHE[key] = _compute_event_epsilon(event, delta, accountant, neighboring, pld_value_discretization)
+    return _EPSILON_CACHE[key]
+
+
+def _compute_event_epsilon(
+    event: dp_accounting.DpEvent,
+    delta: float,
+    accountant: str,
+    neighboring: dp_accounting.NeighboringRelation,
+    pld_value_discretization: float | None,
 ) -> float:
     if accountant == "rdp_classic":
         acc = dp_accounting.rdp.RdpAccountant(list(PAPER_RDP_ORDERS), neighboring)

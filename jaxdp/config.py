@@ -87,6 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
     # norms): written with keys starting "nonprivate_". Not covered by epsilon; False for a model to release.
     c.train.nonprivate_diagnostics = True
 
+    # Privacy audit at the end of training (jaxdp.audit): membership inference per group (members: a random subset
+    # of the group's training examples; non-members: as many held-out examples of the group, never trained on) and
+    # the one-run audit (canaries from the held-out examples, each included in training by a secret fair coin).
+    # Its results are statistics of the training data computed without noise (final.json's audit.nonprivate).
+    c.audit = ml_collections.ConfigDict()
+    c.audit.enabled = False
+    c.audit.mia_examples_per_group = 500  # members and, as many, non-members per group (0: no membership inference)
+    c.audit.canaries_per_group = 500  # one-run audit canaries per group (0: no one-run audit)
+    c.audit.num_guess_in = ml_collections.FieldReference(None, field_type=int)  # k+ per group; None: 5% of canaries
+    c.audit.num_guess_out = ml_collections.FieldReference(None, field_type=int)  # k- per group; None: 5%
+    c.audit.confidence = 0.95
+
     # Sweep axes: dotted config key -> list of values; the runs are their Cartesian product.
     c.sweep = ml_collections.ConfigDict()
     return c
@@ -183,3 +195,32 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
         f"config.train.checkpoint_every_steps={t.checkpoint_every_steps} must be >= 1.",
     )
     _require(int(t.eval_batch_size) >= 1, f"config.train.eval_batch_size={t.eval_batch_size} must be >= 1.")
+    _validate_audit(config)
+
+
+def _validate_audit(config: ml_collections.ConfigDict) -> None:
+    a = config.audit
+    _require(isinstance(a.enabled, bool), f"config.audit.enabled={a.enabled!r} must be True or False.")
+    if not a.enabled:
+        return
+    for key in ("mia_examples_per_group", "canaries_per_group"):
+        value = a[key]
+        _require(isinstance(value, int) and value >= 0, f"config.audit.{key}={value!r} must be an integer >= 0.")
+    _require(a.mia_examples_per_group > 0 or a.canaries_per_group > 0,
+             "config.audit.enabled=True audits nothing with mia_examples_per_group=0 and canaries_per_group=0.")
+    for key in ("num_guess_in", "num_guess_out"):
+        value = a[key]
+        _require(value is None or 0 <= int(value) <= a.canaries_per_group,
+                 f"config.audit.{key}={value!r} must be None or in [0, config.audit.canaries_per_group="
+                 f"{a.canaries_per_group}].")
+    _require(0.0 < float(a.confidence) < 1.0, f"config.audit.confidence={a.confidence} must be in (0, 1).")
+    _require(
+        config.dp.sampling == "poisson",
+        f"config.audit needs config.dp.sampling='poisson' (got {config.dp.sampling!r}): under fixed-size batches a "
+        "canary left out must be replaced by another example for the audit to match the reported epsilon.",
+    )
+    _require(
+        bool(config.train.nonprivate_diagnostics),
+        "config.audit.enabled=True with config.train.nonprivate_diagnostics=False: the audit's results are "
+        "statistics of the training data computed without noise; allow non-private diagnostics for an audited run.",
+    )

@@ -47,7 +47,7 @@ REPRODUCIBLE_NOTE = (
 )
 
 # Tags that make the sampler's and the noise's streams independent children of one run secret.
-_SAMPLER_STREAM, _NOISE_STREAM = 0, 1
+_SAMPLER_STREAM, _NOISE_STREAM, AUDIT_STREAM = 0, 1, 2
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -75,7 +75,7 @@ def new_run_secret() -> int:
     return secret
 
 
-def _child_seed(secret: int, stream: int) -> int:
+def child_seed(secret: int, stream: int) -> int:
     """An independent 128-bit seed for one consumer of the run secret (NumPy's SeedSequence mixing)."""
     words = np.random.SeedSequence([secret, stream]).generate_state(4, np.uint32)
     return sum(int(w) << (32 * i) for i, w in enumerate(words))
@@ -121,26 +121,6 @@ class DPPlan:
         return REPRODUCIBLE_NOTE if self.private and self.reproducible else None
 
 
-def build_sampler(config: ml_collections.ConfigDict, dataset_size: int, seed: int, num_devices: int) -> Any:
-    """The sampler ``config.dp.sampling`` names, with chunks a multiple of ``num_devices`` wide."""
-    batch_size = int(config.train.batch_size)
-    scheme = config.dp.sampling
-    if scheme == "poisson":
-        default = sampling.default_physical_batch_size(dataset_size, batch_size / dataset_size)
-        physical = -(-default // num_devices) * num_devices
-        return sampling.PoissonSampler(
-            dataset_size, expected_batch_size=batch_size, physical_batch_size=physical, seed=seed
-        )
-    if scheme == "fixed":
-        if batch_size % num_devices:
-            raise ValueError(
-                f"config.train.batch_size={batch_size} must be a multiple of the device count ({num_devices}) "
-                "with config.dp.sampling='fixed'."
-            )
-        return sampling.ShuffledSampler(dataset_size, batch_size, seed=seed)
-    raise ValueError(f"config.dp.sampling={scheme!r}; choose one of {accounting.SAMPLING_SCHEMES}.")
-
-
 def make_plan(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -148,6 +128,7 @@ def make_plan(
     *,
     secret: int | None,
     num_devices: int = 1,
+    public_size: int | None = None,
 ) -> DPPlan:
     """Builds the plan of a run from its config.
 
@@ -158,6 +139,10 @@ def make_plan(
       secret: the run's secret (:func:`new_run_secret`, restored from a checkpoint on resume); ignored, and may
         be None, when ``config.dp.reproducible`` (sampling and noise then come from ``config.train.seed``).
       num_devices: data-parallel devices; chunks are padded to a multiple of it.
+      public_size: the dataset size that sets the sampling rate q = batch_size / public_size (default
+        ``dataset_size``). An audited run samples from its training set plus the canaries its secret coins
+        included, at the q of the training set alone, so that neither q, the step count nor epsilon depends on
+        the coins.
     """
     private = bool(config.dp.enabled)
     reproducible = bool(config.dp.reproducible)
@@ -168,11 +153,13 @@ def make_plan(
     else:
         if secret is None:
             raise ValueError("A private, non-reproducible plan needs the run's secret (jaxdp.plan.new_run_secret()).")
-        sampler_seed = _child_seed(secret, _SAMPLER_STREAM)
-        noise_key = noise.key_from_seed(_child_seed(secret, _NOISE_STREAM))
-    sampler = build_sampler(config, dataset_size, sampler_seed, num_devices)
-    total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
+        sampler_seed = child_seed(secret, _SAMPLER_STREAM)
+        noise_key = noise.key_from_seed(child_seed(secret, _NOISE_STREAM))
     batch_size = int(config.train.batch_size)
+    q = None if public_size is None or public_size == dataset_size else batch_size / public_size
+    sampler = sampling.make_sampler(config.dp.sampling, dataset_size, batch_size, seed=sampler_seed,
+                                    chunk_multiple=num_devices, sampling_prob=q)
+    total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
     mutable = ["batch_stats"] if config.model.norm == "batch" else []
 
     def apply(params, model_state, x, train):
@@ -199,7 +186,7 @@ def make_plan(
     if config.dp.target_epsilon is not None:
         noise_multiplier = accounting.calibrate_noise(
             float(config.dp.target_epsilon), sampler.sampling_prob, total_steps, float(config.dp.delta),
-            accountant=config.dp.accountant, sampling=sampler.scheme, dataset_size=dataset_size,
+            accountant=config.dp.accountant, sampling=sampler.scheme, dataset_size=public_size or dataset_size,
         )
     l2_clip_norm = float(config.dp.l2_clip_norm)
 

@@ -181,7 +181,7 @@ class PoissonSampler:
     def __repr__(self) -> str:
         return (
             f"PoissonSampler(dataset_size={self.dataset_size}, sampling_prob={self.sampling_prob!r}, "
-            f"physical_batch_size={self.physical_batch_size}, seed={self.seed})"
+            f"physical_batch_size={self.physical_batch_size})"  # never the seed: it may be the run's secret
         )
 
 
@@ -265,5 +265,34 @@ class ShuffledSampler:
     def __repr__(self) -> str:
         return (
             f"ShuffledSampler(dataset_size={self.dataset_size}, batch_size={self.batch_size}, "
-            f"seed={self.seed}, drop_remainder={self.drop_remainder})"
+            f"drop_remainder={self.drop_remainder})"  # never the seed: it may be the run's secret
         )
+
+
+SAMPLERS = {cls.scheme: cls for cls in (PoissonSampler, ShuffledSampler)}
+
+
+def make_sampler(scheme: str, dataset_size: int, batch_size: int, *, seed: int, chunk_multiple: int = 1,
+                 sampling_prob: float | None = None):
+    """The sampler of ``scheme`` ("poisson": expected batch ``batch_size``; "fixed": exactly ``batch_size``),
+    with chunks a multiple of ``chunk_multiple`` wide (the number of data-parallel devices).
+
+    ``sampling_prob`` (Poisson only) fixes q instead of ``batch_size / dataset_size``: a run that adds examples
+    whose number must stay secret (an audit's canaries) keeps the q, and so the steps and the epsilon, of its
+    public training set.
+    """
+    if scheme not in SAMPLERS:
+        raise ValueError(f"sampling scheme {scheme!r} is unknown; choose one of {tuple(SAMPLERS)}.")
+    if scheme == PoissonSampler.scheme:
+        q = batch_size / dataset_size if sampling_prob is None else sampling_prob
+        default = default_physical_batch_size(dataset_size, q)
+        physical = -(-default // chunk_multiple) * chunk_multiple
+        return PoissonSampler(dataset_size, q, physical_batch_size=physical, seed=seed)
+    if sampling_prob is not None:
+        raise ValueError("sampling_prob is for Poisson sampling; fixed-size batches take exactly batch_size.")
+    if batch_size % chunk_multiple:
+        raise ValueError(
+            f"config.train.batch_size={batch_size} must be a multiple of the device count ({chunk_multiple}) "
+            "with config.dp.sampling='fixed'."
+        )
+    return ShuffledSampler(dataset_size, batch_size, seed=seed)

@@ -29,6 +29,7 @@ clipped gradient sum (a Poisson batch larger than the chunk width takes several 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -50,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdp import accounting, fairness, parallel
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.config import differing_keys, validate_run_config
-from jaxdp.plan import DPPlan, make_plan, new_run_secret, normalize_images
+from jaxdp.plan import AUDIT_STREAM, DPPlan, child_seed, cross_entropy, make_plan, new_run_secret, normalize_images
 from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,12 @@ def eval_step(state: TrainState, images: jax.Array, *, model: Any) -> jax.Array:
     """Predicted classes of a batch of uint8 images (evaluation mode)."""
     variables = {"params": state.params, **state.model_state}
     return jnp.argmax(model.apply(variables, normalize_images(images), train=False), axis=-1)
+
+
+def loss_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any) -> jax.Array:
+    """Each example's cross-entropy under the model (evaluation mode, no flips): the audit's attack input."""
+    variables = {"params": state.params, **state.model_state}
+    return cross_entropy(model.apply(variables, normalize_images(images), train=False), labels)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,6 +286,146 @@ def _chunk(mesh, train_set, indices: np.ndarray, mask: np.ndarray) -> Chunk:
         train_set.group[indices].astype(np.int32), mask, indices.astype(np.int32))))
 
 
+def check_runnable(config: ml_collections.ConfigDict) -> None:
+    """Everything about a run that can be checked before it starts, without training: the config's values, that
+    its data is on this machine (:func:`jaxdp.data.check_available`) and that its audit fits the data.
+
+    Raises ValueError, or :class:`jaxdp.data.DataUnavailable` (whose message says which files to put where), with
+    a message that names the value and what would work. ``launch/sweep.py`` calls it for every run of a sweep
+    before the first run starts.
+    """
+    from jaxdp import data
+
+    validate_run_config(config)
+    data.check_available(config.data)
+    if config.audit.enabled:
+        _check_audit_capacity(config, data.holdout_capacity(config.data), data.group_names(config.data))
+
+
+def _check_audit_capacity(config, capacity: dict[int, int], names: tuple[str, str]) -> int:
+    """Held-out examples per group the audit needs (non-members + canaries); refuses, with the numbers that would
+    work, when the data has fewer."""
+    a = config.audit
+    need = int(a.mia_examples_per_group) + int(a.canaries_per_group)
+    have = min(capacity.values())
+    if need > have:
+        raise ValueError(
+            f"config.audit needs {a.mia_examples_per_group} non-members + {a.canaries_per_group} canaries = {need} "
+            f"held-out examples per group, but config.data leaves {capacity[0]} ({names[0]}) and {capacity[1]} "
+            f"({names[1]}) outside its training and test sets: set config.audit.mia_examples_per_group + "
+            f"config.audit.canaries_per_group <= {have}, or enlarge the pool (e.g. config.data.synthetic_num_images)."
+        )
+    return need
+
+
+@dataclasses.dataclass
+class _AuditSets:
+    """The examples of a run's privacy audit: members (training examples), non-members and canaries (held out).
+
+    Canaries join the training pool by fair coins drawn from the run's secret (from ``train.seed`` when
+    ``dp.reproducible``); the coins are never written anywhere (they follow from the secret in the checkpoints).
+    Which training examples serve as members is public (``train.seed``): it is part of the evaluation, not of
+    training.
+    """
+
+    members: Any  # split (images, label, group): training examples
+    nonmembers: Any
+    canaries: Any
+    coins: np.ndarray  # bool per canary: included in training
+
+    @classmethod
+    def build(cls, config, train_set, holdout, secret: int | None) -> _AuditSets:
+        from jaxdp import audit
+
+        if holdout is None:
+            raise ValueError("config.audit.enabled=True needs held-out examples: let train_and_evaluate load "
+                             "config.data, or pass datasets=(train, test, holdout).")
+        a = config.audit
+        m, c = int(a.mia_examples_per_group), int(a.canaries_per_group)
+        public = np.random.default_rng(np.random.SeedSequence([int(config.train.seed), AUDIT_STREAM]))
+        members, nonmembers, canaries = [], [], []
+        for g in fairness.GROUPS:
+            in_train = np.flatnonzero(np.asarray(train_set.group) == g)
+            in_holdout = public.permutation(np.flatnonzero(np.asarray(holdout.group) == g))
+            if m > len(in_train) or m + c > len(in_holdout):
+                raise ValueError(
+                    f"config.audit needs {m} members of group {g} (the training set has {len(in_train)}) and "
+                    f"{m} + {c} held-out examples (there are {len(in_holdout)}): lower "
+                    f"config.audit.mia_examples_per_group / canaries_per_group.")
+            members.append(public.choice(in_train, m, replace=False))
+            nonmembers.append(in_holdout[:m])
+            canaries.append(in_holdout[m:m + c])
+        rng = (np.random.default_rng(child_seed(secret, AUDIT_STREAM)) if secret is not None
+               else np.random.default_rng(np.random.SeedSequence([int(config.train.seed), AUDIT_STREAM, 1])))
+        canary_idx = np.concatenate(canaries)
+        return cls(_take(train_set, np.concatenate(members)), _take(holdout, np.concatenate(nonmembers)),
+                   _take(holdout, canary_idx), audit.draw_canary_coins(len(canary_idx), rng))
+
+    def training_pool(self, train_set) -> Any:
+        """The training set followed by the canaries whose coin came up "in"."""
+        included = _take(self.canaries, np.flatnonzero(self.coins))
+        return _Split(*(np.concatenate([getattr(train_set, f), getattr(included, f)])
+                        for f in ("images", "label", "group")))
+
+    def run(self, config, losses_fn, state, initial, mesh, delta: float) -> dict:
+        """The audit's results: ``settings`` and, computed from training data without noise, ``nonprivate``."""
+        from jaxdp import audit
+
+        a = config.audit
+        batch = int(config.train.eval_batch_size)
+        result: dict[str, Any] = {}
+        if int(a.mia_examples_per_group):
+            candidates = _concat(self.members, self.nonmembers)
+            is_member = np.arange(len(candidates.label)) < len(self.members.label)
+            loss = _losses(losses_fn, state, mesh, candidates, batch)
+            reference = _losses(losses_fn, initial, mesh, candidates, batch)
+            result.update(audit.membership_inference_metrics(loss, candidates.group, is_member,
+                                                             reference_loss=reference,
+                                                             confidence=float(a.confidence)))
+        if int(a.canaries_per_group):
+            loss = _losses(losses_fn, state, mesh, self.canaries, batch)
+            reference = _losses(losses_fn, initial, mesh, self.canaries, batch)
+            result.update(audit.one_run_audit(audit.calibrated_scores(loss, reference), self.coins,
+                                              self.canaries.group, delta=delta, num_guess_in=a.num_guess_in,
+                                              num_guess_out=a.num_guess_out, confidence=float(a.confidence)))
+        settings = {"mia_examples_per_group": int(a.mia_examples_per_group),
+                    "canaries_per_group": int(a.canaries_per_group), "confidence": float(a.confidence),
+                    "attack": "loss threshold; calibrated by the initial model's loss (mia_cal_, one-run audit)"}
+        return {"settings": settings, "nonprivate": json_safe(result)}
+
+
+class _Split(NamedTuple):
+    images: np.ndarray
+    label: np.ndarray
+    group: np.ndarray
+
+
+def _take(split, idx: np.ndarray) -> _Split:
+    return _Split(np.asarray(split.images)[idx], np.asarray(split.label)[idx], np.asarray(split.group)[idx])
+
+
+def _concat(a, b) -> _Split:
+    return _Split(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("images", "label", "group")))
+
+
+def _losses(losses_fn, state, mesh, split, batch_size: int) -> np.ndarray:
+    """Per-example losses of ``split`` under ``state``, in fixed-shape padded batches."""
+    batch_size = parallel.round_up_to_devices(batch_size, mesh)
+    state = parallel.replicate(mesh, jax.device_get(state))
+    out = []
+    n = len(split.label)
+    for start in range(0, n, batch_size):
+        images = np.asarray(split.images[start:start + batch_size])
+        labels = np.asarray(split.label[start:start + batch_size]).astype(np.int32)
+        real = len(labels)
+        if real < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:], images.dtype)])
+            labels = np.concatenate([labels, np.zeros(batch_size - real, np.int32)])
+        loss = losses_fn(state, parallel.shard_batch(mesh, images), parallel.shard_batch(mesh, labels))
+        out.append(np.asarray(jax.device_get(_gather(loss)))[:real])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -303,7 +450,7 @@ def train_and_evaluate(
     config = ml_collections.ConfigDict(config.to_dict())
     if "sweep" in config:
         del config["sweep"]
-    validate_run_config(config)
+    check_runnable(config) if datasets is None else validate_run_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     final_path = workdir / "final.json"
@@ -312,8 +459,16 @@ def train_and_evaluate(
     started = time.time()
     clock = _Clock()
 
+    audit_on = bool(config.audit.enabled)
     with clock.phase("data"):
-        train_set, test_set = datasets if datasets is not None else data.load(config.data)
+        if datasets is not None:
+            train_set, test_set, holdout = (*datasets, None)[:3]
+        else:
+            holdout_per_group = 0
+            if audit_on:
+                holdout_per_group = _check_audit_capacity(config, data.holdout_capacity(config.data),
+                                                          data.group_names(config.data))
+            train_set, test_set, holdout = data.load_splits(config.data, holdout_per_group=holdout_per_group)
     mesh = parallel.make_mesh(config.train.num_devices)
     model = models.create_model(config.model, private=bool(config.dp.enabled))
     checkpointer = Checkpointer(workdir / "checkpoints")
@@ -330,7 +485,13 @@ def train_and_evaluate(
         secret = int(record["run_secret"], 16) if "run_secret" in record else None
         if secret is None:
             secret, fresh_secret = new_run_secret(), True
-    plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size)
+    public_size = len(train_set.label)
+    audit_sets = None
+    if audit_on:
+        audit_sets = _AuditSets.build(config, train_set, holdout, secret)
+        train_set = audit_sets.training_pool(train_set)
+    plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size,
+                     public_size=public_size)
     tx = optax.chain(plan.noise, make_optimizer(config))
 
     resolved = config.to_dict()
@@ -425,6 +586,11 @@ def train_and_evaluate(
 
     with clock.phase("accounting"):
         epsilons = _epsilons(plan, ledger, delta)
+    audit_result = None
+    if audit_sets is not None:
+        with clock.phase("evaluation"):
+            audit_result = audit_sets.run(config, jax.jit(functools.partial(loss_step, model=model)), state,
+                                        TrainState.create(variables, tx), mesh, delta)
     final = {
         "metrics": history[-1],
         "epsilon": epsilons,
@@ -433,7 +599,7 @@ def train_and_evaluate(
         "steps": total,
         "sampling": plan.sampler.scheme,
         "sampling_prob": plan.sampler.sampling_prob,
-        "train_size": int(len(train_set.label)),
+        "train_size": public_size,
         "test_size": int(len(test_set.label)),
         "devices": int(mesh.size),
         "reproducible": bool(config.dp.reproducible),
@@ -441,6 +607,8 @@ def train_and_evaluate(
         "wall_time_s": time.time() - started,
         "time_split_s": {k: round(v, 3) for k, v in clock.split.items()},
     }
+    if audit_result is not None:
+        final["audit"] = audit_result
     if jax.process_index() == 0:
         write_json(final_path, final)
     return json.loads(json.dumps(json_safe(final)))

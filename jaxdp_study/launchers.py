@@ -13,14 +13,14 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from jaxdp.runlog import RunProgress, hms
-from jaxdp_study.grid import SweepError, config_to_dict, expand, select_runs
+from jaxdp_study.grid import Run, SweepError, config_to_dict, expand, select_runs
 from jaxdp_study.workdir import RunStatus, prepare_workdir
 
 LAUNCHERS = ("local", "submitit_local", "slurm")
@@ -152,7 +152,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
               overwrite: bool = False, train_fn: TrainFn | None = None,
               cache_dir: str | os.PathLike | None = None, executor: Any = None,
               slurm: SlurmOptions | None = None, wait: bool = True, run_filter: str | None = None,
-              stream: Any = None) -> SweepResult:
+              stream: Any = None, check_fn: Callable[[ml_collections.ConfigDict], None] | None = None
+              ) -> SweepResult:
     """Expand ``config``, check the workdir, and train every unfinished run with ``launcher``.
 
     ``launcher``: ``"local"`` (in this process, one run after another), ``"submitit_local"`` (one subprocess
@@ -162,11 +163,21 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
     expression; only runs whose name matches are run. ``cache_dir`` defaults to ``<workdir>/.xla_cache``.
     A local run that raises stops the sweep (re-raised); finished runs stay finished and rerunning the same
     command resumes. Submitted jobs that fail are collected in ``SweepResult.failed``.
+
+    Before anything is written but the workdir itself, every run still to train is checked with ``check_fn``
+    (default: :func:`jaxdp.train.check_runnable` — config values, data on this machine, audit capacity — when
+    ``train_fn`` is the real trainer; no check for a custom ``train_fn`` unless given): a missing dataset or an
+    impossible setting stops the sweep with one :class:`SweepError` naming the runs, before any run starts.
     """
     out = stream or sys.stdout
     if launcher not in LAUNCHERS:
         raise SweepError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     runs = select_runs(expand(config), run_filter)
+    if check_fn is None and train_fn is None:
+        from jaxdp.train import check_runnable as check_fn
+    if check_fn is not None:
+        inspected = prepare_workdir(workdir, runs, overwrite=overwrite, write=False)
+        _check_runs([s.run for s in inspected if s.state != "finished"], check_fn)
     statuses = prepare_workdir(workdir, runs, overwrite=overwrite)
     root = statuses[0].run_dir.parent if statuses else Path(workdir).resolve()
     cache = str(cache_dir) if cache_dir is not None else str(root / ".xla_cache")
@@ -187,6 +198,19 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, 
             launcher, root / "submitit", job_name=str(config.get("name", "jaxdp")), slurm=slurm)
         _run_submitit(ex, todo, n, len(skipped), cache, train_fn, result, wait, out)
     return result
+
+
+def _check_runs(runs: Sequence[Run], check_fn: Callable[[ml_collections.ConfigDict], None]) -> None:
+    """Runs ``check_fn`` on every run's config; one SweepError for all the problems (the same message once, with
+    the runs it concerns)."""
+    problems: dict[str, list[str]] = {}
+    for run in runs:
+        try:
+            check_fn(run.config)
+        except (ValueError, FileNotFoundError) as e:  # DataUnavailable is a FileNotFoundError
+            problems.setdefault(str(e), []).append(run.name)
+    if problems:
+        raise SweepError("\n".join(f"{message}\n  (runs: {', '.join(names)})" for message, names in problems.items()))
 
 
 def _run_local(todo: list[RunStatus], n: int, n_done: int, cache: str, train_fn: TrainFn | None,

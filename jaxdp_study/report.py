@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -163,6 +164,9 @@ def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         row["reproducible"] = final.get("reproducible")
         row["privacy_note"] = final.get("privacy_note")
         row["wall_time_s"] = final.get("wall_time_s")
+        # The audit's results are statistics of the training data without noise: labelled like the diagnostics.
+        for k, v in ((final.get("audit") or {}).get("nonprivate") or {}).items():
+            row[f"nonprivate_{k}"] = v
         metrics = dict(final.get("metrics", {}))
         metrics.update(_gap_intervals(metrics))
         for k in _FIRST_METRICS:
@@ -438,6 +442,107 @@ def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]], note: str | None 
             f"{pm(r['male_drop_excess_vs_nondp_mean'], r['male_drop_excess_vs_nondp_sd'], '+.2f')} | "
             f"{_f(r['paper_male_drop'])} | {_f(r['paper_male_drop_excess_vs_nondp'], '+.2f')} |" for r in rows]
     return head + "\n".join(body) + "\n" + _note_text(note)
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+AUDIT_BOUND = "nonprivate_epsilon_lower_bound"
+
+
+def _reported_epsilon(row: Mapping[str, Any]) -> float:
+    """The smallest epsilon the run reports (every accountant's is an upper bound; the tightest one counts)."""
+    values = [_num(row.get(f"epsilon_{acc}")) for acc in ACCOUNTANTS]
+    values = [v for v in values if not math.isnan(v)]
+    return min(values) if values else math.inf
+
+
+def audit_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per run and group whose empirical lower bound on epsilon exceeds the epsilon the run reports.
+
+    The lower bound holds with 95% confidence (``jaxdp.audit``); a bound above the reported epsilon means a bug in
+    jaxdp's mechanism or accounting, or a 5% accident — never something to accept silently.
+    """
+    lines = []
+    for r in rows:
+        eps = _reported_epsilon(r)
+        for g, name in GROUPS:
+            lb = _num(r.get(f"{AUDIT_BOUND}_{g}"))
+            if not math.isnan(lb) and lb > eps:
+                lines.append(f"{r['run']}: the audit's lower bound for {name} examples, {lb:.3f}, exceeds the "
+                             f"reported epsilon {eps:.3f}")
+    return lines
+
+
+def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The audited runs' per-group empirical privacy next to their reported epsilon (the rows of audit.csv)."""
+    out = []
+    for r in rows:
+        if not any(k.startswith("nonprivate_mia_") or k.startswith(AUDIT_BOUND) for k in r):
+            continue
+        row: dict[str, Any] = {k: r.get(k) for k in ("run", "privacy_level", "female_fraction", "seed")}
+        row["epsilon_reported"] = None if math.isinf(_reported_epsilon(r)) else _reported_epsilon(r)
+        for g, _ in GROUPS:
+            for key in (f"{AUDIT_BOUND}_{g}", f"{AUDIT_BOUND}_max_{g}", f"nonprivate_mia_auc_{g}",
+                        f"nonprivate_mia_auc_{g}_ci_low", f"nonprivate_mia_auc_{g}_ci_high",
+                        f"nonprivate_mia_cal_auc_{g}", f"nonprivate_mia_cal_auc_{g}_ci_low",
+                        f"nonprivate_mia_cal_auc_{g}_ci_high", f"nonprivate_mia_cal_tpr_at_fpr_0.01_{g}"):
+                row[key] = r.get(key)
+        out.append(row)
+    return out
+
+
+def audit_markdown(rows: Sequence[Mapping[str, Any]], violations: Sequence[str], note: str | None = None) -> str:
+    head = ("# Empirical privacy per group (privacy audit)\n\n"
+            "Non-private statistics of the training data: the audit's results are computed without noise. "
+            "Lower bound: one-run audit (Steinke et al. 2023), 95% confidence, at the run's delta; it must stay "
+            "below the reported epsilon. MIA: loss-threshold attack calibrated by the initial model, AUC with 95% "
+            "interval (0.5 = chance).\n\n")
+    lines = ["| run | epsilon reported | lower bound F / M (most provable) | MIA AUC F | MIA AUC M |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for g, _ in GROUPS:
+            lo, hi = r.get(f"nonprivate_mia_cal_auc_{g}_ci_low"), r.get(f"nonprivate_mia_cal_auc_{g}_ci_high")
+            cells.append(f"{_f(r.get(f'nonprivate_mia_cal_auc_{g}'), '.3f')} [{_f(lo, '.3f')}, {_f(hi, '.3f')}]")
+        bounds = " / ".join(_f(r.get(f"{AUDIT_BOUND}_{g}"), ".3f") for g, _ in GROUPS)
+        most = " / ".join(_f(r.get(f"{AUDIT_BOUND}_max_{g}"), ".2f") for g, _ in GROUPS)
+        lines.append(f"| {r['run']} | {_f(r['epsilon_reported'])} | {bounds} ({most}) | {cells[0]} | {cells[1]} |")
+    verdict = ("\n**AUDIT FAILURE** — a lower bound above the reported epsilon (a bug, or a 5% accident):\n"
+               + "\n".join(f"- {v}" for v in violations) + "\n") if violations else \
+        "\nNo lower bound exceeds its run's reported epsilon.\n"
+    return head + "\n".join(lines) + "\n" + verdict + _note_text(note)
+
+
+def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
+    """Empirical privacy per group vs imbalance and privacy level: the audit's lower bound beside the reported
+    epsilon, and the calibrated membership-inference AUC."""
+    rows = [r for r in _imbalance_rows(rows) if f"{AUDIT_BOUND}_0" in r or "nonprivate_mia_cal_auc_0" in r]
+    xs = sorted({r["female_fraction"] for r in rows})
+    if not xs:
+        return "the audit figure needs audited runs (config.audit.enabled, e.g. configs/demo_audit.py)"
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for g, name in GROUPS:
+        _plot_vs_category(a, rows, "female_fraction", xs, f"{AUDIT_BOUND}_{g}", **GROUP_STYLE[name], label=g == "0")
+        _plot_vs_category(b, rows, "female_fraction", xs, f"nonprivate_mia_cal_auc_{g}", **GROUP_STYLE[name],
+                          label=False)
+    for (level,), rs in _groups([r for r in rows if r["dp_enabled"]], ("privacy_level",)).items():
+        eps = _nanmean(_reported_epsilon(r) for r in rs)
+        a.axhline(eps, color=PRIVACY_COLORS.get(level, "0.3"), ls="-.", lw=1)
+    a.plot([], [], color="0.3", ls="-.", label="reported ε (per level)")
+    for name in ("female", "male"):
+        a.plot([], [], color="0.3", **GROUP_STYLE[name], label=name)
+    a.set_yscale("symlog", linthresh=1.0)
+    a.set_ylabel("ε lower bound (95%), one-run audit")
+    a.set_title("(a) empirical ε per group, reported ε dash-dotted")
+    _category_axis(a, xs, [_pct_label(x) for x in xs], "female share of the data")
+    b.axhline(0.5, color="0.5", lw=0.8)
+    b.set_ylabel("membership-inference AUC (calibrated)")
+    b.set_title("(b) membership inference per group (0.5 = chance)")
+    _category_axis(b, xs, [_pct_label(x) for x in xs], "female share of the data")
+    _figure_legend(fig, (a, b))
+    _suptitle(fig, f"Privacy audit (non-private statistics of the training data) — {_source_note(rows)}", rows)
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -813,6 +918,14 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
     (root / "imbalance_drop.csv").write_text(_csv_text(drop))
     (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop, note))
     written += [root / "imbalance_drop.csv", root / "imbalance_drop.md"]
+    audited = audit_rows(rows)
+    if audited:
+        violations = audit_violations(rows)
+        (root / "audit.csv").write_text(_csv_text(audited))
+        (root / "audit.md").write_text(audit_markdown(audited, violations, note))
+        written += [root / "audit.csv", root / "audit.md"]
+        for line in violations:
+            print(f"AUDIT FAILURE: {line}", file=sys.stderr)
     if figures and rows:
         fig_dir = root / "figures"
         fig_dir.mkdir(exist_ok=True)
@@ -822,7 +935,8 @@ def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: b
                 figure_training_by_privacy(rows, run_dirs, fig_dir / "fig3_training_by_privacy.png"),
                 figure_training_by_imbalance(rows, run_dirs, fig_dir / "fig4_training_by_imbalance.png"),
                 figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
-                figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png")):
+                figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png"),
+                figure_audit(rows, fig_dir / "fig7_privacy_audit.png")):
             if isinstance(result, Path):
                 written.append(result)
             elif verbose:

@@ -273,3 +273,40 @@ def test_paper_results_are_packaged():
     assert len(paper) == 26
     row = [p for p in paper if p["privacy"] == "medium" and p["female_pct"] == 99.9 and p["clip"] == 5][0]
     assert (row["acc_female"], row["acc_male"], row["delta_eo"]) == (86.62, 33.33, 0.3302)
+
+
+def _add_audit(run_dir, lower_bounds, aucs=(0.55, 0.62)):
+    final = json.loads((run_dir / "final.json").read_text())
+    audit = {}
+    for g in (0, 1):
+        audit.update({f"epsilon_lower_bound_{g}": lower_bounds[g], f"epsilon_lower_bound_max_{g}": 3.0,
+                      f"mia_cal_auc_{g}": aucs[g], f"mia_cal_auc_{g}_ci_low": aucs[g] - 0.05,
+                      f"mia_cal_auc_{g}_ci_high": aucs[g] + 0.05, f"mia_auc_{g}": aucs[g]})
+    final["audit"] = {"settings": {"canaries_per_group": 100}, "nonprivate": audit}
+    (run_dir / "final.json").write_text(json.dumps(final))
+
+
+def test_audit_table_flags_a_lower_bound_above_the_reported_epsilon(workdir, tmp_path, capsys):
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    dirs = runs_by_name(wd)
+    _add_audit(dirs["high-ff0.7-clip5-seed0"], (0.1, 0.3))  # reported pld epsilon (FakeTrain): 2 / 1.5 = 1.33
+    _add_audit(dirs["high-ff0.99-clip5-seed0"], (0.2, 1.5))  # 1.5 > 1.33: must be flagged
+    _add_audit(dirs["nondp-ff0.7-seed0"], (0.9, 2.5), aucs=(0.7, 0.8))  # no finite epsilon: nothing to exceed
+    capsys.readouterr()
+    written = report.write_report(wd, verbose=False)
+    assert "AUDIT FAILURE: high-ff0.99-clip5-seed0: the audit's lower bound for male examples, 1.500, exceeds " \
+           "the reported epsilon 1.333" in capsys.readouterr().err
+    rows = {r["run"]: r for r in _rows(wd / "audit.csv")}
+    assert set(rows) == {"high-ff0.7-clip5-seed0", "high-ff0.99-clip5-seed0", "nondp-ff0.7-seed0"}
+    assert float(rows["high-ff0.7-clip5-seed0"]["nonprivate_epsilon_lower_bound_1"]) == 0.3
+    assert rows["nondp-ff0.7-seed0"]["epsilon_reported"] == ""
+    md = (wd / "audit.md").read_text()
+    assert "**AUDIT FAILURE**" in md and md.count("exceeds the reported epsilon") == 1
+    assert "| 0.550 [0.500, 0.600] |" in md
+    summary = {r["run"]: r for r in _rows(wd / "summary.csv")}
+    assert float(summary["nondp-ff0.7-seed0"]["nonprivate_mia_cal_auc_1"]) == 0.8
+    assert wd / "figures" / "fig7_privacy_audit.png" in written
+    _add_audit(dirs["high-ff0.99-clip5-seed0"], (0.2, 1.0))
+    report.write_report(wd, figures=False, verbose=False)
+    assert "No lower bound exceeds" in (wd / "audit.md").read_text()

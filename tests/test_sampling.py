@@ -137,3 +137,23 @@ def test_dp_events_match_scheme():
 def test_invalid_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_repr_never_shows_the_seed():
+    """A sampler's seed may be a run's secret; printing a sampler (in a log, an error) must not reveal it."""
+    secret = 0xDEADBEEF_01234567_89ABCDEF_0F1E2D3C
+    for sampler in (PoissonSampler(100, 0.1, seed=secret), ShuffledSampler(100, 10, seed=secret)):
+        assert f"{secret:x}" not in repr(sampler) and str(secret) not in repr(sampler)
+
+
+def test_make_sampler_pads_chunks_to_the_device_count_and_names_unknown_schemes():
+    from jaxdp.sampling import make_sampler
+
+    poisson = make_sampler("poisson", 12_000, 256, seed=1, chunk_multiple=4)
+    assert isinstance(poisson, PoissonSampler) and poisson.physical_batch_size % 4 == 0
+    assert poisson.expected_batch_size == pytest.approx(256)
+    assert isinstance(make_sampler("fixed", 100, 8, seed=1, chunk_multiple=4), ShuffledSampler)
+    with pytest.raises(ValueError, match="multiple of the device count"):
+        make_sampler("fixed", 100, 10, seed=1, chunk_multiple=4)
+    with pytest.raises(ValueError, match="choose one of \\('poisson', 'fixed'\\)"):
+        make_sampler("uniform", 100, 10, seed=1)

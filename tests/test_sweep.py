@@ -512,3 +512,18 @@ def test_run_one_starts_jax_distributed_once_through_jaxdp_parallel(tmp_path, mo
     for _ in range(2):
         launchers.run_one(run.config, tmp_path / run.name, train_fn=FakeTrain())
     assert started == ["start"]
+
+
+def test_cli_without_celeba_stops_before_any_run_with_one_message(tmp_path):
+    """The paper's command without the CelebA files: one message (which files, where, the synthetic alternative),
+    exit code 2, no traceback, nothing created but the workdir (issue 12 §7)."""
+    work = tmp_path / "w"
+    r = _cli("--config", "configs/medium.py", "--workdir", str(work),
+             f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.data.manual_dir={tmp_path / 'celeba'}")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    for needle in ("img_align_celeba.zip", "list_attr_celeba.txt", str(tmp_path / "celeba"),
+                   "--config.data.source=synthetic", "medium-ff0.7-clip5-seed0"):
+        assert needle in r.stderr, (needle, r.stderr)
+    assert r.stderr.count("Missing CelebA") == 1, "one message for the five runs, not five"
+    assert not work.exists() or not any(work.iterdir())

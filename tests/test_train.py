@@ -328,3 +328,46 @@ def test_final_json_splits_the_wall_time(tmp_path):
     assert set(split) == {"compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints"}
     assert all(v >= 0 for v in split.values()) and split["compile"] > 0
     assert sum(split.values()) <= final["wall_time_s"] * 1.01
+
+
+# --- issue 14: the privacy audit at the end of a run ---------------------------------------------------------------
+
+
+def audit_config(**overrides):
+    return tiny_config(**{"audit.enabled": True, "audit.mia_examples_per_group": 8, "audit.canaries_per_group": 16,
+                          "train.epochs": 1.0, **overrides})
+
+
+def test_audited_run_reports_mia_and_a_lower_bound_per_group_without_changing_its_epsilon(tmp_path):
+    train_split, test_split = tiny_datasets()
+    holdout, _ = tiny_datasets(n_train=160, seed=1)
+    holdout.group[:80], holdout.group[80:] = 0, 1  # 80 held-out examples per group
+    final = train.train_and_evaluate(audit_config(), tmp_path / "audit", datasets=(train_split, test_split, holdout))
+    plain = train.train_and_evaluate(tiny_config(**{"train.epochs": 1.0}), tmp_path / "plain",
+                                     datasets=(train_split, test_split))
+    # The canaries that joined training change neither q, the steps nor epsilon (they depend on secret coins).
+    assert final["steps"] == plain["steps"] and final["sampling_prob"] == plain["sampling_prob"]
+    assert final["epsilon"] == plain["epsilon"] and final["train_size"] == len(train_split.label)
+    audit = final["audit"]["nonprivate"]
+    for g in (0, 1):
+        assert audit[f"mia_members_{g}"] == audit[f"mia_nonmembers_{g}"] == 8
+        assert 0.0 <= audit[f"mia_auc_{g}"] <= 1.0 and f"mia_cal_auc_{g}" in audit
+        assert audit[f"epsilon_lower_bound_canaries_{g}"] == 16
+        assert audit[f"epsilon_lower_bound_{g}"] <= final["epsilon"]["pld"]
+    assert final["audit"]["settings"]["canaries_per_group"] == 16
+
+
+def test_audit_asking_for_more_held_out_examples_than_exist_is_refused_before_training(tmp_path):
+    from jaxdp import data
+
+    config = audit_config(**{"audit.mia_examples_per_group": 300, "audit.canaries_per_group": 300})
+    config.data.source, config.data.total, config.data.synthetic_num_images = "synthetic", 200, 400
+    config.data.split_scheme, config.data.data_dir = "official", str(tmp_path / "data")
+    capacity = data.holdout_capacity(config.data)
+    with pytest.raises(ValueError, match=rf"needs 300 non-members \+ 300 canaries = 600 held-out examples per group, "
+                                         rf"but config.data leaves {capacity[0]} \(female\) and {capacity[1]} "
+                                         rf"\(male\).*<= {min(capacity.values())}"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="needs held-out examples"):
+        train.train_and_evaluate(audit_config(), tmp_path / "run2", datasets=tiny_datasets())
