@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 import jaxdp
-from jaxdp import fastclip
+from jaxdp import clipping as fastclip  # launch/bench.py reads bench.fastclip
 from jaxdp.models import ResNet18
 
 OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
