@@ -19,16 +19,19 @@ the norms and again for the clipped sum, each time for as many examples at a tim
 the step holds beyond non-private backpropagation is then every layer's output gradient ``dy`` (until the clip
 factors are known) and one chunk's patches; the README's performance section has the measurements.
 
-Requirements of ``loss_fn`` (checked where possible, otherwise documented):
+What the fast path needs, and what happens otherwise (never a silently different gradient):
 
-* It applies a Flax ``linen`` model to the parameters it is given, unchanged: ``model.apply({"params":
-  params}, x)`` (or ``params`` being the whole variables dict). A layer is handled by the fast path when its
-  parameters are found in ``params`` at the layer's module path (``params[...path...]["kernel"]``).
-* A layer's parameters are used only by that layer and the layer is called once per example. A layer called
-  twice (weight sharing), an unsupported configuration (grouped, dilated, masked, circular/reflect padded,
-  1D/3D or non-float32 convolutions; custom ``dot_general``) and parameters whose location cannot be found
-  fall back to per-example ``jax.vmap`` gradients: still correct, not faster. :func:`fast_path_report` lists
-  which layers take which path, and why.
+* A layer is handled by the fast path when its parameters are found in ``params`` at the layer's module path
+  (``params[...path...]["kernel"]``, or below ``params["params"]``), the layer receives exactly those arrays
+  (``model.apply({"params": params}, x)`` with ``params`` as given to ``loss_fn``), the call runs under
+  ``loss_fn``'s own trace (not inside ``nn.remat``, ``nn.vmap``, ``nn.scan``, ``jax.checkpoint``, ...), the
+  layer is called once per example, and its parameters are used nowhere else (no tied weights, no weight
+  penalty in ``loss_fn``). All of this is checked on a trace of ``loss_fn`` (the last by the jaxpr: with the
+  layer computed from stand-ins, the real parameters must be unused).
+* Every other ``nn.Conv`` / ``nn.Dense`` call, and unsupported configurations (grouped, dilated, masked,
+  circular/reflect padded, 1D/3D or non-float32 convolutions; custom ``dot_general``), fall back to per-example
+  ``jax.vmap`` gradients for their parameters: still exact, not faster. :func:`fast_path_report` lists which
+  layers take which path, and why.
 * Examples are evaluated one at a time (each example is a batch of one for ``loss_fn``, as in ``"vmap"``), so
   the result is that of ``"vmap"`` even for models whose examples would interact in a batched call.
 
@@ -49,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import Var, get_opaque_trace_state
 
 from jaxdp.clipping import core
 from jaxdp.clipping.layers import (
@@ -161,15 +165,23 @@ def _find(index: dict[tuple[str, ...], int], path: tuple[str, ...], name: str) -
     return None
 
 
+_SHARED = "parameters not found at the module path, or layer called twice"
+_TRANSFORMED = ("its parameters are not the leaves of params that loss_fn was given (transformed on the way, e.g. "
+                "by nn.WeightNorm or by loss_fn itself)")
+_LIFTED = "called inside a transform (nn.remat, nn.vmap, nn.scan, jax.checkpoint, ...)"
+_USED_ELSEWHERE = "its parameters are also used outside the layer call (e.g. tied weights, a weight penalty)"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Every Conv/Dense call of ``loss_fn`` in call order, and for each where its parameters are among
-    ``params``' leaves when it takes the fast path."""
+    ``params``' leaves when it takes the fast path, or why it does not."""
 
     layers: tuple[Layer, ...]
     kernel_leaf: tuple[int | None, ...]  # per call: leaf index of its kernel (None: not on the fast path)
     bias_leaf: tuple[int | None, ...]
     out_shapes: tuple[tuple[int, ...], ...]  # per call: output shape for one example
+    fallback: tuple[str | None, ...]  # per call: why it falls back to per-example vmap (None: fast)
 
     @property
     def fast(self) -> tuple[int, ...]:
@@ -177,38 +189,75 @@ class _Plan:
 
 
 def _make_plan(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: jax.Array) -> _Plan:
-    layers: list[Layer] = []
-    out_shapes: list[tuple[int, ...]] = []
+    """Traces ``loss_fn`` on one example and decides, per Conv/Dense call, whether the fast path is exact.
 
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if is_layer_call(context):
-            layers.append(describe(context.module, layer_input(args, kwargs)))
-            out_shapes.append(tuple(out.shape))
-        return out
+    The fast path computes a layer from the leaves of ``params`` found at its module path and takes their
+    gradient from the layer's output gradient alone. That is the gradient of ``loss_fn`` only if (a) the layer
+    receives exactly those leaves (no transformation between ``params`` and the layer: checked by identity of
+    the traced values the layer receives), (b) the call runs under ``loss_fn``'s own trace, not inside a
+    lifted or JAX transform, and (c) the leaves are used nowhere else: the trace computes every candidate
+    layer from stand-in copies of its leaves, and the jaxpr must then not use the real leaves at all.
+    A call that fails any check falls back to per-example ``jax.vmap`` gradients, with the reason recorded.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    index = _leaf_index(params)
+    calls: list[dict] = []
+
+    def traced(real, stand_in, x, y):
+        top = get_opaque_trace_state(convention="flax")
+
+        def record(next_fun, args, kwargs, context):
+            if not is_layer_call(context):
+                return next_fun(*args, **kwargs)
+            module, x_in = context.module, layer_input(args, kwargs)
+            layer = describe(module, x_in)
+            k = _find(index, layer.path, "kernel")
+            b = _find(index, layer.path, "bias") if layer.use_bias else None
+            received = module.variables.get("params", {})
+            why = layer.unsupported
+            if why is None and get_opaque_trace_state(convention="flax") != top:
+                why = _LIFTED
+            if why is None and (k is None or (layer.use_bias and b is None)
+                                or leaves[k].ndim != (4 if layer.kind == "conv" else 2)):
+                why = _SHARED
+            if why is None and (received.get("kernel") is not real[k]
+                                or (layer.use_bias and received.get("bias") is not real[b])):
+                why = _TRANSFORMED
+            if why is None:  # computed from the stand-ins: any use of real[k] / real[b] left is a use elsewhere
+                out = layer_forward(x_in, stand_in[k], None if b is None else stand_in[b], layer, 0)
+            else:
+                out = next_fun(*args, **kwargs)
+            calls.append(dict(layer=layer, kernel=k, bias=b, why=why, out_shape=tuple(out.shape)))
+            return out
+
+        with nn.intercept_methods(record):
+            return loss_fn(jax.tree_util.tree_unflatten(treedef, real), x, y)
 
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    # A fresh function object each time: eval_shape caches traces by function, and a cached trace would not
-    # run the interceptor.
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda p, a, b: loss_fn(p, a, b),
-                       jax.tree_util.tree_map(spec, params), spec(inputs[:1]), spec(labels[:1]))
+    specs = [spec(leaf) for leaf in leaves]
+    # A fresh function object each time, so that no cached trace skips the interceptor.
+    jaxpr = jax.make_jaxpr(lambda *a: traced(*a))(specs, specs, spec(inputs[:1]), spec(labels[:1])).jaxpr
+    real_vars = jaxpr.invars[: len(leaves)]
+    used = {v for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, Var)}
+    used |= {v for v in jaxpr.outvars if isinstance(v, Var)}
+    used_leaves = {j for j, v in enumerate(real_vars) if v in used}
 
-    leaves = jax.tree_util.tree_leaves(params)
-    index = _leaf_index(params)
     calls_per_path: dict[tuple[str, ...], int] = {}
-    for layer in layers:
-        calls_per_path[layer.path] = calls_per_path.get(layer.path, 0) + 1
-    kernel_leaf: list[int | None] = []
-    bias_leaf: list[int | None] = []
-    for layer in layers:
-        k = _find(index, layer.path, "kernel")
-        b = _find(index, layer.path, "bias") if layer.use_bias else None
-        ok = (layer.unsupported is None and calls_per_path[layer.path] == 1 and k is not None
-              and (b is not None or not layer.use_bias) and leaves[k].ndim == (4 if layer.kind == "conv" else 2))
-        kernel_leaf.append(k if ok else None)
-        bias_leaf.append(b if ok else None)
-    return _Plan(tuple(layers), tuple(kernel_leaf), tuple(bias_leaf), tuple(out_shapes))
+    for call in calls:
+        calls_per_path[call["layer"].path] = calls_per_path.get(call["layer"].path, 0) + 1
+    for call in calls:
+        if call["why"] is None and calls_per_path[call["layer"].path] > 1:
+            call["why"] = _SHARED
+        if call["why"] is None and {call["kernel"], call["bias"]} & used_leaves:
+            call["why"] = _USED_ELSEWHERE
+    fast = [call["why"] is None for call in calls]
+    return _Plan(
+        layers=tuple(call["layer"] for call in calls),
+        kernel_leaf=tuple(call["kernel"] if ok else None for call, ok in zip(calls, fast, strict=True)),
+        bias_leaf=tuple(call["bias"] if ok else None for call, ok in zip(calls, fast, strict=True)),
+        out_shapes=tuple(call["out_shape"] for call in calls),
+        fallback=tuple(call["why"] for call in calls),
+    )
 
 
 def fast_path_report(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: jax.Array) -> list[str]:
@@ -216,13 +265,9 @@ def fast_path_report(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, la
     with ghost norms, and if not, why (so a user can see which layers fall back to per-example vmap)."""
     plan = _make_plan(loss_fn, params, inputs, labels)
     lines = []
-    for layer, kernel in zip(plan.layers, plan.kernel_leaf, strict=True):
+    for layer, why in zip(plan.layers, plan.fallback, strict=True):
         name = "/".join(layer.path) or "<root>"
-        if kernel is not None:
-            lines.append(f"{name}: fast ({layer.kind})")
-        else:
-            why = layer.unsupported or "parameters not found at the module path, or layer called twice"
-            lines.append(f"{name}: per-example vmap fallback ({why})")
+        lines.append(f"{name}: fast ({layer.kind})" if why is None else f"{name}: per-example vmap fallback ({why})")
     return lines
 
 
