@@ -19,6 +19,36 @@ the norms and again for the clipped sum, each time for as many examples at a tim
 the step holds beyond non-private backpropagation is then every layer's output gradient ``dy`` (until the clip
 factors are known) and one chunk's patches; the README's performance section has the measurements.
 
+Floating point: what each example adds is at most what its factor allows
+--------------------------------------------------------------------------
+Here the norm an example is clipped with and the vector added for it come from *different* contractions: the
+norm from ``sum (P P^T) * (D D^T)`` (ghost) or ``||P^T D||`` (materialised), the vector from ``P^T (c D)``.
+Under cancellation across positions (``P^T D`` much smaller than ``|P|^T |D|``) their rounding errors differ,
+and a plain ghost norm can be far below the vector's norm, or a negative Gram sum can give a NaN norm (the
+example is then dropped as non-finite). So each kernel's norm handed to the clip rule (and returned) is a
+rigorous upper bound of the norm of what the clipped-sum contraction adds for the example per unit factor,
+and a clip factor with ``factor * norm <= C`` keeps the example's contribution ``<= C``:
+
+* Every contraction of the norms and of the clipped sums runs at ``precision=HIGHEST`` (float32; on GPUs and
+  TPUs the default would use TF32 or bf16 passes, with errors thousands of times larger).
+* With ``u = 2^-24`` and ``gamma_n = n u / (1 - n u)``, the bound on any ``n``-term dot product whatever the
+  order of its additions (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3), and
+  ``M = || |P|^T |D| ||_F``: the vector added is within ``(gamma_T + u) c M`` of ``c P^T D``; the materialised
+  norm is within ``gamma_T M`` of ``||P^T D||``; the ghost value within ``gamma_{K+O+T^2+1} M^2`` of
+  ``||P^T D||^2``. The bound adds these to the computed norm (ghost: clamped at 0 before its slack is added),
+  with ``M`` computed as ``||P|| ||D||`` (materialised form) or by the Gram form on ``|P|``, ``|D|`` (ghost).
+  Each bias's norm gets the same treatment for its sum over positions.
+* Where a ghost bound would be loose (its slack above 2^-8 of the ghost value: cancellation), the examples of
+  that chunk get the materialised bound instead, whose margin is first order in ``u`` (a ``lax.cond``; the
+  per-example gradients are then formed ``max_patch_bytes`` at a time). Layers whose ghost bound can never be
+  tight (``gamma_{K+O+T^2+1}`` above that fraction) use the materialised form throughout.
+
+What is assumed: float32 arithmetic with unit roundoff ``u`` in the contractions, and sums of squares (the norms
+of the vectors above and of the per-example gradients of the other parameters) accurate to a small relative
+error, as the ``"vmap"`` strategy also assumes. The margins are first order in ``u`` times ``M / ||P^T D||``:
+negligible for dense layers and layers on small maps, largest for convolutions on large maps (the stem); the
+norms returned are correspondingly slightly above ``"vmap"``'s, and examples are clipped very slightly more.
+
 What the fast path needs, and what happens otherwise (never a silently different gradient):
 
 * A layer is handled by the fast path when its parameters are found in ``params`` at the layer's module path
@@ -77,20 +107,86 @@ DEFAULT_MAX_PATCH_BYTES = 16 * 2**20
 # Per-example weight-gradient norms of one layer.
 
 
+# Unit roundoff of float32, the precision of every contraction below (precision=HIGHEST: no TF32 or bf16 passes).
+_ROUNDOFF = 2.0**-24
+
+# A ghost norm whose rounding-error bound could inflate the layer's squared norm by more than this fraction is
+# replaced by the materialised norm (whose bound is first order in the roundoff, not square root).
+_GHOST_TOLERANCE = 2.0**-8
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _gamma(n: int) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: relative error bound of an ``n``-term dot product or sum,
+    whatever the order of its additions (inf where the bound says nothing)."""
+    return n * _ROUNDOFF / (1 - n * _ROUNDOFF) if n * _ROUNDOFF < 0.5 else float("inf")
+
+
 def _uses_ghost(t: int, k: int, o: int) -> bool:
-    """Whether the Gram ("ghost") form is cheaper: ``T^2 (K + O)`` multiply-adds against ``T K O``."""
-    return t * (k + o) < k * o
+    """Whether the Gram ("ghost") form is used: cheaper (``T^2 (K + O)`` multiply-adds against ``T K O``) and
+    its rounding-error bound can be tight (``gamma_{K+O+T^2+1}`` below the tolerance)."""
+    return t * (k + o) < k * o and _gamma(k + o + t * t + 1) <= _GHOST_TOLERANCE
+
+
+def _ghost_sq_norms(p: jax.Array, d: jax.Array) -> jax.Array:
+    """``sum_ts (P P^T)_ts (D D^T)_ts`` per example: ``||P_i^T D_i||_F^2`` up to rounding (may come out < 0)."""
+    gram_p = jnp.einsum("btk,bsk->bts", p, p, precision=_HIGHEST)
+    gram_d = jnp.einsum("bto,bso->bts", d, d, precision=_HIGHEST)
+    return jnp.sum(gram_p * gram_d, axis=(1, 2))
+
+
+def _materialised_norms(p: jax.Array, d: jax.Array) -> jax.Array:
+    """``||fl(P_i^T D_i)||_F`` per example, from the per-example weight gradients."""
+    per_example = jnp.einsum("btk,bto->bko", p, d, precision=_HIGHEST)
+    return jnp.sqrt(jnp.sum(jnp.square(per_example), axis=(1, 2)))
 
 
 def _kernel_sq_norms(p: jax.Array, d: jax.Array) -> jax.Array:
-    """``||P_i^T D_i||_F^2`` per example, by the cheaper of the ghost (Gram) and the materialised form."""
+    """``||P_i^T D_i||_F^2`` per example, by the cheaper of the ghost (Gram) and the materialised form (an
+    estimate: :func:`_kernel_norm_bounds` gives the rigorous upper bound the strategy clips with)."""
     _, t, k = p.shape
     if _uses_ghost(t, k, d.shape[-1]):
-        gram_p = jnp.einsum("btk,bsk->bts", p, p)
-        gram_d = jnp.einsum("bto,bso->bts", d, d)
-        return jnp.sum(gram_p * gram_d, axis=(1, 2))
-    per_example = jnp.einsum("btk,bto->bko", p, d)
-    return jnp.sum(jnp.square(per_example), axis=(1, 2))
+        return _ghost_sq_norms(p, d)
+    return jnp.square(_materialised_norms(p, d))
+
+
+def _kernel_norm_bounds(p: jax.Array, d: jax.Array, fallback_chunk: int) -> jax.Array:
+    """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i D_i))`` is what the
+    clipped-sum contraction adds for the example with factor ``c_i`` (see the module docstring).
+
+    ``fallback_chunk``: examples at a time for which per-example weight gradients may be formed when a ghost
+    norm's bound is loose.
+    """
+    _, t, k = p.shape
+    o = d.shape[-1]
+    # The clipped sum's contraction over T positions, and the rounding of c_i * D_i: off from c_i P^T D by at
+    # most sum_error * c_i * || |P|^T |D| ||_F.
+    sum_error = _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF
+    if not _uses_ghost(t, k, o):
+        # ||P^T D|| <= ||fl(P^T D)|| + gamma_T || |P|^T |D| ||, and || |P|^T |D| || <= ||P|| ||D||, computed from
+        # sums of T K and T O squares (relative error gamma each, hence the factor).
+        abs_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=(1, 2))) * jnp.sqrt(jnp.sum(jnp.square(d), axis=(1, 2)))
+        margin = (_gamma(t) + sum_error) * (1 + _gamma(t * (k + o) + 4))
+        return _materialised_norms(p, d) + margin * abs_norm
+    ghost_sq = _ghost_sq_norms(p, d)
+    # || |P|^T |D| ||^2 by the same Gram form on absolute values: a sum of non-negative terms, so its computed
+    # value is within a factor 1 + gamma_g of the exact one.
+    gamma_g = _gamma(k + o + t * t + 1)
+    abs_sq = _ghost_sq_norms(jnp.abs(p), jnp.abs(d)) * (1 + 2 * gamma_g)
+    # Rounding in the two Grams (K and O terms) and in their product's sum (T^2 terms) moves the ghost value by
+    # at most gamma_g * || |P|^T |D| ||^2 (Higham, Accuracy and Stability of Numerical Algorithms, ch. 3).
+    slack = gamma_g * abs_sq
+    ghost = jnp.sqrt(jnp.maximum(ghost_sq, 0.0) + slack)
+    loose = slack > _GHOST_TOLERANCE * ghost_sq  # cancellation: the bound would be far above the norm
+    abs_norm = jnp.sqrt(abs_sq)
+
+    def materialised():
+        exact = _over_chunks(_materialised_norms, (p, d), fallback_chunk, reduce=False) + _gamma(t) * abs_norm
+        return jnp.where(loose, exact, ghost)
+
+    norms = lax.cond(jnp.any(loose), materialised, lambda: ghost)
+    return norms + sum_error * abs_norm
 
 
 def _over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: bool) -> jax.Array:
@@ -124,12 +220,18 @@ def _layer_kernel_sq_norms(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int
                         reduce=False)
 
 
+def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int, fallback_chunk: int):
+    """:func:`_kernel_norm_bounds` of one layer, for ``chunk`` examples at a time (like the norms above)."""
+    return _over_chunks(lambda a, b: _kernel_norm_bounds(*per_example_matrices(a, b, layer), fallback_chunk),
+                        (x, dy), chunk, reduce=False)
+
+
 def _patch_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
     """``sum_i P_i^T g_i`` (``[K, O]``), for ``chunk`` examples at a time."""
 
     def part(a, b):
         p, d = per_example_matrices(a, b, layer)
-        return jnp.einsum("btk,bto->ko", p, d)
+        return jnp.einsum("btk,bto->ko", p, d, precision=_HIGHEST)
 
     return _over_chunks(part, (x, g), chunk, reduce=True)
 
@@ -342,10 +444,20 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
         sq[j] = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
     for n, i in enumerate(fast):
         layer, dy = plan.layers[i], out_grads[n]
-        sq[plan.kernel_leaf[i]] = _layer_kernel_sq_norms(layer_inputs[n], dy, layer, chunks[i])
+        # Upper bounds of the norms of what the clipped-sum contractions below add per unit factor (see the
+        # module docstring), so that no example contributes more than its factor allows.
+        kernel_size = int(np.prod(leaves[plan.kernel_leaf[i]].shape))
+        fallback_chunk = max(1, max_patch_bytes // (4 * kernel_size))
+        bounds = _layer_kernel_norm_bounds(layer_inputs[n], dy, layer, chunks[i], fallback_chunk)
+        sq[plan.kernel_leaf[i]] = jnp.square(bounds)
         if layer.use_bias:
             d = dy.reshape(batch, -1, dy.shape[-1])
-            sq[plan.bias_leaf[i]] = jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=1)
+            t = d.shape[1]
+            bias_grads, abs_sums = jnp.sum(d, axis=1), jnp.sum(jnp.abs(d), axis=1)
+            # The sum over T positions, here and in the clipped sum; abs_sums' own norm is within 1 + gamma.
+            bias_error = (2 * _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF) * (1 + _gamma(t + d.shape[-1] + 2))
+            sq[plan.bias_leaf[i]] = jnp.square(jnp.linalg.norm(bias_grads, axis=1)
+                                               + bias_error * jnp.linalg.norm(abs_sums, axis=1))
     weights, norms, live = core.leaf_weights(sq, treedef, mask, l2_clip_norm, clip_rule, clip_args)
 
     clipped = [None] * len(leaves)
@@ -361,8 +473,8 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
         clipped[k] = _patch_kernel_grad(x, scaled, layer, chunks[i]).reshape(leaves[k].shape)
         if layer.use_bias:
             b = plan.bias_leaf[i]
-            clipped[b] = jnp.einsum("bto,b->o", dy.reshape(batch, -1, dy.shape[-1]), weights[b]).reshape(
-                leaves[b].shape)
+            clipped[b] = jnp.einsum("bto,b->o", dy.reshape(batch, -1, dy.shape[-1]), weights[b],
+                                    precision=_HIGHEST).reshape(leaves[b].shape)
     return jax.tree_util.tree_unflatten(treedef, clipped), norms, losses
 
 
