@@ -207,16 +207,16 @@ class TwoPositions(nn.Module):
 
     @nn.compact
     def __call__(self, x, eps):
-        h = nn.Dense(8, use_bias=False)(x)  # x: [n, 2, 8]
+        h = nn.Dense(16, use_bias=False)(x)  # x: [n, 2, 16]; 2 positions, 16 -> 16: the ghost form
         return h[:, 0] - (1 - eps[:, None]) * h[:, 1]
 
 
 def _cancellation_case(batch=24):
     rng = np.random.default_rng(30)
-    x0 = rng.uniform(-1e5, 1e5, (batch, 8)).astype(np.float32)
-    x = np.stack([x0, x0 * (1 + rng.normal(0, 1e-6, (batch, 8)))], axis=1).astype(np.float32)
+    x0 = rng.uniform(-1e5, 1e5, (batch, 16)).astype(np.float32)
+    x = np.stack([x0, x0 * (1 + rng.normal(0, 1e-6, (batch, 16)))], axis=1).astype(np.float32)
     eps = (10.0 ** np.linspace(-7, -1, batch)).astype(np.float32)
-    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(8, 8)).astype(np.float32))}}
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(16, 16)).astype(np.float32))}}
     return params, jnp.asarray(x), jnp.asarray(eps)
 
 
@@ -226,7 +226,7 @@ def _cancellation_loss(params, x, eps):
 
 @pytest.mark.parametrize("strategy", clipping.available_strategies())
 def test_no_example_contributes_more_than_the_clip_norm_under_cancellation(strategy):
-    # On ea63356 "bookkeeping" failed: one example contributed 1.77 C and 5 examples more than C (1 + 1e-5), and
+    # On ea63356 "bookkeeping" failed: one example contributed 1.37 C and 6 examples more than C (1 + 1e-5), and
     # 6 finite examples got a NaN ghost norm (a negative Gram sum) and were counted non-finite.
     params, x, eps = _cancellation_case()
     batch = len(eps)
@@ -255,7 +255,7 @@ def test_cancellation_falls_back_to_materialised_norms():
     assert np.all(got[moderate] >= ref[moderate] * (1 - 1e-4))
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 50, 60), (3, 30, 3, 2), (3, 9, 72, 16)])  # ghost, materialised, ghost
+@pytest.mark.parametrize("shape", [(3, 4, 50, 60), (3, 30, 3, 2), (3, 6, 72, 16)])  # ghost, materialised, ghost
 @pytest.mark.parametrize("cancel", [False, True])
 def test_kernel_norm_bounds_bound_the_summed_vector(shape, cancel):
     batch, t, k, o = shape
@@ -265,7 +265,9 @@ def test_kernel_norm_bounds_bound_the_summed_vector(shape, cancel):
         p = np.broadcast_to(p[:, :1] * 1e4, p.shape) + 1e-2 * p
         d = d - d.mean(axis=1, keepdims=True) * (1 - 1e-3)
     p, d = np.asarray(p, np.float32), np.asarray(d, np.float32)
-    bounds = np.asarray(jax.jit(lambda a, b: bookkeeping._kernel_norm_bounds(a, b, 1))(p, d), np.float64)
+    dense = Layer(("d",), "dense", False)  # P and D as a Dense layer's inputs and output gradients on T positions
+    bounds = np.asarray(jax.jit(lambda a, b: bookkeeping._layer_kernel_norm_bounds(a, b, dense, 2, 1))(p, d),
+                        np.float64)
     exact = np.linalg.norm(np.einsum("btk,bto->bko", p.astype(np.float64), d.astype(np.float64)), axis=(1, 2))
     summed = np.asarray(jax.jit(lambda a, b: jax.vmap(lambda u, v: jnp.einsum(
         "tk,to->ko", u, v, precision=jax.lax.Precision.HIGHEST))(a, b))(p, d), np.float64)

@@ -8,7 +8,8 @@ gradient ``dy_i``. The backward pass then only propagates gradients to the input
 gradients are never formed per example. Each example's squared weight-gradient norm ``||P_i^T dy_i||^2``
 (``P_i``: the example's input patches, ``[T, K]``; ``dy_i``: ``[T, O]``) is computed per layer either from the
 "ghost" Gram form ``sum (P_i P_i^T) * (dy_i dy_i^T)`` (cost ``T^2 (K+O)``) or from the materialised
-``P_i^T dy_i`` (cost ``T K O``), whichever is cheaper for that layer's shape. With the clip factors ``c_i``
+``P_i^T dy_i`` (cost ``T K O``), whichever is cheaper for that layer's shape (the ghost form only where its
+rounding-error bound stays tight, see below). With the clip factors ``c_i``
 known, each layer's clipped gradient is one ordinary matmul ``sum_i P_i^T (c_i dy_i)``. Parameters outside
 intercepted layers (GroupNorm scales and biases, anything else) get ordinary per-example gradients by
 ``jax.vmap``, which is cheap for small parameter sets.
@@ -31,23 +32,24 @@ and a clip factor with ``factor * norm <= C`` keeps the example's contribution `
 
 * Every contraction of the norms and of the clipped sums runs at ``precision=HIGHEST`` (float32; on GPUs and
   TPUs the default would use TF32 or bf16 passes, with errors thousands of times larger).
-* With ``u = 2^-24`` and ``gamma_n = n u / (1 - n u)``, the bound on any ``n``-term dot product whatever the
-  order of its additions (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3), and
-  ``M = || |P|^T |D| ||_F``: the vector added is within ``(gamma_T + u) c M`` of ``c P^T D``; the materialised
-  norm is within ``gamma_T M`` of ``||P^T D||``; the ghost value within ``gamma_{K+O+T^2+1} M^2`` of
-  ``||P^T D||^2``. The bound adds these to the computed norm (ghost: clamped at 0 before its slack is added),
-  with ``M`` computed as ``||P|| ||D||`` (materialised form) or by the Gram form on ``|P|``, ``|D|`` (ghost).
-  Each bias's norm gets the same treatment for its sum over positions.
-* Where a ghost bound would be loose (its slack above 2^-8 of the ghost value: cancellation), the examples of
-  that chunk get the materialised bound instead, whose margin is first order in ``u`` (a ``lax.cond``; the
-  per-example gradients are then formed ``max_patch_bytes`` at a time). Layers whose ghost bound can never be
-  tight (``gamma_{K+O+T^2+1}`` above that fraction) use the materialised form throughout.
+* With ``u = 2^-24``, ``gamma_n = n u / (1 - n u)`` (the bound on any ``n``-term dot product whatever the
+  order of its additions: Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3) and
+  ``M = sum_t ||P_t|| ||D_t||`` (which bounds ``|| |P|^T |D| ||_F``): the vector added is within
+  ``(gamma_T + u) c M`` of ``c P^T D``, and the materialised norm within ``gamma_T M`` of ``||P^T D||``; both go
+  into the bound. The ghost value gets a slack that bounds its rounding (the Grams' errors, ``gamma_K`` and
+  ``gamma_O`` of the row-norm products, weighted by the other Gram; their product; the final sum of ``T^2``
+  terms) and is clamped at 0 before the slack is added. Each bias's norm gets the same treatment for its sum
+  over positions, and every quantity that enters a bound is widened for its own rounding.
+* Where a ghost bound would be loose (slack above 2^-6 of the ghost value: cancellation), the layer's loose
+  examples get the materialised bound instead (one ``lax.cond`` per layer; the per-example gradients are then
+  formed ``max_patch_bytes`` at a time). A layer gets the ghost form only where its bound is expected to stay
+  well within that tolerance.
 
 What is assumed: float32 arithmetic with unit roundoff ``u`` in the contractions, and sums of squares (the norms
 of the vectors above and of the per-example gradients of the other parameters) accurate to a small relative
-error, as the ``"vmap"`` strategy also assumes. The margins are first order in ``u`` times ``M / ||P^T D||``:
-negligible for dense layers and layers on small maps, largest for convolutions on large maps (the stem); the
-norms returned are correspondingly slightly above ``"vmap"``'s, and examples are clipped very slightly more.
+error, as the ``"vmap"`` strategy also assumes. The margins are first order in ``u`` times ``M / ||P^T D||``
+(ghost: in the squared norm), largest for layers with many positions; the norms returned are correspondingly
+slightly above ``"vmap"``'s, and examples are clipped very slightly more.
 
 What the fast path needs, and what happens otherwise (never a silently different gradient):
 
@@ -111,8 +113,9 @@ DEFAULT_MAX_PATCH_BYTES = 16 * 2**20
 _ROUNDOFF = 2.0**-24
 
 # A ghost norm whose rounding-error bound could inflate the layer's squared norm by more than this fraction is
-# replaced by the materialised norm (whose bound is first order in the roundoff, not square root).
-_GHOST_TOLERANCE = 2.0**-8
+# replaced by the materialised norm (whose bound is first order in the roundoff, not square root). Layers are
+# given the ghost form only where its bound is expected to stay 16 times below this (see _uses_ghost).
+_GHOST_TOLERANCE = 2.0**-6
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -124,9 +127,10 @@ def _gamma(n: int) -> float:
 
 
 def _uses_ghost(t: int, k: int, o: int) -> bool:
-    """Whether the Gram ("ghost") form is used: cheaper (``T^2 (K + O)`` multiply-adds against ``T K O``) and
-    its rounding-error bound can be tight (``gamma_{K+O+T^2+1}`` below the tolerance)."""
-    return t * (k + o) < k * o and _gamma(k + o + t * t + 1) <= _GHOST_TOLERANCE
+    """Whether a layer's norms use the Gram ("ghost") form: where it is cheaper (``T^2 (K + O)`` multiply-adds
+    against ``T K O``) and its error bound (:func:`_ghost_parts`, a few times ``gamma_{K+O+T^2+1}`` of the squared
+    norm when positions do not cancel) can be expected to stay well within the tolerance."""
+    return t * (k + o) < k * o and 16 * _gamma(k + o + t * t + 1) <= _GHOST_TOLERANCE
 
 
 def _ghost_sq_norms(p: jax.Array, d: jax.Array) -> jax.Array:
@@ -144,49 +148,62 @@ def _materialised_norms(p: jax.Array, d: jax.Array) -> jax.Array:
 
 def _kernel_sq_norms(p: jax.Array, d: jax.Array) -> jax.Array:
     """``||P_i^T D_i||_F^2`` per example, by the cheaper of the ghost (Gram) and the materialised form (an
-    estimate: :func:`_kernel_norm_bounds` gives the rigorous upper bound the strategy clips with)."""
+    estimate: :func:`_layer_kernel_norm_bounds` gives the rigorous upper bound the strategy clips with)."""
     _, t, k = p.shape
     if _uses_ghost(t, k, d.shape[-1]):
         return _ghost_sq_norms(p, d)
     return jnp.square(_materialised_norms(p, d))
 
 
-def _kernel_norm_bounds(p: jax.Array, d: jax.Array, fallback_chunk: int) -> jax.Array:
-    """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i D_i))`` is what the
-    clipped-sum contraction adds for the example with factor ``c_i`` (see the module docstring).
+def _sum_error(t: int) -> float:
+    """Relative-to-``|| |P|^T |D| ||`` error of what the clipped sum adds for an example, ``fl(P^T fl(c D))``
+    against ``c P^T D``: the contraction over ``T`` positions and the rounding of ``c D``."""
+    return _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF
 
-    ``fallback_chunk``: examples at a time for which per-example weight gradients may be formed when a ghost
-    norm's bound is loose.
+
+def _abs_norms(p: jax.Array, d: jax.Array) -> jax.Array:
+    """Per example, an upper bound of ``|| |P|^T |D| ||_F``: ``sum_t ||P_t|| ||D_t||`` (the triangle inequality over
+    the positions' outer products), widened by the relative error of its own float32 computation."""
+    _, t, k = p.shape
+    o = d.shape[-1]
+    rows = jnp.sqrt(jnp.sum(jnp.square(p), axis=2)) * jnp.sqrt(jnp.sum(jnp.square(d), axis=2))
+    return jnp.sum(rows, axis=1) * (1 + _gamma(k + o + t + 4))
+
+
+def _materialised_bounds(p: jax.Array, d: jax.Array) -> jax.Array:
+    """Per example, an upper bound of ``||fl(P^T fl(c D))|| / c`` from the materialised weight gradient:
+    ``||P^T D|| <= ||fl(P^T D)|| + gamma_T || |P|^T |D| ||``, plus the clipped sum's own error."""
+    t = p.shape[1]
+    return _materialised_norms(p, d) + (_gamma(t) + _sum_error(t)) * _abs_norms(p, d)
+
+
+def _ghost_parts(p: jax.Array, d: jax.Array) -> jax.Array:
+    """Per example ``[ghost bound of ||P^T D||, loose (1.0 or 0.0), bound of || |P|^T |D| ||]``, shape ``[B, 3]``.
+
+    The ghost value ``sum_ts G_ts H_ts`` (``G = P P^T``, ``H = D D^T``, each computed with error at most
+    ``gamma_K r_t r_s`` and ``gamma_O q_t q_s``, where ``r_t = ||P_t||``, ``q_t = ||D_t||``) is within ``slack`` of
+    ``||P^T D||^2``: the Grams' errors weighted by the other Gram, their product, and the final sum of ``T^2``
+    terms (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3). Every term of ``slack`` is a sum of
+    non-negative values, widened for its own rounding.
     """
     _, t, k = p.shape
     o = d.shape[-1]
-    # The clipped sum's contraction over T positions, and the rounding of c_i * D_i: off from c_i P^T D by at
-    # most sum_error * c_i * || |P|^T |D| ||_F.
-    sum_error = _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF
-    if not _uses_ghost(t, k, o):
-        # ||P^T D|| <= ||fl(P^T D)|| + gamma_T || |P|^T |D| ||, and || |P|^T |D| || <= ||P|| ||D||, computed from
-        # sums of T K and T O squares (relative error gamma each, hence the factor).
-        abs_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=(1, 2))) * jnp.sqrt(jnp.sum(jnp.square(d), axis=(1, 2)))
-        margin = (_gamma(t) + sum_error) * (1 + _gamma(t * (k + o) + 4))
-        return _materialised_norms(p, d) + margin * abs_norm
-    ghost_sq = _ghost_sq_norms(p, d)
-    # || |P|^T |D| ||^2 by the same Gram form on absolute values: a sum of non-negative terms, so its computed
-    # value is within a factor 1 + gamma_g of the exact one.
-    gamma_g = _gamma(k + o + t * t + 1)
-    abs_sq = _ghost_sq_norms(jnp.abs(p), jnp.abs(d)) * (1 + 2 * gamma_g)
-    # Rounding in the two Grams (K and O terms) and in their product's sum (T^2 terms) moves the ghost value by
-    # at most gamma_g * || |P|^T |D| ||^2 (Higham, Accuracy and Stability of Numerical Algorithms, ch. 3).
-    slack = gamma_g * abs_sq
-    ghost = jnp.sqrt(jnp.maximum(ghost_sq, 0.0) + slack)
+    gram_p = jnp.einsum("btk,bsk->bts", p, p, precision=_HIGHEST)
+    gram_d = jnp.einsum("bto,bso->bts", d, d, precision=_HIGHEST)
+    ghost_sq = jnp.sum(gram_p * gram_d, axis=(1, 2))
+    r = jnp.sqrt(jnp.sum(jnp.square(p), axis=2))
+    q = jnp.sqrt(jnp.sum(jnp.square(d), axis=2))
+    outer = lambda v: v[:, :, None] * v[:, None, :]
+    gamma_k, gamma_o = _gamma(k), _gamma(o)
+    abs_norms = jnp.sum(r * q, axis=1)  # >= || |P|^T |D| ||
+    slack = (gamma_k * jnp.sum(outer(r) * jnp.abs(gram_d), axis=(1, 2))
+             + gamma_o * jnp.sum(outer(q) * jnp.abs(gram_p), axis=(1, 2))
+             + 3 * gamma_k * gamma_o * jnp.square(abs_norms)
+             + _gamma(t * t + 1) * jnp.sum(jnp.abs(gram_p * gram_d), axis=(1, 2)))
+    slack = slack * (1 + 2 * _gamma(k + o + t * t + 8))
     loose = slack > _GHOST_TOLERANCE * ghost_sq  # cancellation: the bound would be far above the norm
-    abs_norm = jnp.sqrt(abs_sq)
-
-    def materialised():
-        exact = _over_chunks(_materialised_norms, (p, d), fallback_chunk, reduce=False) + _gamma(t) * abs_norm
-        return jnp.where(loose, exact, ghost)
-
-    norms = lax.cond(jnp.any(loose), materialised, lambda: ghost)
-    return norms + sum_error * abs_norm
+    ghost = jnp.sqrt(jnp.maximum(ghost_sq, 0.0) + slack)
+    return jnp.stack([ghost, loose.astype(ghost.dtype), abs_norms * (1 + _gamma(k + o + t + 4))], axis=1)
 
 
 def _over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: bool) -> jax.Array:
@@ -220,10 +237,27 @@ def _layer_kernel_sq_norms(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int
                         reduce=False)
 
 
-def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int, fallback_chunk: int):
-    """:func:`_kernel_norm_bounds` of one layer, for ``chunk`` examples at a time (like the norms above)."""
-    return _over_chunks(lambda a, b: _kernel_norm_bounds(*per_example_matrices(a, b, layer), fallback_chunk),
-                        (x, dy), chunk, reduce=False)
+def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int,
+                              fallback_chunk: int) -> jax.Array:
+    """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i dy_i))`` is what the
+    clipped-sum contraction adds for the example with factor ``c_i`` (see the module docstring), for ``chunk``
+    examples at a time. Examples whose ghost bound is loose get the materialised bound instead, computed for
+    ``fallback_chunk`` examples at a time (one ``lax.cond`` per layer, outside the chunk loop)."""
+    p, d = jax.eval_shape(lambda a, b: per_example_matrices(a[:1], b[:1], layer), x, dy)
+    t, k, o = p.shape[1], p.shape[2], d.shape[2]
+    if not _uses_ghost(t, k, o):
+        return _over_chunks(lambda a, b: _materialised_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
+                            reduce=False)
+    parts = _over_chunks(lambda a, b: _ghost_parts(*per_example_matrices(a, b, layer)), (x, dy), chunk,
+                         reduce=False)
+    ghost, loose, abs_norm = parts[:, 0], parts[:, 1] > 0, parts[:, 2]
+
+    def materialised():
+        norms = _over_chunks(lambda a, b: _materialised_norms(*per_example_matrices(a, b, layer)), (x, dy),
+                             fallback_chunk, reduce=False)
+        return jnp.where(loose, norms + _gamma(t) * abs_norm, ghost)
+
+    return lax.cond(jnp.any(loose), materialised, lambda: ghost) + _sum_error(t) * abs_norm
 
 
 def _patch_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
@@ -236,12 +270,12 @@ def _patch_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> 
     return _over_chunks(part, (x, g), chunk, reduce=True)
 
 
-def _patch_bytes(x: jax.Array, layer: Layer, out_shape: tuple[int, ...]) -> int:
-    """Bytes of one example's patches ``P_i`` plus its Gram or weight-gradient matrix in the norm."""
+def _patch_bytes(x: jax.Array, layer: Layer, out_shape: tuple[int, ...], materialised: bool = False) -> int:
+    """Bytes of one example's patches ``P_i`` plus its Gram or (``materialised``) weight-gradient matrix."""
     t = max(1, int(np.prod(out_shape[:-1])))
     k = x.shape[-1] * (layer.kernel_size[0] * layer.kernel_size[1] if layer.kind == "conv" else 1)
     o = out_shape[-1]
-    return 4 * (t * k + (t * t if _uses_ghost(t, k, o) else k * o))
+    return 4 * (t * k + (t * t if _uses_ghost(t, k, o) and not materialised else k * o))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -446,8 +480,8 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
         layer, dy = plan.layers[i], out_grads[n]
         # Upper bounds of the norms of what the clipped-sum contractions below add per unit factor (see the
         # module docstring), so that no example contributes more than its factor allows.
-        kernel_size = int(np.prod(leaves[plan.kernel_leaf[i]].shape))
-        fallback_chunk = max(1, max_patch_bytes // (4 * kernel_size))
+        patch_size = _patch_bytes(layer_inputs[n], layer, plan.out_shapes[i], materialised=True)
+        fallback_chunk = max(1, max_patch_bytes // patch_size)
         bounds = _layer_kernel_norm_bounds(layer_inputs[n], dy, layer, chunks[i], fallback_chunk)
         sq[plan.kernel_leaf[i]] = jnp.square(bounds)
         if layer.use_bias:
