@@ -146,15 +146,6 @@ def _materialised_norms(p: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(per_example), axis=(1, 2)))
 
 
-def _kernel_sq_norms(p: jax.Array, d: jax.Array) -> jax.Array:
-    """``||P_i^T D_i||_F^2`` per example, by the cheaper of the ghost (Gram) and the materialised form (an
-    estimate: :func:`_layer_kernel_norm_bounds` gives the rigorous upper bound the strategy clips with)."""
-    _, t, k = p.shape
-    if _uses_ghost(t, k, d.shape[-1]):
-        return _ghost_sq_norms(p, d)
-    return jnp.square(_materialised_norms(p, d))
-
-
 def _sum_error(t: int) -> float:
     """Relative-to-``|| |P|^T |D| ||`` error of what the clipped sum adds for an example, ``fl(P^T fl(c D))``
     against ``c P^T D``: the contraction over ``T`` positions and the rounding of ``c D``."""
@@ -229,14 +220,6 @@ def _over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: 
     return result
 
 
-def _layer_kernel_sq_norms(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) -> jax.Array:
-    """Per-example ``||P_i^T dy_i||^2`` of one layer, for ``chunk`` examples at a time, so that only one
-    chunk's patches (and per-example Gram or gradient matrices) exist at once. ``x`` / ``dy``: the layer's
-    inputs / output gradients with a leading example axis."""
-    return _over_chunks(lambda a, b: _kernel_sq_norms(*per_example_matrices(a, b, layer)), (x, dy), chunk,
-                        reduce=False)
-
-
 def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int,
                               fallback_chunk: int) -> jax.Array:
     """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i dy_i))`` is what the
@@ -258,6 +241,15 @@ def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: 
         return jnp.where(loose, norms + _gamma(t) * abs_norm, ghost)
 
     return lax.cond(jnp.any(loose), materialised, lambda: ghost) + _sum_error(t) * abs_norm
+
+
+def _bias_norm_bounds(d: jax.Array) -> jax.Array:
+    """Per example, an upper bound of ``||fl(sum_t fl(c D_t))|| / c`` (the bias's share of the clipped sum) from
+    the output gradients ``D`` ``[B, T, O]``: the computed ``||sum_t D_t||`` plus the rounding of the sum over
+    ``T`` positions, here and in the clipped sum, relative to ``||sum_t |D_t| ||``."""
+    t, o = d.shape[1:]
+    error = (2 * _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF) * (1 + _gamma(t + o + 2))
+    return jnp.linalg.norm(jnp.sum(d, axis=1), axis=1) + error * jnp.linalg.norm(jnp.sum(jnp.abs(d), axis=1), axis=1)
 
 
 def _patch_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
@@ -485,13 +477,7 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
         bounds = _layer_kernel_norm_bounds(layer_inputs[n], dy, layer, chunks[i], fallback_chunk)
         sq[plan.kernel_leaf[i]] = jnp.square(bounds)
         if layer.use_bias:
-            d = dy.reshape(batch, -1, dy.shape[-1])
-            t = d.shape[1]
-            bias_grads, abs_sums = jnp.sum(d, axis=1), jnp.sum(jnp.abs(d), axis=1)
-            # The sum over T positions, here and in the clipped sum; abs_sums' own norm is within 1 + gamma.
-            bias_error = (2 * _gamma(t) * (1 + _ROUNDOFF) + _ROUNDOFF) * (1 + _gamma(t + d.shape[-1] + 2))
-            sq[plan.bias_leaf[i]] = jnp.square(jnp.linalg.norm(bias_grads, axis=1)
-                                               + bias_error * jnp.linalg.norm(abs_sums, axis=1))
+            sq[plan.bias_leaf[i]] = jnp.square(_bias_norm_bounds(dy.reshape(batch, -1, dy.shape[-1])))
     weights, norms, live = core.leaf_weights(sq, treedef, mask, l2_clip_norm, clip_rule, clip_args)
 
     clipped = [None] * len(leaves)
