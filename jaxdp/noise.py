@@ -1,4 +1,4 @@
-"""Gaussian noise for DP-SGD as an optax transformation.
+"""Gaussian noise for DP-SGD: tail-correct normals, secret keys, and the noise step as an optax transformation.
 
 ``optax.chain(dp_noise(...), optax.adam(5e-5))`` reads like the algorithm: the clipped sum of per-example
 gradients (from :func:`jaxdp.clipped_grad`) goes in, ``(sum + N(0, (z C)^2 I)) / B`` comes out and is handed to
@@ -12,14 +12,38 @@ For every coordinate of every leaf, ``dp_noise`` adds an independent draw of ``N
 This is the Gaussian mechanism with L2 sensitivity ``C`` under add-or-remove-one neighbours, so one step is
 ``GaussianDpEvent(noise_multiplier)`` in ``dp_accounting``'s terms, and the privacy of a run is that of the
 batch sampling composed over the steps (see :mod:`jaxdp.accounting`). Each step draws fresh noise from a key
-derived from the transformation's own state (``fold_in(key, step)``), so steps are independent and a run
+derived from the transformation's own state (the key and the step count), so steps are independent and a run
 resumed from a checkpoint of that state draws the same noise it would have drawn uninterrupted.
 
+Two conditions belong to the guarantee and are easy to break:
+
+* **The key must be secret.** Noise that an adversary can regenerate is no noise: from the initial parameters
+  and the released model they subtract it, and training becomes a deterministic function of the data, which
+  tells neighbouring datasets apart with certainty (epsilon = infinity). Draw the key from the operating
+  system's entropy with :func:`secret_key` (or keep the seed of :func:`secret_seed` in the checkpoint and
+  rebuild the key with :func:`key_from_seed`); never derive it from a seed written in a config or a log.
+* **The tails must be Gaussian.** ``jax.random.normal`` in float32 is ``sqrt(2) erfinv(u)`` with ``u`` on a
+  ``2^-23`` grid, so its support is only about ``[-5.42, 5.22]`` standard deviations; an output beyond the
+  support the neighbouring dataset allows reveals membership outright, which the accounting's delta does not
+  cover. :func:`gaussian` resolves each tail's probability to ``2^-64``, correct beyond 9 standard
+  deviations (``P(N > 9) ~ 1.1e-19 ~ 2^-63``).
+
 Post-processing by the optimiser (Adam, weight decay on the parameters, ...) does not change the guarantee.
+
+Randomness
+----------
+All randomness here comes from Threefry-4x32-20 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011; the counter-based generator of Random123, checked against its known-answer vectors), implemented in
+``jax.numpy`` so that it is the same on every backend and JAX version. Its key is 128 bits, all of which
+:func:`key_from_seed` fills from a 128-bit seed. Each normal takes one block (the counter is the value's index):
+128 random bits, folded to the 64 that :func:`gaussian` uses by XOR of the block's two halves.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -29,18 +53,230 @@ import optax
 
 from jaxdp.clipping import sensitivity, validate_clip_norm
 
+SEED_BITS = 128
+
+# --- Threefry-4x32-20 ------------------------------------------------------------------------------------------
+
+_ROTATIONS = ((10, 26), (11, 21), (13, 27), (23, 5), (6, 20), (17, 11), (25, 10), (18, 20))
+_PARITY = np.uint32(0x1BD11BDA)
+# The fourth counter word separates the uses of one key: random bits (0), a step's key (1).
+_BITS, _STEP = 0, 1
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
+
+
+def _threefry4x32(key: Sequence, counter: Sequence) -> list[jax.Array]:
+    """Threefry-4x32 with 20 rounds (Random123): four uint32 key words and four counter words -> four words.
+
+    Counter words broadcast against each other (arrays or scalars); the key words are scalars.
+    """
+    k = [jnp.asarray(w, jnp.uint32) for w in key]
+    schedule = k + [k[0] ^ k[1] ^ k[2] ^ k[3] ^ _PARITY]
+    x = [jnp.asarray(c, jnp.uint32) + schedule[i] for i, c in enumerate(counter)]
+    for r in range(20):
+        a, b = _ROTATIONS[r % 8]
+        if r % 2 == 0:
+            x[0] = x[0] + x[1]
+            x[1] = _rotate_left(x[1], a) ^ x[0]
+            x[2] = x[2] + x[3]
+            x[3] = _rotate_left(x[3], b) ^ x[2]
+        else:
+            x[0] = x[0] + x[3]
+            x[3] = _rotate_left(x[3], a) ^ x[0]
+            x[2] = x[2] + x[1]
+            x[1] = _rotate_left(x[1], b) ^ x[2]
+        if r % 4 == 3:
+            s = r // 4 + 1
+            x = [x[i] + schedule[(s + i) % 5] for i in range(4)]
+            x[3] = x[3] + np.uint32(s)
+    return x
+
+
+def _derive(words: jax.Array, data, domain: int) -> jax.Array:
+    """A new 128-bit key from ``words`` and an integer (a step count)."""
+    out = _threefry4x32(list(jnp.asarray(words, jnp.uint32)), [jnp.asarray(data).astype(jnp.uint32), 0, 0, domain])
+    return jnp.stack(out)
+
+
+def _key_words(key: jax.Array) -> jax.Array:
+    """The key's data as four uint32 words (shorter keys, e.g. a 64-bit Threefry-2x32 key, are zero-padded)."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape:
+            raise ValueError(f"Expected a single PRNG key; got an array of keys with shape {key.shape}.")
+        key = jax.random.key_data(key)
+    words = jnp.ravel(jnp.asarray(key)).astype(jnp.uint32)
+    if words.size > 4:
+        raise ValueError(f"A key holds at most 4 uint32 words (128 bits); got {words.size}.")
+    return jnp.concatenate([words, jnp.zeros(4 - words.size, jnp.uint32)])
+
+
+# --- Standard normals with correct tails --------------------------------------------------------------------
+
+# erfinv(x) = p(t) * x with w = -log(1 - x^2). For w < 5 (t = w - 2.5) and 5 <= w < 16 (t = sqrt(w) - 3):
+# M. Giles, "Approximating the erfinv function" (GPU Computing Gems, 2011), single precision, as in XLA; those two
+# are accurate only up to w ~ 16 (|N| ~ 5.4), the float32 limit of their inputs. For w >= 16 (t = sqrt(w) - 4):
+# a near-minimax (Lawson) fit to erfinv(x) / x over sqrt(w) in [3.95, 7] (w <= 49; gaussian needs w <= 43.7),
+# relative error 1.3e-9 in float64, 1.2e-7 evaluated in float32.
+_ERFINV_COEFFICIENTS = np.array([
+    [2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087, -0.00125372503,
+     -0.00417768164, 0.246640727, 1.50140941],
+    [-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773, -0.0076224613,
+     0.00943887047, 1.00167406, 2.83297682],
+    [1.4088912791976327e-07, -2.237478838651441e-06, 1.6614681953797117e-05, -8.032417827052996e-05,
+     0.0002965008025057614, -0.0008595678955316544, 0.0012581482296809554, 1.009493350982666,
+     3.8397839069366455],
+], np.float32)
+
+
+def _upper_quantile(u: jax.Array) -> jax.Array:
+    """``Q(u) = Phi^-1(1 - u)`` for float32 ``u`` in ``[1.3e-22, 1/2]`` (the fit's range), to a few float32 ulps.
+
+    Computed as ``sqrt(2) erfinv(x)`` with ``x = 1 - 2u``, but with ``w = -log(1 - x^2)`` taken from ``u``
+    (``1 - x^2 = 2u (1 + x)``), so that tiny tail probabilities keep all their bits.
+    """
+    x = 1.0 - 2.0 * u
+    w = -jnp.log(2.0 * u * (1.0 + x))
+    central, middle = w < 5.0, w < 16.0
+    root = jnp.sqrt(w)
+    t = jnp.where(central, w - 2.5, jnp.where(middle, root - 3.0, root - 4.0))
+    coefficients = jnp.asarray(_ERFINV_COEFFICIENTS)
+    p = None
+    for c in coefficients.T:
+        c_t = jnp.where(central, c[0], jnp.where(middle, c[1], c[2]))
+        p = c_t if p is None else c_t + p * t
+    return np.float32(math.sqrt(2.0)) * p * x
+
+
+def _normal_from_bits(high: jax.Array, low: jax.Array) -> jax.Array:
+    """Standard normals from 64 random bits each (two uint32 words): see :func:`gaussian`."""
+    magnitude = high & np.uint32(0x7FFFFFFF)
+    # u = (m + 1/2) 2^-64 with m the 63-bit integer (high & 0x7fffffff, low), rounded to float32.
+    u = magnitude.astype(jnp.float32) * np.float32(2.0**-32) + (low.astype(jnp.float32) + 0.5) * np.float32(2.0**-64)
+    q = _upper_quantile(u)
+    return jnp.where(high >> np.uint32(31) == 1, q, -q)
+
+
+_CHUNK = 2**20  # values per iteration of the drawing loop
+
+
+def _draw(words: jax.Array, size: int, *, secure: bool = False) -> jax.Array:
+    """``size`` float32 standard normals from the 128-bit key ``words``: value ``i`` takes the block at counter
+    ``(i, stream, 0, 0)``, so the values do not depend on how the loop below is chunked. ``secure``: the sum of
+    the four streams' normals, halved (see :func:`dp_noise`)."""
+    if size >= 2**32:
+        raise ValueError(f"gaussian draws fewer than 2**32 values at once; got {size}.")
+    if size == 0:
+        return jnp.zeros((0,), jnp.float32)
+    # A loop of at least two iterations: XLA neither fuses a loop's output into its consumers nor unrolls it
+    # (a one-iteration loop it inlines). Fused, the integer-only generator counts as cheap and is recomputed in
+    # every consumer (Adam's two moments and the update, for each leaf), which multiplies the compile time and
+    # the work. One block per value: XLA evaluates a block once per output word, so two values per block would
+    # cost twice as much.
+    n_chunks = max(2, -(-size // _CHUNK))
+    chunk = -(-size // n_chunks)
+
+    def chunk_of_normals(carry, start):
+        index = start + jax.lax.iota(jnp.uint32, chunk)
+        z = []
+        for stream in range(4 if secure else 1):
+            x0, x1, x2, x3 = _threefry4x32(list(words), [index, stream, 0, _BITS])
+            z.append(_normal_from_bits(x0 ^ x2, x1 ^ x3))
+        return carry, (sum(z) * 0.5 if secure else z[0])
+
+    starts = jnp.arange(n_chunks, dtype=jnp.uint32) * np.uint32(chunk)
+    _, z = jax.lax.scan(chunk_of_normals, None, starts)
+    return z.reshape(-1)[:size]
+
+
+def gaussian(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws whose tails are correct beyond 9 standard deviations, in both directions.
+
+    Each value takes 64 random bits (one Threefry-4x32-20 block folded in half, see the module docstring) keyed
+    by ``key``'s data (up to 128 bits, e.g. from :func:`key_from_seed`; a 64-bit ``jax.random.key`` is
+    zero-padded): the top bit is the sign, the other 63 form an integer ``m``, and the value is
+    ``±Q((m + 1/2) 2^-64)`` where ``Q(u) = Phi^-1(1 - u)`` is the upper quantile of ``N(0, 1)``. So
+
+    * each tail is resolved on a ``2^-64`` grid of probabilities: ``P(X >= x)`` equals the Gaussian's
+      ``Phi(-x)`` rounded to a multiple of ``2^-64`` (error at most ``2^-65``), for every ``x``;
+    * the largest magnitude is ``Q(2^-65) = 9.155``; the Gaussian's mass beyond it, ``2^-65`` per side, is the
+      only part that is missing (for comparison, ``P(N > 9) = 1.1e-19 = 2^-63``);
+    * ``u`` is rounded to float32 and ``Q`` is evaluated in float32 (an erfinv in three polynomial pieces,
+      relative error below ``4e-7`` against ``scipy.special.ndtri`` over the whole range, tested), so values
+      are float32 numbers and a tail probability ``P(X >= x)`` carries a relative error of about
+      ``x^2 * 4e-7`` (``3e-5`` at 9 sigma); the bulk is as accurate as ``jax.random.normal``'s (the same
+      polynomial, on a finer grid).
+
+    Values are computed in float32 and cast to ``dtype`` (a floating type). The random bits are the same on
+    every backend (the float32 values may differ in the last bit where backends' ``log`` differ); value ``i``
+    of the flattened array depends only on the key and ``i``; different keys give independent draws.
+
+    Example::
+
+        z = jaxdp.noise.gaussian(jaxdp.noise.secret_key(), (3, 4))
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"gaussian draws floating-point values; got dtype {dtype}.")
+    shape = tuple(int(d) for d in shape)
+    return _draw(_key_words(key), math.prod(shape)).reshape(shape).astype(dtype)
+
+
+# --- Secret seeds and keys ----------------------------------------------------------------------------------
+
+
+def secret_seed() -> int:
+    """A 128-bit seed from the operating system's entropy (:mod:`secrets`): an int in ``[0, 2**128)``.
+
+    Keep it only where the model's parameters are kept private (the checkpoint): whoever knows it can
+    regenerate the noise and undo the privacy of the run (see the module docstring).
+    """
+    return secrets.randbits(SEED_BITS)
+
+
+def key_from_seed(seed: int) -> jax.Array:
+    """The JAX key that :func:`gaussian` and :func:`dp_noise` use for a 128-bit ``seed``; deterministic.
+
+    The key keeps **all 128 bits** of the seed: its data is the seed's four 32-bit words (most significant
+    first), which :func:`gaussian` and :func:`dp_noise` use as the 128-bit key of Threefry-4x32. (A default
+    ``jax.random.key`` holds 64 bits: Threefry-2x32's key.) It is a typed key of JAX's ``"rbg"``
+    implementation, whose key is 128 bits in every supported JAX version; the other ``jax.random`` functions
+    accept it (and then draw with XLA's RngBitGenerator, which may differ across backends), but only
+    :func:`gaussian` and :func:`dp_noise` are tail-correct and use the 128 bits the same way everywhere.
+
+    >>> words = jax.random.key_data(key_from_seed(2**96 + 5))
+    >>> [int(w) for w in words]
+    [1, 0, 0, 5]
+    """
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) < 2**SEED_BITS:
+        raise ValueError(f"seed must be an integer in [0, 2**{SEED_BITS}); got {seed!r}.")
+    seed = int(seed)
+    words = np.array([(seed >> (32 * i)) & 0xFFFFFFFF for i in (3, 2, 1, 0)], np.uint32)
+    return jax.random.wrap_key_data(words, impl="rbg")
+
+
+def secret_key() -> jax.Array:
+    """``key_from_seed(secret_seed())``: a fresh secret 128-bit key (the seed is not kept anywhere)."""
+    return key_from_seed(secret_seed())
+
+
+# --- The noise step -----------------------------------------------------------------------------------------
+
 
 class DPNoiseState(NamedTuple):
-    """``key``: raw uint32 key data (checkpointable as a plain array); ``count``: steps taken so far."""
+    """``key``: the 128-bit key as four uint32 words; ``count``: steps taken so far. Both are plain arrays, so
+    the state is checkpointable as is."""
 
     key: jax.Array
     count: jax.Array
 
 
-def _key_data(key: jax.Array) -> jax.Array:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return jnp.asarray(key, dtype=jnp.uint32)
+def _traced_sensitivity(l2_clip_norm) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(l2_clip_norm)
+    if not leaves:
+        raise ValueError("l2_clip_norm is an empty pytree; give a positive number or a tree of them.")
+    return jnp.sqrt(sum(jnp.square(jnp.asarray(c, jnp.float32)) for c in leaves))
 
 
 def dp_noise(
@@ -48,8 +284,18 @@ def dp_noise(
     l2_clip_norm: float | object,
     expected_batch_size: int,
     key: jax.Array,
-) -> optax.GradientTransformation:
+    *,
+    secure: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     """Adds ``N(0, (noise_multiplier * C)^2)`` to each coordinate of a clipped sum, then divides by the batch size.
+
+    The noise comes from :func:`gaussian` (tails correct beyond 9 standard deviations): one draw per step for
+    all leaves, keyed by ``key`` and the step count kept in the state.
+
+    **The key must be secret** (see the module docstring): whoever knows it can regenerate the noise, and known
+    noise makes training deterministic, so replaying it under two neighbouring datasets tells them apart
+    (epsilon = infinity). Get one with ``jaxdp.noise.secret_key()``; to resume a run, keep the state (or the
+    seed of ``jaxdp.noise.secret_seed()``) in the checkpoint, never in a config or a log.
 
     Args:
       noise_multiplier: ``z >= 0``; the noise standard deviation in units of the clipping bound. ``0`` gives
@@ -59,12 +305,37 @@ def dp_noise(
       expected_batch_size: the public normaliser ``B`` (``sampling_prob * dataset_size`` under Poisson
         sampling, the batch size for fixed-size batches). The output's noise standard deviation is
         ``noise_multiplier * C / B``.
-      key: a JAX PRNG key (typed or raw); the only source of this transformation's randomness.
+      key: a secret JAX PRNG key (typed or raw; its data, up to 128 bits, keys the noise): the only source of
+        this transformation's randomness.
+      secure: also resist the floating-point attacks on Gaussian sampling (Holohan & Braghin, "Secure random
+        sampling in differential privacy", ESORICS 2021; Jin et al., "Are we there yet? Timing and
+        floating-point attacks on differential privacy systems", IEEE S&P 2022), as Opacus's ``secure_mode``
+        does: each coordinate's noise is ``(N1 + N2 + N3 + N4) / 2`` of four independent :func:`gaussian`
+        draws, still exactly ``N(0, 1)`` in distribution. One draw's float32 output is close to a function of
+        few random inputs, so an attacker can search for the inputs consistent with an output; Holohan &
+        Braghin put the work of that search at ``2^(p (2n - 1))`` for a sum of ``2n`` draws with ``p``
+        mantissa bits: ``2^72`` here (float32, ``2n = 4``; Opacus computes in float64, ``2^159``). It draws four
+        times the random bits and quantiles of the default. What it does **not** protect against: the
+        rounding of ``sum + noise`` (and of the division by ``B``) to float32, where which outputs can occur
+        near a value depends on the binary exponent of the unnoised sum (Mironov's 2012 attack on the
+        floating-point Laplace mechanism works this way; only a mechanism on a fixed grid, such as the
+        discrete Gaussian of Canonne, Kamath & Steinke 2020, removes it); timing (neither mode has a
+        data-dependent branch or loop, so drawing the noise takes the same time whatever its values, but a
+        step's duration reveals the size of its batch); and the generator, Threefry-4x32-20, which has no
+        known attack but is not a standardised cryptographic generator (Opacus's secure mode uses torchcsprng's
+        AES-128 in counter mode).
+
+    The returned transformation's ``update(updates, state, params=None, *, l2_clip_norm=None)`` takes an optional
+    per-step sensitivity: a (traced) number, or a pytree of per-layer bounds, that replaces ``l2_clip_norm``
+    for this step, so the noise standard deviation is ``noise_multiplier * l2_clip_norm`` (for DPSGD-F, whose
+    sensitivity ``max_k C_k`` changes every step). It is not validated (it may be traced); it must be the bound
+    the clipping of this step enforced. Other keyword arguments passed down an ``optax.chain`` are ignored.
 
     Example::
 
-        opt = optax.chain(jaxdp.dp_noise(0.7, 5.0, 32, jax.random.key(0)), optax.adam(5e-5))
+        opt = optax.chain(jaxdp.dp_noise(0.7, 5.0, 32, jaxdp.noise.secret_key()), optax.adam(5e-5))
         updates, opt_state = opt.update(clipped_sum, opt_state, params)
+        updates, opt_state = opt.update(clipped_sum, opt_state, params, l2_clip_norm=max_group_bound)
     """
     validate_clip_norm(l2_clip_norm)
     noise_multiplier = float(noise_multiplier)
@@ -72,27 +343,33 @@ def dp_noise(
         raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier}.")
     if int(expected_batch_size) != expected_batch_size or expected_batch_size < 1:
         raise ValueError(f"expected_batch_size must be an integer >= 1; got {expected_batch_size!r}.")
-    stddev = noise_multiplier * sensitivity(l2_clip_norm)
+    default_stddev = noise_multiplier * sensitivity(l2_clip_norm)
     scale = 1.0 / float(expected_batch_size)
-    key_data = _key_data(key)
+    key_words = _key_words(key)
 
     def init_fn(params: optax.Params) -> DPNoiseState:
         del params
-        return DPNoiseState(key=key_data, count=jnp.zeros((), jnp.int32))
+        return DPNoiseState(key=key_words, count=jnp.zeros((), jnp.int32))
 
-    def update_fn(updates: optax.Updates, state: DPNoiseState, params: optax.Params | None = None):
-        del params
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+    def update_fn(updates: optax.Updates, state: DPNoiseState, params: optax.Params | None = None, *,
+                  l2_clip_norm=None, **extra_args):
+        del params, extra_args
+        if l2_clip_norm is None:
+            stddev = default_stddev
+        else:
+            stddev = noise_multiplier * _traced_sensitivity(l2_clip_norm)
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        keys = jax.random.split(step_key, len(leaves))
-        noised = [
-            (g + (stddev * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)) * scale
-            for g, k in zip(leaves, keys, strict=True)
-        ]
+        # One draw for all leaves (each coordinate its own counter), fresh at every step.
+        z = _draw(_derive(state.key, state.count, _STEP), sum(g.size for g in leaves), secure=secure)
+        noised, offset = [], 0
+        for g in leaves:
+            noise = stddev * z[offset:offset + g.size].reshape(g.shape)
+            noised.append((g + noise.astype(g.dtype)) * scale)
+            offset += g.size
         new_state = DPNoiseState(key=state.key, count=state.count + 1)
         return jax.tree_util.tree_unflatten(treedef, noised), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def noise_stddev(noise_multiplier: float, l2_clip_norm: float | object, expected_batch_size: int) -> float:

@@ -12,6 +12,9 @@ images. Entries:
 * ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
 * ``jax dp noise+adam only``: ``dp_noise`` + Adam on zero gradients: the part of a DP step's time that no
   clipping strategy can remove (one Gaussian draw per parameter).
+* ``... (legacy noise)``: the first strategy's step and the noise-only entry again, with the noise drawn as before
+  issue 11 (``jax.random.normal``, tails cut at about 5.2 sigma; bench-local, not private enough to use), so that
+  the cost of tail-correct noise is measured side by side.
 * with ``compare_opacus=True``: ``torch nonprivate`` and ``opacus <mode>`` for each Opacus grad-sample mode
   (``hooks``, ``ghost`` = fast gradient clipping, ``functorch``, ``ew``), the same architecture written in
   PyTorch (torchvision's resnet18 layout, GroupNorm replacing BatchNorm), batch, loss and optimiser.
@@ -106,6 +109,23 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _legacy_dp_noise(noise_multiplier: float, l2_clip_norm: float, expected_batch_size: int,
+                     key: jax.Array) -> optax.GradientTransformation:
+    """``dp_noise`` as it was before issue 11, for timing only: ``jax.random.normal`` (float32 tails cut at about
+    5.2 sigma, which breaks delta), a key folded with the step and split per leaf."""
+    stddev = noise_multiplier * jaxdp.clipping.sensitivity(l2_clip_norm)
+
+    def update(updates, state, params=None):
+        key_data, count = state
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), count), len(leaves))
+        noised = [(g + stddev * jax.random.normal(k, g.shape, jnp.float32)) / expected_batch_size
+                  for g, k in zip(leaves, keys, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, noised), (key_data, count + 1)
+
+    return optax.GradientTransformation(lambda _: (jax.random.key_data(key), jnp.zeros((), jnp.int32)), update)
+
+
 def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *, stage_sizes, width: int,
                  num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
                  seed: int, max_pixels: int, include_noise_only: bool) -> list[Entry]:
@@ -155,26 +175,31 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
     def nonprivate(loss):
         return lambda: (optax.adam(learning_rate), lambda p, x, y, m: jax.grad(loss)(p, x, y))
 
-    def private(strategy):
+    def make_noise(legacy: bool):
+        noise = _legacy_dp_noise if legacy else jaxdp.dp_noise
+        return noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
+
+    def private(strategy, legacy=False):
         def build():
             grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm, strategy=strategy)
-            noise = jaxdp.dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
-            return optax.chain(noise, optax.adam(learning_rate)), lambda p, x, y, m: grad_fn(p, x, y, m)[0]
+            return optax.chain(make_noise(legacy), optax.adam(learning_rate)), lambda p, x, y, m: grad_fn(p, x, y, m)[0]
 
         return build
 
-    def noise_only():
+    def noise_only(legacy=False):
         # The DP step's cost that is not clipping: noise for every parameter plus the update (zero gradients).
-        noise = jaxdp.dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
-        return (optax.chain(noise, optax.adam(learning_rate)),
-                lambda p, x, y, m: jax.tree_util.tree_map(jnp.zeros_like, p))
+        return lambda: (optax.chain(make_noise(legacy), optax.adam(learning_rate)),
+                        lambda p, x, y, m: jax.tree_util.tree_map(jnp.zeros_like, p))
 
     add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
     add("jax nonprivate (matmul conv)", False, nonprivate(fastclip.matmul_convs(loss_fn, max_pixels)))
     for strategy in strategies:
         add(f"jax dp {strategy}", True, private(strategy))
     if include_noise_only:
-        add("jax dp noise+adam only", True, noise_only)
+        if strategies:
+            add(f"jax dp {strategies[0]} (legacy noise)", True, private(strategies[0], legacy=True))
+        add("jax dp noise+adam only", True, noise_only())
+        add("jax dp noise+adam only (legacy noise)", True, noise_only(legacy=True))
     return entries
 
 

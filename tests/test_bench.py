@@ -28,7 +28,8 @@ def test_run_benchmark_jax_only():
     result = bench.run_benchmark(strategies=["bookkeeping"], **TINY)
     names = [r["name"] for r in result["results"]]
     assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
-                     "jax dp noise+adam only"]
+                     "jax dp bookkeeping (legacy noise)", "jax dp noise+adam only",
+                     "jax dp noise+adam only (legacy noise)"]
     for entry in result["results"]:
         _check_entry(entry, jax_entry=True)
         assert entry["vs_fastest_opacus"] is None
@@ -37,7 +38,7 @@ def test_run_benchmark_jax_only():
     assert result["config"]["batch_size"] == 2 and result["environment"]["backend"] == "cpu"
     json.dumps(result)  # JSON-ready
     table = bench.format_table(result)
-    assert table.count("\n| jax ") == 4
+    assert table.count("\n| jax ") == 6
 
 
 def test_compare_opacus_without_torch_says_how_to_install(monkeypatch):
