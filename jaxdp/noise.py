@@ -375,14 +375,3 @@ def dp_noise(
 def noise_stddev(noise_multiplier: float, l2_clip_norm: float | object, expected_batch_size: int) -> float:
     """Standard deviation of the noise in the averaged gradient that ``dp_noise`` outputs: ``z C / B``."""
     return float(noise_multiplier) * sensitivity(l2_clip_norm) / float(expected_batch_size)
-
-
-def secret_seed() -> int:  # placeholder until the noise branch lands
-    import secrets
-
-    return secrets.randbits(128)
-
-
-def key_from_seed(seed: int) -> jax.Array:  # placeholder until the noise branch lands
-    words = np.random.SeedSequence(int(seed)).generate_state(2, np.uint32)
-    return jax.random.wrap_key_data(jnp.asarray(words, jnp.uint32))
