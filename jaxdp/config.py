@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     # starts and kept only in its checkpoints. True: they come from train.seed, so anyone who knows the config
     # can replay them and the reported epsilon is no guarantee against them (tests, exact replication).
     c.dp.reproducible = False
+    # True: each noise value is the sum of four independent tail-correct normals, halved (as Opacus's secure mode),
+    # against floating-point attacks on one Gaussian sample (jaxdp.noise.dp_noise says what it does not cover).
+    c.dp.secure_noise = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # any optax optimiser name taking learning_rate
@@ -164,6 +167,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(int(m.num_classes) >= 2, f"config.model.num_classes={m.num_classes} must be >= 2.")
     _require(isinstance(p.enabled, bool), f"config.dp.enabled={p.enabled!r} must be True or False.")
     _require(isinstance(p.reproducible, bool), f"config.dp.reproducible={p.reproducible!r} must be True or False.")
+    _require(isinstance(p.secure_noise, bool), f"config.dp.secure_noise={p.secure_noise!r} must be True or False.")
     _require(isinstance(t.nonprivate_diagnostics, bool),
              f"config.train.nonprivate_diagnostics={t.nonprivate_diagnostics!r} must be True or False.")
     if p.enabled:

@@ -202,6 +202,6 @@ def make_plan(
         return grad_sum, norms, losses, model_state
 
     sensitivity = clipping.sensitivity(l2_clip_norm)
-    tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key)
+    tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key, secure=bool(config.dp.secure_noise))
     return DPPlan(True, sampler, clipped_grads, sensitivity, noise_multiplier, tx, float(batch_size), total_steps,
                   reproducible)

@@ -371,3 +371,16 @@ def test_audit_asking_for_more_held_out_examples_than_exist_is_refused_before_tr
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ValueError, match="needs held-out examples"):
         train.train_and_evaluate(audit_config(), tmp_path / "run2", datasets=tiny_datasets())
+
+
+def test_secure_noise_trains_and_is_part_of_the_run_identity(tmp_path):
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True})
+    plain = train.train_and_evaluate(config, tmp_path / "plain", datasets=data)
+    secure = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True,
+                                                     "dp.secure_noise": True}), tmp_path / "secure", datasets=data)
+    assert secure["epsilon"] == plain["epsilon"]  # the same Gaussian mechanism, other draws
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(final_params(tmp_path / "plain")),
+                                                        jax.tree_util.tree_leaves(final_params(tmp_path / "secure")),
+                                                        strict=True))
+    assert json.loads((tmp_path / "secure" / "config.json").read_text())["dp"]["secure_noise"] is True
