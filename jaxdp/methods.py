@@ -63,6 +63,8 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from jaxdp import noise
+
 PyTree = Any
 
 METHODS = ("dpsgd", "dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")
@@ -306,6 +308,16 @@ class DPSGDGlobalAdapt:
 
     def public_state(self, state) -> dict[str, float]:
         return {"method_threshold": float(jax.device_get(state["threshold"]))}
+
+
+def release(method: Method, state: PyTree, counts: jax.Array, key: jax.Array) -> PyTree:
+    """Adds ``N(0, sigma^2)`` (``sigma = method.count_noise_multiplier``, tail-correct :func:`jaxdp.noise.gaussian`
+    keyed by ``key``, which must be secret and fresh for every step) to each of a step's exact counts and returns
+    the method's next state; the identity for methods that release nothing else."""
+    if method.num_counts == 0:
+        return state
+    noisy = counts + method.count_noise_multiplier * noise.gaussian(key, counts.shape)
+    return method.update(state, noisy)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -153,11 +153,9 @@ class DPPlan:
     def release(self, method_state: Any, counts: jax.Array, step: jax.Array) -> Any:
         """Noises a step's counts (``N(0, sigma^2)`` each, tail-correct, from the secret ``release_key`` and the
         step) and returns the method's next state. The identity for methods that release nothing else."""
-        if self.release_key is None or self.method.num_counts == 0:
+        if self.release_key is None:
             return method_state
-        key = jax.random.fold_in(self.release_key, step)
-        noisy = counts + self.method.count_noise_multiplier * noise.gaussian(key, counts.shape)
-        return self.method.update(method_state, noisy)
+        return methods.release(self.method, method_state, counts, jax.random.fold_in(self.release_key, step))
 
     def noise_sensitivity(self, method_state: Any) -> jax.Array | None:
         """This step's sensitivity for the gradient noise when the method's state sets it (DPSGD-F: max_k C_k),
