@@ -319,3 +319,28 @@ def test_misalignment_cosines_by_hand():
     empty = train.misalignment_cosines([g0, g1], jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), directions)
     assert math.isnan(float(empty["cos_clipped_1"])) and float(empty["cos_clipped_all"]) == pytest.approx(
         1 / math.sqrt(2))
+
+
+def _expand(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {r.name: r.config for r in grid.expand(module.get_config())}
+
+
+def test_mitigation_configs_sweep_the_methods_and_share_run_names_with_the_plain_studies():
+    paper, mitigations = _expand("paper"), _expand("mitigations")
+    assert len(mitigations) == 65  # 4 levels x 5 fractions of DP-SGD / non-DP + 3 methods x 3 levels x 5 fractions
+    assert sorted({c.dp.method for c in mitigations.values()}) == sorted(methods.METHODS)
+    plain = {n for n, c in mitigations.items() if c.dp.method == "dpsgd"}
+    assert plain <= set(paper) and len(plain) == 20  # --workdir results/paper reuses them
+    assert mitigations["low-ff0.999-clip5-seed0-methoddpsgd_global_adapt"].dp.noise_multiplier == 0.5
+    demo, demo_mitigations = _expand("demo"), _expand("demo_mitigations")
+    assert len(demo_mitigations) == 18
+    assert {n for n, c in demo_mitigations.items() if c.dp.method == "dpsgd"} <= set(demo)
+    run = demo_mitigations["medium-ff0.99-clip1-seed0-methoddpsgd_f"]
+    assert (run.data.image_size, run.train.batch_size, run.dp.clipping_strategy) == (32, 256, "bookkeeping")
