@@ -344,3 +344,67 @@ def test_mitigation_configs_sweep_the_methods_and_share_run_names_with_the_plain
     assert {n for n, c in demo_mitigations.items() if c.dp.method == "dpsgd"} <= set(demo)
     run = demo_mitigations["medium-ff0.99-clip1-seed0-methoddpsgd_f"]
     assert (run.data.image_size, run.train.batch_size, run.dp.clipping_strategy) == (32, 256, "bookkeeping")
+
+
+def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand():
+    """The cosines the trainer writes, against a reference from vmap'd single-example gradients of the same inputs
+    (the same flips): each group's mean over the public sample vs the batch's unclipped and clipped sums."""
+    import functools
+
+    from test_train import tiny_config, tiny_datasets
+
+    from jaxdp import models, parallel
+
+    config = tiny_config(**{"dp.reproducible": True})
+    train_set, _ = tiny_datasets()
+    model = models.create_model(config.model, private=True)
+    variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
+    mesh = parallel.make_mesh(1)
+    p = plan.make_plan(config, model, len(train_set.label), secret=None)
+    optimizer = train.make_optimizer(config)
+    state = parallel.replicate(mesh, train.TrainState.create(variables, optax.chain(p.noise, optimizer), {}))
+    flip_key = jax.random.fold_in(jax.random.key(0), 2)
+    sample = train._MisalignmentSample(config, train_set, mesh, p.sampler.physical_batch_size)
+    batch = p.sampler.batch(3)
+    chunks = [train._chunk(mesh, train_set, batch.indices[i], batch.mask[i]) for i in range(batch.n_chunks)]
+    acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros(0))
+    accumulate = jax.jit(functools.partial(train.accumulate_step, plan=p, mesh=mesh, flip_key=flip_key,
+                                           diagnostics=False))
+    for chunk in chunks:
+        acc, _, model_state = accumulate(state, acc, {}, chunk, jnp.int32(3))
+    update = jax.jit(functools.partial(train.update_step, plan=p, optimizer=optimizer, return_update=True))
+    misaligned = dict(sample=sample, cosines=jax.jit(train.misalignment_cosines),
+                      unclipped_sum=jax.jit(functools.partial(train.unclipped_sum_step, plan=p, flip_key=flip_key)))
+    zeros = jax.jit(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t))
+    _, _, cosines = train._misalignment_step(misaligned, update, state, acc, model_state, chunks, 3, zeros)
+
+    def one(params, x, y):
+        return plan.cross_entropy(model.apply({"params": params}, x[None], train=True), y[None])[0]
+
+    per_example = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))
+
+    def grads(chunk_list):
+        rows, mask = [], []
+        for chunk in chunk_list:
+            g = per_example(state.params, train.chunk_inputs(chunk, jnp.int32(3), flip_key), chunk.labels)
+            rows += [flat(jax.tree_util.tree_map(lambda a, i=i: a[i], g)) for i in range(len(chunk.labels))]
+            mask += list(np.asarray(chunk.mask))
+        return np.array(rows), np.array(mask)
+
+    g, mask = grads(chunks)
+    unclipped = (g * mask[:, None]).sum(0)
+    clipped = (g * (mask * np.minimum(1, 1.0 / np.linalg.norm(g, axis=1)))[:, None]).sum(0)  # C = 1
+    means = []
+    for k in (0, 1):
+        gk, mk = grads(sample.chunks[k])
+        means.append((gk * mk[:, None]).sum(0) / mk.sum())
+    overall = sample.weights[0] * means[0] + sample.weights[1] * means[1]
+
+    def cos(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    for name, direction in (("unclipped", unclipped), ("clipped", clipped)):
+        for k in (0, 1):
+            assert cosines[f"cos_{name}_{k}"] == pytest.approx(cos(means[k], direction), abs=1e-4)
+        assert cosines[f"cos_{name}_all"] == pytest.approx(cos(overall, direction), abs=1e-4)
+    assert abs(cosines["cos_noised_all"]) < abs(cosines["cos_clipped_all"])  # z = 0.5: the noise turns it further
