@@ -163,7 +163,7 @@ def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
             if axis not in axes_seen:
                 axes_seen.append(axis)
     extra_axes = [a for a in axes_seen if a not in ("privacy", "data.female_fraction", "dp.l2_clip_norm",
-                                                    "train.seed", "seed", "dp.privacy_level")]
+                                                    "train.seed", "seed", "dp.privacy_level", "dp.method")]
     rows = []
     for record, final in records:
         c = record["config"]
