@@ -445,30 +445,84 @@ class SamplerLike(Protocol):
     dataset_size: int
 
 
+def combined_noise_multiplier(noise_multiplier: float, extra_noise_multipliers: Sequence[float] = ()) -> float:
+    """The noise multiplier of one Gaussian mechanism equivalent to several released on the same batch.
+
+    A DP-SGD step may release, besides the noised gradient sum (noise multiplier ``z`` relative to its L2
+    sensitivity), other statistics of the *same* sampled batch, each with Gaussian noise of standard deviation
+    ``sigma_j`` and L2 sensitivity 1 (e.g. DPSGD-F's per-group counts, :mod:`jaxdp.methods`). Divide each output
+    by its noise's standard deviation and concatenate: the result is one Gaussian mechanism with unit noise whose
+    L2 sensitivity (add or remove one example) is at most ``sqrt(z^-2 + sum_j sigma_j^-2)``. So the step is the
+    sampled Gaussian mechanism with noise multiplier
+
+        z_eff = (z^-2 + sum_j sigma_j^-2)^(-1/2)  <  min(z, sigma_j),
+
+    and counting it so is never more optimistic than DP-SGD alone (``z_eff < z``). Under replace-one neighbours
+    (``"fixed"``) every part's sensitivity at most doubles, so :func:`step_event`'s ``z/2`` convention stays valid
+    for ``z_eff``.
+
+    >>> round(combined_noise_multiplier(0.7, (10.0,)), 6)   # (0.7^-2 + 10^-2)^-1/2
+    0.698291
+    >>> combined_noise_multiplier(0.7)
+    0.7
+    """
+    z = _check_noise_multiplier(noise_multiplier)
+    extras = tuple(_check_noise_multiplier(s) for s in extra_noise_multipliers)
+    if not extras:
+        return z
+    return float(1.0 / math.sqrt(z**-2 + sum(s**-2 for s in extras)))
+
+
 @dataclasses.dataclass(frozen=True)
 class LedgerEntry:
-    """A run of ``steps`` identical DP-SGD steps."""
+    """A run of ``steps`` identical DP-SGD steps.
+
+    ``noise_multiplier`` is the gradient's; ``extra_noise_multipliers`` those of the other sensitivity-1
+    Gaussian releases each step makes on the same batch (none for plain DP-SGD). A step is accounted as one
+    sampled Gaussian with :func:`combined_noise_multiplier` of the two.
+    """
 
     scheme: str
     sampling_prob: float
     noise_multiplier: float
     dataset_size: int
     steps: int
+    extra_noise_multipliers: tuple[float, ...] = ()
 
     def same_step(self, other: LedgerEntry) -> bool:
-        return (self.scheme, self.sampling_prob, self.noise_multiplier, self.dataset_size) == (
+        return (self.scheme, self.sampling_prob, self.noise_multiplier, self.dataset_size,
+                self.extra_noise_multipliers) == (
             other.scheme,
             other.sampling_prob,
             other.noise_multiplier,
             other.dataset_size,
+            other.extra_noise_multipliers,
         )
 
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The noise multiplier the step is accounted with (:func:`combined_noise_multiplier`)."""
+        return combined_noise_multiplier(self.noise_multiplier, self.extra_noise_multipliers)
+
     def step_event(self) -> dp_accounting.DpEvent:
-        return step_event(self.scheme, self.sampling_prob, self.noise_multiplier, self.dataset_size)
+        return step_event(self.scheme, self.sampling_prob, self.effective_noise_multiplier, self.dataset_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; ``extra_noise_multipliers`` only when there are some (plain DP-SGD's form is unchanged)."""
+        out = dataclasses.asdict(self)
+        if self.extra_noise_multipliers:
+            out["extra_noise_multipliers"] = list(self.extra_noise_multipliers)
+        else:
+            del out["extra_noise_multipliers"]
+        return out
 
 
 _LEDGER_FORMAT = "jaxdp.PrivacyLedger"
+# Version 1: plain DP-SGD entries. Version 2 (written only when some entry has extra releases): entries may carry
+# "extra_noise_multipliers". A jaxdp that reads only version 1 refuses a version-2 ledger instead of silently
+# dropping the extra releases (which would understate epsilon); this one reads both.
 _LEDGER_VERSION = 1
+_LEDGER_VERSION_EXTRA = 2
 
 
 class PrivacyLedger:
@@ -484,6 +538,11 @@ class PrivacyLedger:
 
     Consecutive identical steps are stored as one entry with a count, so 45,000 steps cost one entry and
     epsilon is computed by self-composition. Two ledgers are equal when their entries are.
+
+    A step that releases more than the noised gradient on the same batch (DPSGD-F's noisy per-group counts,
+    Global-Adapt's noisy count, :mod:`jaxdp.methods`) is recorded with those releases' noise multipliers, e.g.
+    ``ledger.record(sampler, 0.7, extra_noise_multipliers=(10.0,))``, and accounted as one sampled Gaussian with
+    :func:`combined_noise_multiplier`: its epsilon is never below plain DP-SGD's at the same ``z``.
     """
 
     def __init__(self, entries: Sequence[LedgerEntry] = ()) -> None:
@@ -500,8 +559,14 @@ class PrivacyLedger:
         else:
             self._entries.append(entry)
 
-    def record(self, sampler: SamplerLike, noise_multiplier: float, steps: int = 1) -> None:
-        """Records ``steps`` steps with batches from ``sampler`` and Gaussian noise ``noise_multiplier``."""
+    def record(self, sampler: SamplerLike, noise_multiplier: float, steps: int = 1,
+               extra_noise_multipliers: Sequence[float] = ()) -> None:
+        """Records ``steps`` steps with batches from ``sampler`` and Gaussian noise ``noise_multiplier``.
+
+        ``extra_noise_multipliers``: the noise multipliers of the other Gaussian releases each step makes on the
+        same batch, each of L2 sensitivity 1 under add/remove (e.g. ``(10.0,)`` for DPSGD-F's noisy counts with
+        sigma 10); the step is then accounted with :func:`combined_noise_multiplier`.
+        """
         try:
             scheme, q, n = sampler.scheme, sampler.sampling_prob, sampler.dataset_size
         except AttributeError as e:
@@ -510,10 +575,11 @@ class PrivacyLedger:
                 f"PoissonSampler or ShuffledSampler), got {type(sampler).__name__}: {e}"
             ) from None
         steps = _check_steps(steps)
-        step_event(scheme, q, noise_multiplier, n)  # validates every field
+        extras = tuple(float(s) for s in extra_noise_multipliers)
+        step_event(scheme, q, combined_noise_multiplier(noise_multiplier, extras), n)  # validates every field
         if self._entries and self._entries[-1].scheme != scheme:
             _neighboring_relation({scheme, self._entries[-1].scheme})
-        self._append(LedgerEntry(scheme, float(q), float(noise_multiplier), int(n), steps))
+        self._append(LedgerEntry(scheme, float(q), float(noise_multiplier), int(n), steps, extras))
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
@@ -552,11 +618,12 @@ class PrivacyLedger:
     # -- serialisation ------------------------------------------------------------------------------
 
     def to_json(self) -> str:
+        extra = any(e.extra_noise_multipliers for e in self._entries)
         return json.dumps(
             {
                 "format": _LEDGER_FORMAT,
-                "version": _LEDGER_VERSION,
-                "entries": [dataclasses.asdict(e) for e in self._entries],
+                "version": _LEDGER_VERSION_EXTRA if extra else _LEDGER_VERSION,
+                "entries": [e.to_dict() for e in self._entries],
             },
             indent=1,
         )
@@ -566,10 +633,10 @@ class PrivacyLedger:
         data: Any = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != _LEDGER_FORMAT:
             raise ValueError("Not a jaxdp privacy ledger (missing 'format': 'jaxdp.PrivacyLedger').")
-        if data.get("version") != _LEDGER_VERSION:
+        if data.get("version") not in (_LEDGER_VERSION, _LEDGER_VERSION_EXTRA):
             raise ValueError(
                 f"Privacy ledger version {data.get('version')!r} is not supported by this jaxdp "
-                f"(reads version {_LEDGER_VERSION})."
+                f"(reads versions {_LEDGER_VERSION} and {_LEDGER_VERSION_EXTRA})."
             )
         ledger = cls()
         for raw in data["entries"]:
@@ -579,6 +646,7 @@ class PrivacyLedger:
                 noise_multiplier=float(raw["noise_multiplier"]),
                 dataset_size=int(raw["dataset_size"]),
                 steps=_check_steps(raw["steps"]),
+                extra_noise_multipliers=tuple(float(x) for x in raw.get("extra_noise_multipliers", ())),
             )
             entry.step_event()  # validates
             ledger._append(entry)

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxdp import methods
 from jaxdp.accounting import ACCOUNTANTS, SAMPLING_SCHEMES
 from jaxdp.data import available_sources
 
@@ -70,6 +71,15 @@ def base_config() -> ml_collections.ConfigDict:
     # True: each noise value is the sum of four independent tail-correct normals, halved (as Opacus's secure mode),
     # against floating-point attacks on one Gaussian sample (jaxdp.noise.dp_noise says what it does not cover).
     c.dp.secure_noise = False
+    # The DP-SGD variant (jaxdp.methods): "dpsgd" (plain), "dpsgd_f" (Xu et al. 2021: per-group bounds from noisy
+    # clip counts), "dpsgd_global" (Bu et al. 2021: norms <= Z scaled by C/Z, the rest dropped), "dpsgd_global_adapt"
+    # (Esipova et al. 2023: the rest clipped to C, Z adapted from a noisy count). Each method's parameters are in
+    # the section of its name; None means the reference value (jaxdp.methods.PARAMETERS), written into the run's
+    # config.json. Setting a parameter of another method than the chosen one is refused.
+    c.dp.method = "dpsgd"
+    c.dp.dpsgd_f = _method_section("dpsgd_f")
+    c.dp.dpsgd_global = _method_section("dpsgd_global")
+    c.dp.dpsgd_global_adapt = _method_section("dpsgd_global_adapt")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # any optax optimiser name taking learning_rate
@@ -89,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Statistics of the training data computed without noise (training loss, per-group clipping counts and
     # norms): written with keys starting "nonprivate_". Not covered by epsilon; False for a model to release.
     c.train.nonprivate_diagnostics = True
+    # Gradient misalignment (a non-private diagnostic of private runs, jaxdp.train.misalignment_cosines), once per
+    # evaluation window: each group's mean unclipped gradient over a fixed sample of this many of its training
+    # examples (drawn from train.seed) against the step's unclipped, clipped and noised batch gradient. 0: off.
+    c.train.misalignment_examples_per_group = 256
 
     # Privacy audit at the end of training (jaxdp.audit): membership inference per group (members: a random subset
     # of the group's training examples; non-members: as many held-out examples of the group, never trained on) and
@@ -105,6 +119,23 @@ def base_config() -> ml_collections.ConfigDict:
     # Sweep axes: dotted config key -> list of values; the runs are their Cartesian product.
     c.sweep = ml_collections.ConfigDict()
     return c
+
+
+def _method_section(method: str) -> ml_collections.ConfigDict:
+    """``config.dp.<method>``: each parameter of the method, None (its reference value) by default."""
+    return ml_collections.ConfigDict({key: ml_collections.FieldReference(None, field_type=float)
+                                      for key in methods.PARAMETERS[method]})
+
+
+def resolve(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The run config as a dict with every value a run fills in from a default: the chosen method's parameters
+    (:func:`jaxdp.methods.resolved_parameters`). What a run writes as ``config.json`` (with, in addition, a
+    calibrated noise multiplier)."""
+    out = config.to_dict()
+    method = str(config.dp.get("method", "dpsgd"))
+    if method in methods.PARAMETERS and methods.PARAMETERS[method]:
+        out["dp"][method] = methods.resolved_parameters(config.dp)
+    return out
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -170,6 +201,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(p.secure_noise, bool), f"config.dp.secure_noise={p.secure_noise!r} must be True or False.")
     _require(isinstance(t.nonprivate_diagnostics, bool),
              f"config.train.nonprivate_diagnostics={t.nonprivate_diagnostics!r} must be True or False.")
+    _require(isinstance(t.misalignment_examples_per_group, int) and t.misalignment_examples_per_group >= 0,
+             f"config.train.misalignment_examples_per_group={t.misalignment_examples_per_group!r} must be an integer "
+             ">= 0 (0 turns the misalignment diagnostic off).")
+    method_errors = methods.check_config(p)
+    _require(not method_errors, " ".join(method_errors))
     if p.enabled:
         _require(
             p.target_epsilon is not None or float(p.noise_multiplier) > 0.0,

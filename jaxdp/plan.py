@@ -9,7 +9,11 @@ whose agreement *is* the privacy guarantee, so that no training loop can pair th
 * ``noise`` — the optax transformation that adds ``N(0, (z * sensitivity)^2)`` to the summed gradient and divides
   by the public expected batch size (:func:`jaxdp.dp_noise`), keyed from the run's secret;
 * ``record_step`` — the privacy event each step adds to a :class:`jaxdp.accounting.PrivacyLedger`, read from the
-  same sampler and noise multiplier.
+  same sampler and noise multiplier;
+* ``method`` — the DP-SGD variant (:mod:`jaxdp.methods`: DPSGD-F, global clipping, ...): its clip rule is the
+  clipping of ``grad_fn``, its per-step releases are noised by :meth:`DPPlan.release` from the secret
+  ``release_key`` and recorded by ``record_step``, its state changes the gradient noise's scale through
+  :meth:`DPPlan.noise_sensitivity`. Plain DP-SGD is the method ``"dpsgd"``, which releases nothing else.
 
 A non-private plan (``config.dp.enabled = False``) has the same interface: its ``grad_fn`` is the plain gradient
 sum (no clipping), its ``noise`` only divides by the batch size and ``record_step`` records nothing; the training
@@ -39,7 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxdp import accounting, clipping, noise, sampling
+from jaxdp import accounting, clipping, methods, noise, sampling
 
 REPRODUCIBLE_NOTE = (
     "dp.reproducible=True: batch sampling and noise were derived from the public train.seed, so this epsilon is "
@@ -48,6 +52,8 @@ REPRODUCIBLE_NOTE = (
 
 # Tags that make the sampler's and the noise's streams independent children of one run secret.
 _SAMPLER_STREAM, _NOISE_STREAM, AUDIT_STREAM = 0, 1, 2
+# The method's count noise: fold_in(noise key, _RELEASE_FOLD), then the step.
+_RELEASE_FOLD = 1
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -89,15 +95,22 @@ class DPPlan:
     Attributes:
       private: whether the plan is DP-SGD (False: plain training through the same interface).
       sampler: the batch sampler (:class:`jaxdp.sampling.PoissonSampler` or :class:`~jaxdp.sampling.ShuffledSampler`).
-      grad_fn: ``grad_fn(params, model_state, inputs, labels, mask) -> (grad_sum, norms, losses, model_state)``
-        for one chunk of examples: ``grad_sum`` the (clipped, under DP) sum over the real examples, ``norms`` each
-        example's pre-clip gradient norm (NaN without DP), ``losses`` each example's loss.
-      sensitivity: the L2 bound on one example's contribution to ``grad_sum`` (None without DP).
+      grad_fn: ``grad_fn(params, model_state, inputs, labels, mask, clip_args) -> (grad_sum, norms, losses,
+        model_state)`` for one chunk of examples: ``grad_sum`` the (clipped, under DP) sum over the real examples,
+        ``norms`` each example's pre-clip gradient norm (NaN without DP), ``losses`` each example's loss;
+        ``clip_args`` the method's per-example arguments (:meth:`DPPlan.clip_args`).
+      sensitivity: the L2 bound on one example's contribution to ``grad_sum`` (None without DP); for a method
+        whose bound changes with its state (DPSGD-F), the largest it can be, and each step's own bound is
+        :meth:`noise_sensitivity`.
       noise_multiplier: z (None without DP): the noise std on the sum is ``z * sensitivity``.
       noise: the first link of the optimiser chain: noise and division by ``expected_batch_size``.
       expected_batch_size: the public normaliser of the summed gradient.
       total_steps: steps the run takes.
       reproducible: sampling and noise come from the public ``train.seed`` (see the module docstring).
+      method: the DP-SGD variant (:mod:`jaxdp.methods`; ``DPSGD`` without DP).
+      release_key: the secret key of the method's count noise (None when the method releases nothing else).
+      unclipped_grad_fn: ``(params, model_state, inputs, labels, mask) -> sum of the real examples' unclipped
+        gradients`` (diagnostics only: no privacy).
     """
 
     private: bool
@@ -109,11 +122,45 @@ class DPPlan:
     expected_batch_size: float
     total_steps: int
     reproducible: bool
+    method: methods.Method = methods.DPSGD()
+    release_key: jax.Array | None = None
+    unclipped_grad_fn: Callable[..., Any] | None = None
 
     def record_step(self, ledger: accounting.PrivacyLedger) -> None:
-        """Adds one step's privacy event (the sampler's scheme and rate, the noise multiplier) to ``ledger``."""
+        """Adds one step's privacy event (the sampler's scheme and rate, the gradient's noise multiplier and those
+        of the method's other releases on the same batch) to ``ledger``."""
         if self.private:
-            ledger.record(self.sampler, self.noise_multiplier)
+            ledger.record(self.sampler, self.noise_multiplier,
+                          extra_noise_multipliers=self.method.extra_noise_multipliers)
+
+    # The method's part of a step (jit-friendly; the training loop calls these, never the method directly).
+
+    def init_method_state(self) -> Any:
+        """The method's state before the first step (per-group bounds, a threshold; ``{}`` for DP-SGD)."""
+        return self.method.init_state()
+
+    def clip_args(self, method_state: Any, groups: jax.Array) -> Any:
+        """Per-example arguments of the method's clip rule for a chunk with group ids ``groups``."""
+        return self.method.clip_args(method_state, groups) if self.private else None
+
+    def release_counts(self, norms: jax.Array, mask: jax.Array, groups: jax.Array, method_state: Any) -> jax.Array:
+        """The exact counts of one chunk that the method releases (float32, possibly empty): add them over the
+        step's chunks, then :meth:`release` once."""
+        if not self.private:
+            return jnp.zeros((0,), jnp.float32)
+        return self.method.counts(norms, mask, groups, method_state)
+
+    def release(self, method_state: Any, counts: jax.Array, step: jax.Array) -> Any:
+        """Noises a step's counts (``N(0, sigma^2)`` each, tail-correct, from the secret ``release_key`` and the
+        step) and returns the method's next state. The identity for methods that release nothing else."""
+        if self.release_key is None:
+            return method_state
+        return methods.release(self.method, method_state, counts, jax.random.fold_in(self.release_key, step))
+
+    def noise_sensitivity(self, method_state: Any) -> jax.Array | None:
+        """This step's sensitivity for the gradient noise when the method's state sets it (DPSGD-F: max_k C_k),
+        else None (the plan's ``sensitivity``)."""
+        return self.method.noise_sensitivity(method_state) if self.private else None
 
     @property
     def privacy_note(self) -> str | None:
@@ -168,26 +215,31 @@ def make_plan(
             return model.apply(variables, x, train=True, mutable=mutable)
         return model.apply(variables, x, train=train), model_state
 
+    def plain_grads_and_state(params, model_state, x, y, mask):
+        def summed_loss(p):
+            logits, new_state = apply(p, model_state, x, True)
+            losses = cross_entropy(logits, y)
+            return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, new_state)
+
+        return jax.grad(summed_loss, has_aux=True)(params)
+
+    def unclipped_grads(params, model_state, x, y, mask):
+        return plain_grads_and_state(params, model_state, x, y, mask)[0]
+
     if not private:
 
-        def plain_grads(params, model_state, x, y, mask):
-            def summed_loss(p):
-                logits, new_state = apply(p, model_state, x, True)
-                losses = cross_entropy(logits, y)
-                return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, new_state)
-
-            grad_sum, (losses, new_state) = jax.grad(summed_loss, has_aux=True)(params)
+        def plain_grads(params, model_state, x, y, mask, clip_args=None):
+            grad_sum, (losses, new_state) = plain_grads_and_state(params, model_state, x, y, mask)
             return grad_sum, jnp.full(mask.shape, jnp.nan, jnp.float32), losses, new_state
 
         return DPPlan(False, sampler, plain_grads, None, None, optax.scale(1.0 / batch_size), float(batch_size),
-                      total_steps, reproducible)
+                      total_steps, reproducible, unclipped_grad_fn=unclipped_grads)
 
+    method = methods.from_config(config.dp, sampler.expected_batch_size)
     noise_multiplier = float(config.dp.noise_multiplier)
     if config.dp.target_epsilon is not None:
-        noise_multiplier = accounting.calibrate_noise(
-            float(config.dp.target_epsilon), sampler.sampling_prob, total_steps, float(config.dp.delta),
-            accountant=config.dp.accountant, sampling=sampler.scheme, dataset_size=public_size or dataset_size,
-        )
+        noise_multiplier = _calibrate(config, sampler, total_steps, public_size or dataset_size,
+                                      method.extra_noise_multipliers)
     l2_clip_norm = float(config.dp.l2_clip_norm)
 
     def mean_loss(params, x, y):  # the loss_fn of clipped_grad: examples are independent (BatchNorm is refused)
@@ -195,13 +247,37 @@ def make_plan(
         return jnp.mean(cross_entropy(logits, y))
 
     clipped = clipping.clipped_grad(mean_loss, l2_clip_norm=l2_clip_norm, microbatch_size=config.dp.microbatch_size,
-                                    strategy=config.dp.clipping_strategy, return_loss=True)
+                                    strategy=config.dp.clipping_strategy, return_loss=True,
+                                    clip_rule=method.clip_rule)
 
-    def clipped_grads(params, model_state, x, y, mask):
-        grad_sum, norms, losses = clipped(params, x, y, mask)
+    def clipped_grads(params, model_state, x, y, mask, clip_args=None):
+        grad_sum, norms, losses = clipped(params, x, y, mask, clip_args)
         return grad_sum, norms, losses, model_state
 
-    sensitivity = clipping.sensitivity(l2_clip_norm)
+    if isinstance(method, methods.DPSGDF):
+        # Each step's noise is scaled to that step's max_k C_k (DPPlan.noise_sensitivity); this is its largest value.
+        sensitivity = (1 + method.num_groups) * method.base_clip_norm
+    else:
+        sensitivity = clipping.sensitivity(l2_clip_norm)
     tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key, secure=bool(config.dp.secure_noise))
+    release_key = jax.random.fold_in(noise_key, _RELEASE_FOLD) if method.num_counts else None
     return DPPlan(True, sampler, clipped_grads, sensitivity, noise_multiplier, tx, float(batch_size), total_steps,
-                  reproducible)
+                  reproducible, method=method, release_key=release_key, unclipped_grad_fn=unclipped_grads)
+
+
+def _calibrate(config: ml_collections.ConfigDict, sampler: Any, total_steps: int, dataset_size: int,
+               extra_noise_multipliers: tuple[float, ...]) -> float:
+    """The gradient noise multiplier z meeting ``config.dp.target_epsilon`` for steps that also release the method's
+    counts: the combined multiplier (z^-2 + sum sigma^-2)^-1/2 is calibrated, then solved for z."""
+    target = float(config.dp.target_epsilon)
+    z_eff = accounting.calibrate_noise(target, sampler.sampling_prob, total_steps, float(config.dp.delta),
+                                       accountant=config.dp.accountant, sampling=sampler.scheme,
+                                       dataset_size=dataset_size)
+    rest = z_eff**-2 - sum(s**-2 for s in extra_noise_multipliers)
+    if rest <= 0:
+        raise ValueError(
+            f"config.dp.target_epsilon={target} cannot be met: the method's own releases (noise multipliers "
+            f"{list(extra_noise_multipliers)}) already spend more than it allows with no gradient at all; raise the "
+            f"target, or the method's count_noise_multiplier.")
+    # A hair more noise than the exact solution, so that rounding never puts the combined epsilon above the target.
+    return rest**-0.5 * (1 + 1e-9)

@@ -7,11 +7,16 @@ writes into ``workdir``:
 - ``history.jsonl`` — one JSON object per evaluation: step, epoch, epsilon so far, every metric of
   :func:`jaxdp.fairness.group_metrics` on the test set and — unless ``config.train.nonprivate_diagnostics`` is
   False — statistics of the training data computed without noise since the previous evaluation (training loss,
-  per-group example counts, fraction clipped, mean pre-clip gradient norm), every one under a key starting with
-  ``nonprivate_``: they are not covered by the run's epsilon;
+  per-group example counts, fraction clipped, mean pre-clip gradient norm, and, for private runs, the gradient
+  misalignment cosines of :func:`misalignment_cosines`), every one under a key starting with ``nonprivate_``:
+  they are not covered by the run's epsilon. A run with a DP-fairness method (``config.dp.method``) also writes
+  the method's state, which is post-processing of its noisy releases and so covered by epsilon:
+  ``method_clip_norm_0/1`` (DPSGD-F's per-group bounds) or ``method_threshold`` (Global-Adapt's Z), as they are
+  after the window's last step;
 - ``final.json`` — written last and atomically, so its presence means the run finished: final metrics, epsilon
-  under every accountant, steps, where the wall time went (``time_split_s``), and ``privacy_note`` when the epsilon
-  is not a guarantee (``config.dp.reproducible``);
+  under every accountant, steps, the method and its noise multipliers, the groups' names (``group_names``, after
+  ``config.data.group_attribute``), where the wall time went (``time_split_s``), and ``privacy_note`` when the
+  epsilon is not a guarantee (``config.dp.reproducible``);
 - ``checkpoints/`` — orbax checkpoints (parameters, optimiser and noise state, sampler position, privacy ledger,
   diagnostics, metric history, and the run's secret seed). Calling ``train_and_evaluate`` again on the same workdir
   resumes from the newest good checkpoint and ends exactly where an uninterrupted run ends. Checkpoints hold the
@@ -22,8 +27,9 @@ Privacy: the mechanism — sampler, clipped gradient and its sensitivity, noise,
 :class:`jaxdp.accounting.PrivacyLedger`, so the reported epsilon describes what ran.
 
 The step functions are module-level (as in the Flax ImageNet example): :func:`accumulate_step` adds one chunk's
-clipped gradient sum (a Poisson batch larger than the chunk width takes several chunks, never a truncation),
-:func:`update_step` adds the noise once and applies the optimiser, :func:`eval_step` predicts.
+clipped gradient sum and the exact counts the method releases (a Poisson batch larger than the chunk width takes
+several chunks, never a truncation), :func:`update_step` adds the noise once, releases the method's noisy counts
+and applies the optimiser, :func:`eval_step` predicts.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdp import accounting, fairness, parallel
 from jaxdp.checkpoint import Checkpointer
-from jaxdp.config import differing_keys, validate_run_config
+from jaxdp.config import differing_keys, resolve, validate_run_config
 from jaxdp.plan import AUDIT_STREAM, DPPlan, child_seed, cross_entropy, make_plan, new_run_secret, normalize_images
 from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
 
@@ -80,18 +86,29 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 @flax.struct.dataclass
 class TrainState:
-    """What a training step changes: the model's parameters and state, and the optimiser's state (whose first
-    link is the plan's noise transformation, holding the secret noise key and its step count)."""
+    """What a training step changes: the model's parameters and state, the optimiser's state (a pair: the plan's
+    noise transformation's state, holding the secret noise key and its step count, and the optimiser's), and the
+    DP method's state (:mod:`jaxdp.methods`: DPSGD-F's last released counts, Global-Adapt's threshold; empty for
+    DP-SGD)."""
 
     params: Any
     model_state: Any
     opt_state: Any
+    method_state: Any = flax.struct.field(default_factory=dict)
 
     @classmethod
-    def create(cls, variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    def create(cls, variables: dict, tx: optax.GradientTransformation, method_state: Any = None) -> TrainState:
         params = variables["params"]
         model_state = {k: v for k, v in variables.items() if k != "params"}
-        return cls(params=params, model_state=model_state, opt_state=tx.init(params))
+        return cls(params=params, model_state=model_state, opt_state=tx.init(params),
+                   method_state={} if method_state is None else method_state)
+
+
+class Accumulator(NamedTuple):
+    """What a step's chunks add up before the noise: the (clipped) gradient sum and the method's exact counts."""
+
+    grad_sum: Any
+    counts: jax.Array  # float32[num_counts] (empty for DP-SGD)
 
 
 class Chunk(NamedTuple):
@@ -108,45 +125,74 @@ class Chunk(NamedTuple):
 # Step functions (jitted in train_and_evaluate with their keyword arguments bound).
 
 
-def accumulate_step(state: TrainState, grad_acc: Any, stats: dict, chunk: Chunk, step: jax.Array, *, plan: DPPlan,
-                    mesh: Any, flip_key: jax.Array | None, diagnostics: bool) -> tuple[Any, dict, Any]:
-    """Adds one chunk's (clipped) gradient sum to ``grad_acc`` and its non-private statistics to ``stats``.
-
-    Returns ``(grad_acc, stats, model_state)``. The chunk is split over the mesh's devices; each computes its
-    share's sum and the shares are added (``psum``), so the result does not depend on the device count beyond
-    float summation order.
-    """
+def chunk_inputs(chunk: Chunk, step: jax.Array, flip_key: jax.Array | None) -> jax.Array:
+    """The chunk's images as the model sees them in training: normalised and randomly flipped."""
     x = normalize_images(chunk.images)
     if flip_key is not None:
         # Keyed by (step, example index): the same flips whatever the chunking, padding or device count.
         step_key = jax.random.fold_in(flip_key, step)
         flips = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(step_key, i)))(chunk.indices)
         x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+    return x
 
-    def local(params, model_state, x, y, mask):
-        grad_sum, norms, losses, model_state = plan.grad_fn(params, model_state, x, y, mask)
+
+def accumulate_step(state: TrainState, acc: Accumulator, stats: dict, chunk: Chunk, step: jax.Array, *,
+                    plan: DPPlan, mesh: Any, flip_key: jax.Array | None,
+                    diagnostics: bool) -> tuple[Accumulator, dict, Any]:
+    """Adds one chunk's (clipped) gradient sum and the method's exact counts to ``acc``, and its non-private
+    statistics to ``stats``.
+
+    Returns ``(acc, stats, model_state)``. The chunk is split over the mesh's devices; each computes its share's
+    sum and the shares are added (``psum``), so the result does not depend on the device count beyond float
+    summation order. The method's counts are integers summed over the whole chunk (every device's share), so
+    they are exact whatever the chunking and the device count.
+    """
+    x = chunk_inputs(chunk, step, flip_key)
+    clip_args = plan.clip_args(state.method_state, chunk.groups)
+
+    def local(params, model_state, x, y, mask, clip_args):
+        grad_sum, norms, losses, model_state = plan.grad_fn(params, model_state, x, y, mask, clip_args)
         grad_sum = jax.lax.psum(grad_sum, parallel.DATA_AXIS)
         model_state = jax.lax.pmean(model_state, parallel.DATA_AXIS)
         return grad_sum, norms, losses, model_state
 
     data = P(parallel.DATA_AXIS)
     grad_sum, norms, losses, model_state = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), data, data, data), out_specs=(P(), data, data, P()), check_vma=False,
-    )(state.params, state.model_state, x, chunk.labels, chunk.mask)
-    grad_acc = jax.tree_util.tree_map(jnp.add, grad_acc, grad_sum)
+        local, mesh=mesh, in_specs=(P(), P(), data, data, data, data), out_specs=(P(), data, data, P()),
+        check_vma=False,
+    )(state.params, state.model_state, x, chunk.labels, chunk.mask, clip_args)
+    counts = plan.release_counts(norms, chunk.mask, chunk.groups, state.method_state)
+    acc = Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum), acc.counts + counts)
     if diagnostics:
-        stats = _add_stats(stats, norms, losses, chunk.mask, chunk.groups, plan.sensitivity)
-    return grad_acc, stats, model_state
+        bounds = plan.method.clip_bounds(state.method_state, chunk.groups) if plan.private else None
+        stats = _add_stats(stats, norms, losses, chunk.mask, chunk.groups, bounds)
+    return acc, stats, model_state
 
 
-def update_step(state: TrainState, grad_acc: Any, model_state: Any, *,
-                tx: optax.GradientTransformation) -> tuple[TrainState, Any]:
-    """Noise (once per step), division by the expected batch size and the optimiser; returns the new state and
-    a zeroed gradient accumulator for the next step."""
-    updates, opt_state = tx.update(grad_acc, state.opt_state, state.params)
+def update_step(state: TrainState, acc: Accumulator, model_state: Any, step: jax.Array, *, plan: DPPlan,
+                optimizer: optax.GradientTransformation,
+                return_update: bool = False) -> tuple[TrainState, Accumulator] | tuple[TrainState, Accumulator, tuple]:
+    """Noise (once per step, scaled to the method's sensitivity), division by the expected batch size, the
+    method's release of its noisy counts, and the optimiser; returns the new state and a zeroed accumulator for
+    the next step (and, with ``return_update``, the pair ``(clipped sum, noised gradient)`` of this step for the
+    misalignment diagnostics).
+
+    ``state.opt_state`` is the state of ``optax.chain(plan.noise, optimizer)``; the two links are applied here one
+    after the other, as the chain would, so that the noised gradient can be returned.
+    """
+    noise_state, optimizer_state = state.opt_state
+    sensitivity = plan.noise_sensitivity(state.method_state)
+    extra = {} if sensitivity is None else {"l2_clip_norm": sensitivity}
+    noised, noise_state = plan.noise.update(acc.grad_sum, noise_state, state.params, **extra)
+    updates, optimizer_state = optimizer.update(noised, optimizer_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, grad_acc)
-    return TrainState(params=params, model_state=model_state, opt_state=opt_state), zeros
+    method_state = plan.release(state.method_state, acc.counts, step)
+    new_state = TrainState(params=params, model_state=model_state, opt_state=(noise_state, optimizer_state),
+                           method_state=method_state)
+    zeros = Accumulator(jax.tree_util.tree_map(jnp.zeros_like, acc.grad_sum), jnp.zeros_like(acc.counts))
+    if return_update:
+        return new_state, zeros, (acc.grad_sum, noised)
+    return new_state, zeros
 
 
 def eval_step(state: TrainState, images: jax.Array, *, model: Any) -> jax.Array:
@@ -172,10 +218,16 @@ def _zero_stats(diagnostics: bool) -> dict:
             **fairness.zero_clip_diagnostics()}
 
 
-def _add_stats(stats: dict, norms, losses, mask, groups, bound) -> dict:
+def _add_stats(stats: dict, norms, losses, mask, groups, bounds) -> dict:
+    """``bounds``: each example's bound under the method (``C``; DPSGD-F's ``C_k``; the global methods' ``Z``),
+    None without DP: an example counts as clipped when its norm is above its bound."""
     new = dict(stats)
-    bound = jnp.inf if bound is None else bound
-    for key, value in fairness.clip_diagnostics(norms, mask, groups, bound).items():
+    sums = fairness.clip_diagnostics(norms, mask, groups, jnp.inf)
+    if bounds is not None:
+        # fairness.clip_diagnostics compares with one scalar bound; the methods' bounds are per example.
+        above = mask & jnp.isfinite(norms) & (norms > bounds)
+        sums.update({f"clipped_{g}": jnp.sum(above & (groups == g), dtype=jnp.int32) for g in fairness.GROUPS})
+    for key, value in sums.items():
         new[key] = stats[key] + value
     new["loss_sum"] = stats["loss_sum"] + jnp.sum(jnp.where(mask, losses, 0.0))
     new["n"] = stats["n"] + jnp.sum(mask, dtype=jnp.float32)
@@ -195,6 +247,88 @@ def _finalize_stats(stats: dict, private: bool) -> dict:
         out[f"train_examples_{g}"] = diag[f"n_{g}"]
         out[f"nonfinite_examples_{g}"] = diag[f"nonfinite_{g}"] if private else 0
     return {NONPRIVATE_PREFIX + k: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gradient misalignment (Esipova et al. 2023): non-private diagnostics, once per evaluation window.
+
+_MISALIGNMENT_STREAM = 3  # the public sample's stream under train.seed
+MISALIGNMENT_DIRECTIONS = ("unclipped", "clipped", "noised")
+
+
+def unclipped_sum_step(state: TrainState, total: Any, chunk: Chunk, step: jax.Array, *, plan: DPPlan,
+                       flip_key: jax.Array | None) -> Any:
+    """``total`` plus the sum of the chunk's real examples' unclipped gradients (inputs as in training)."""
+    grads = plan.unclipped_grad_fn(state.params, state.model_state, chunk_inputs(chunk, step, flip_key),
+                                   chunk.labels, chunk.mask)
+    return jax.tree_util.tree_map(jnp.add, total, grads)
+
+
+def _cosine(a: Any, b: Any) -> jax.Array:
+    dot = sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+    norm_a = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(a)))
+    norm_b = jnp.sqrt(sum(jnp.vdot(y, y) for y in jax.tree_util.tree_leaves(b)))
+    return dot / (norm_a * norm_b)
+
+
+def misalignment_cosines(group_sums: Any, group_counts: jax.Array, group_weights: jax.Array,
+                         directions: dict[str, Any]) -> dict[str, jax.Array]:
+    """Cosines between each group's mean unclipped gradient and the directions a DP step takes.
+
+    ``group_sums``: per group, the sum of the unclipped gradients of a sample of that group's training examples
+    (a list of pytrees, one per group), ``group_counts`` their numbers; the overall reference is the mean
+    gradient of the training set, ``sum_k group_weights[k] * group_sums[k] / group_counts[k]``. ``directions``:
+    e.g. ``{"unclipped": batch sum, "clipped": clipped batch sum, "noised": clipped sum plus noise}``, all of one
+    step at the same parameters. Returns ``cos_<direction>_<g>`` for each group ``g`` and ``cos_<direction>_all``
+    (NaN where a group has no example): what Esipova et al. call cos(g_D,k, g_B), cos(g_D,k, bar g_B) and, with
+    noise, the update's direction. The drop from ``unclipped`` to ``clipped`` is clipping's share of the
+    misalignment, from ``clipped`` to ``noised`` the noise's.
+    """
+    means = [jax.tree_util.tree_map(lambda x, n=n: x / jnp.maximum(n, 1.0), g)
+             for g, n in zip(group_sums, group_counts, strict=True)]
+    overall = jax.tree_util.tree_map(lambda *xs: sum(w * x for w, x in zip(group_weights, xs, strict=True)), *means)
+    out = {}
+    for name, direction in directions.items():
+        for g, mean in enumerate(means):
+            out[f"cos_{name}_{g}"] = jnp.where(group_counts[g] > 0, _cosine(mean, direction), jnp.nan)
+        out[f"cos_{name}_all"] = _cosine(overall, direction)
+    return out
+
+
+class _MisalignmentSample:
+    """A fixed sample of the training set: up to ``config.train.misalignment_examples_per_group`` examples of each
+    group, drawn once from the public ``train.seed``, in padded chunks of the training chunk width (so that the
+    batch's unclipped sum and the sample's share one compiled function), flipped as in training."""
+
+    def __init__(self, config: ml_collections.ConfigDict, train_set: Any, mesh: Any, width: int) -> None:
+        rng = np.random.default_rng(np.random.SeedSequence([int(config.train.seed), _MISALIGNMENT_STREAM]))
+        per_group = int(config.train.misalignment_examples_per_group)
+        groups = np.asarray(train_set.group)
+        self.counts = np.zeros(len(fairness.GROUPS), np.float32)
+        self.weights = np.array([np.mean(groups == g) for g in fairness.GROUPS], np.float32)
+        self.chunks: list[list[Chunk]] = []
+        for g in fairness.GROUPS:
+            members = np.flatnonzero(groups == g)
+            chosen = np.sort(rng.choice(members, min(per_group, len(members)), replace=False))
+            self.counts[g] = len(chosen)
+            chunks = []
+            for start in range(0, len(chosen), width):
+                idx = chosen[start:start + width]
+                mask = np.zeros(width, bool)
+                mask[:len(idx)] = True
+                chunks.append(_chunk(mesh, train_set, np.pad(idx, (0, width - len(idx))), mask))
+            self.chunks.append(chunks)
+
+    def group_sums(self, sum_step: Callable, state: TrainState, zeros: Callable, step: int) -> list[Any]:
+        """Per group, the sum of the sample's unclipped gradients at ``state``."""
+        sums = []
+        for chunks in self.chunks:
+            total = zeros(state.params)
+            for chunk in chunks:
+                total = sum_step(state, total, chunk, np.int32(step))
+            sums.append(total)
+        return sums
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -230,6 +364,23 @@ class _Clock:
             compile_s = _Clock._compile_s - compiled
             self.split["compile"] += compile_s
             self.split[name] += max(0.0, time.perf_counter() - start - compile_s)
+
+
+def _misalignment_step(misaligned: dict, update: Callable, state: TrainState, acc: Accumulator, model_state: Any,
+                       chunks: list[Chunk], step: int, zeros_like: Callable) -> tuple[TrainState, Accumulator, dict]:
+    """A step's update that also measures its misalignment (:func:`misalignment_cosines`): the sample's group
+    sums and the batch's unclipped sum at the parameters the step's gradient was computed at, then the update,
+    which hands back the step's clipped sum and noised gradient."""
+    sample: _MisalignmentSample = misaligned["sample"]
+    sum_step = misaligned["unclipped_sum"]
+    group_sums = sample.group_sums(sum_step, state, zeros_like, step)
+    unclipped = zeros_like(state.params)
+    for chunk in chunks:
+        unclipped = sum_step(state, unclipped, chunk, np.int32(step))
+    state, acc, (clipped, noised) = update(state, acc, model_state, np.int32(step))
+    cosines = misaligned["cosines"](group_sums, jnp.asarray(sample.counts), jnp.asarray(sample.weights),
+                                    {"unclipped": unclipped, "clipped": clipped, "noised": noised})
+    return state, acc, {k: float(v) for k, v in jax.device_get(cosines).items()}
 
 
 def _evaluate(predict, state, mesh, test, batch_size: int) -> dict:
@@ -492,16 +643,17 @@ def train_and_evaluate(
         train_set = audit_sets.training_pool(train_set)
     plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size,
                      public_size=public_size)
-    tx = optax.chain(plan.noise, make_optimizer(config))
+    optimizer = make_optimizer(config)
+    tx = optax.chain(plan.noise, optimizer)
 
-    resolved = config.to_dict()
+    resolved = resolve(config)
     if plan.noise_multiplier is not None:
         resolved["dp"]["noise_multiplier"] = plan.noise_multiplier
     _check_workdir_config(workdir, resolved)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", resolved)
 
-    state = TrainState.create(variables, tx)
+    state = TrainState.create(variables, tx, plan.init_method_state())
     ledger = accounting.PrivacyLedger()
     history: list[dict] = []
     diagnostics = bool(config.train.nonprivate_diagnostics)
@@ -528,16 +680,32 @@ def train_and_evaluate(
         # with the same secret, so it replays the same batches and noise instead of releasing a second,
         # differently randomised run of the mechanism.
         save_checkpoint(0)
+    # Everything the step functions carry from call to call lives on the mesh from the start, so that the first
+    # call and the later ones (fed the previous call's outputs) share one compiled program.
     state = parallel.replicate(mesh, state)
+    stats = parallel.replicate(mesh, stats)
     if jax.process_index() == 0:
         write_jsonl(workdir / "history.jsonl", history)
 
     flip_key = jax.random.fold_in(jax.random.key(int(config.train.seed)), 2) if config.train.random_flip else None
     accumulate = jax.jit(functools.partial(accumulate_step, plan=plan, mesh=mesh, flip_key=flip_key,
                                            diagnostics=diagnostics), donate_argnums=(1, 2))
-    update = jax.jit(functools.partial(update_step, tx=tx), donate_argnums=(0, 1))
+    # Gradient misalignment, once per evaluation window (private runs with non-private diagnostics). The update
+    # then always hands back the step's clipped sum and noised gradient: one compiled update, not two.
+    misaligned = None
+    if diagnostics and plan.private and int(config.train.misalignment_examples_per_group) > 0:
+        misaligned = dict(
+            sample=_MisalignmentSample(config, train_set, mesh, plan.sampler.physical_batch_size),
+            unclipped_sum=jax.jit(functools.partial(unclipped_sum_step, plan=plan, flip_key=flip_key),
+                                  donate_argnums=(1,)),
+            cosines=jax.jit(misalignment_cosines),
+        )
+    update = jax.jit(functools.partial(update_step, plan=plan, optimizer=optimizer,
+                                       return_update=misaligned is not None), donate_argnums=(0, 1))
     predict = jax.jit(functools.partial(eval_step, model=model))
-    grad_acc = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p))(state.params)
+    zeros_like = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p), out_shardings=parallel.replicated(mesh))
+    acc = Accumulator(zeros_like(state.params),
+                      parallel.replicate(mesh, np.zeros((plan.method.num_counts if plan.private else 0,), np.float32)))
 
     delta = float(config.dp.delta)
     eval_every = max(1, int(config.train.eval_every_steps))
@@ -551,24 +719,36 @@ def train_and_evaluate(
             with clock.phase("data"):
                 batch = plan.sampler.batch(step)
                 chunks = [_chunk(mesh, train_set, batch.indices[c], batch.mask[c]) for c in range(batch.n_chunks)]
+            done = step + 1
+            evaluating = done % eval_every == 0 or done == total
             with clock.phase("train_steps"):
                 model_state = state.model_state
                 for chunk in chunks:
-                    grad_acc, stats, model_state = accumulate(state, grad_acc, stats, chunk, np.int32(step))
-                state, grad_acc = update(state, grad_acc, model_state)
+                    acc, stats, model_state = accumulate(state, acc, stats, chunk, np.int32(step))
+                if misaligned is None:
+                    state, acc = update(state, acc, model_state, np.int32(step))
+                elif not evaluating:
+                    state, acc, _ = update(state, acc, model_state, np.int32(step))
                 jax.block_until_ready(state)
+            if misaligned is not None and evaluating:
+                with clock.phase("evaluation"):
+                    state, acc, misalignment = _misalignment_step(misaligned, update, state, acc, model_state,
+                                                                  chunks, step, zeros_like)
             plan.record_step(ledger)
-            done = step + 1
-            if done % eval_every == 0 or done == total:
+            if evaluating:
                 row: dict[str, Any] = {"step": done, "epoch": done / plan.sampler.steps_per_epoch,
                                        "wall_time_s": time.time() - started}
                 row.update(_finalize_stats(stats, private))
+                if misaligned is not None:
+                    row.update({NONPRIVATE_PREFIX + k: v for k, v in misalignment.items()})
+                if private:
+                    row.update(plan.method.public_state(state.method_state))
                 with clock.phase("accounting"):
                     row["epsilon"] = float(ledger.epsilon(delta, accountant=config.dp.accountant)) if private else None
                 with clock.phase("evaluation"):
                     row.update(_evaluate(predict, state, mesh, test_set, int(config.train.eval_batch_size)))
                 history.append(json_safe(row))
-                stats = _zero_stats(diagnostics)
+                stats = parallel.replicate(mesh, _zero_stats(diagnostics))
                 if jax.process_index() == 0:
                     write_jsonl(workdir / "history.jsonl", history)
                 last_info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")}
@@ -596,6 +776,9 @@ def train_and_evaluate(
         "epsilon": epsilons,
         "delta": delta,
         "noise_multiplier": plan.noise_multiplier,
+        "method": plan.method.name if private else None,
+        "extra_noise_multipliers": list(plan.method.extra_noise_multipliers) if private else [],
+        "group_names": list(data.group_names(config.data)),
         "steps": total,
         "sampling": plan.sampler.scheme,
         "sampling_prob": plan.sampler.sampling_prob,

@@ -12,6 +12,11 @@ images. Entries:
 * ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
 * ``jax dp noise+adam only``: ``dp_noise`` + Adam on zero gradients: the part of a DP step's time that no
   clipping strategy can remove (one Gaussian draw per parameter).
+* ``jax dp <strategy> <method>`` (with ``methods=``, e.g. ``("dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")``):
+  the step of a DP-fairness method of :mod:`jaxdp.methods` as training runs it — the method's clip rule and
+  per-example arguments (each example's group: 30% of the random batch is group 1), its exact counts, the
+  gradient noise scaled to its sensitivity, the noisy release of its counts and its state update — with the
+  methods' reference parameters. ``vs_dpsgd`` compares it with the same strategy's plain DP-SGD step.
 * ``... (legacy noise)``: the first strategy's step and the noise-only entry again, with the noise drawn as before
   issue 11 (``jax.random.normal``, tails cut at about 5.2 sigma; bench-local, not private enough to use), so that
   the cost of tail-correct noise is measured side by side.
@@ -37,7 +42,8 @@ How it is measured (every figure in the output is one of these):
   temporaries there. On a GPU/TPU the JAX entries instead report device memory from that analysis:
   ``temp + argument + output - alias`` bytes of the compiled step (this includes parameters and optimiser
   state, so ratios there are not comparable with the CPU ones).
-* ratios: ``vs_jax_nonprivate`` = examples/s over the fastest JAX non-private entry's;
+* ratios: ``vs_jax_nonprivate`` = examples/s over the fastest JAX non-private entry's; ``vs_dpsgd`` (method
+  entries) = examples/s over the plain DP-SGD entry of the same strategy;
   ``vs_fastest_opacus`` = examples/s over the fastest Opacus mode's; ``memory_vs_nonprivate`` = peak memory
   over the same framework's plain non-private step's (plain Flax; plain torch).
 """
@@ -59,10 +65,11 @@ import numpy as np
 import optax
 
 import jaxdp
-from jaxdp import clipping
+from jaxdp import clipping, methods
 from jaxdp.models import ResNet18, random_params
 
 OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+METHOD_NAMES = methods.METHODS[1:]  # the DP-fairness methods (plain DP-SGD is every strategy's "jax dp" entry)
 TORCH_INSTALL = "pip install torch==2.13.0 opacus"  # or: pip install 'jaxdp[bench]'
 
 
@@ -81,6 +88,8 @@ class Entry:
     vs_jax_nonprivate: float | None = None
     vs_fastest_opacus: float | None = None
     memory_vs_nonprivate: float | None = None
+    vs_dpsgd: float | None = None
+    _baseline: str | None = dataclasses.field(default=None, repr=False)  # the entry vs_dpsgd compares with
     _run: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
 
 
@@ -105,13 +114,24 @@ def _legacy_dp_noise(noise_multiplier: float, l2_clip_norm: float, expected_batc
     return optax.GradientTransformation(lambda _: (jax.random.key_data(key), jnp.zeros((), jnp.int32)), update)
 
 
+def _method_of(name: str, l2_clip_norm: float, batch_size: int) -> methods.Method:
+    """A method of jaxdp.methods with its reference parameters (DPSGD-F's C0 = the clip bound)."""
+    from jaxdp.config import base_config
+
+    dp = base_config().dp
+    dp.method, dp.l2_clip_norm = name, l2_clip_norm
+    return methods.from_config(dp, batch_size)
+
+
 def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *, stage_sizes, width: int,
                  num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
-                 seed: int, max_pixels: int, include_noise_only: bool) -> list[Entry]:
+                 seed: int, max_pixels: int, include_noise_only: bool,
+                 method_names: Sequence[str] = ()) -> list[Entry]:
     model = ResNet18(num_classes=2, stage_sizes=stage_sizes, width=width, num_groups=num_groups)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32))
     labels = jnp.asarray(rng.integers(0, 2, batch_size), dtype=jnp.int32)
+    groups = jnp.asarray(rng.random(batch_size) < 0.3, dtype=jnp.int32)
     mask = jnp.ones(batch_size, bool)
     init_params = random_params(model, images[:1], seed)
 
@@ -170,10 +190,60 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
         return lambda: (optax.chain(make_noise(legacy), optax.adam(learning_rate)),
                         lambda p, x, y, m: jax.tree_util.tree_map(jnp.zeros_like, p))
 
+    def add_method(strategy: str, name: str):
+        # One training step of the method: its clip rule and arguments, its counts, the gradient noise scaled to
+        # its sensitivity, the release of its noisy counts and its state update (jaxdp.train.update_step's order).
+        entry = Entry(f"jax dp {strategy} {name}", "jax", True, _baseline=f"jax dp {strategy}")
+        try:
+            method = _method_of(name, l2_clip_norm, batch_size)
+            grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm, strategy=strategy, clip_rule=method.clip_rule)
+            sensitivity = (l2_clip_norm if method.noise_sensitivity(method.init_state()) is None
+                           else float(method.noise_sensitivity(method.init_state())))
+            noise = jaxdp.dp_noise(noise_multiplier, sensitivity, batch_size, jax.random.key(seed + 1))
+            adam = optax.adam(learning_rate)
+            release_key = jax.random.fold_in(jax.random.key(seed + 1), 1)
+
+            def step(params, opt_state, method_state, x, y, g, m):
+                clipped, norms = grad_fn(params, x, y, m, method.clip_args(method_state, g))
+                counts = method.counts(norms, m, g, method_state)
+                noise_state, adam_state = opt_state
+                s = method.noise_sensitivity(method_state)
+                noised, new_noise_state = noise.update(clipped, noise_state, params,
+                                                       **({} if s is None else {"l2_clip_norm": s}))
+                updates, adam_state = adam.update(noised, adam_state, params)
+                method_state = methods.release(method, method_state, counts,
+                                               jax.random.fold_in(release_key, noise_state.count))
+                return optax.apply_updates(params, updates), (new_noise_state, adam_state), method_state
+
+            params = jax.tree_util.tree_map(jnp.copy, init_params)
+            state = {"params": params, "opt_state": (noise.init(params), adam.init(params)),
+                     "method_state": method.init_state()}
+            start = time.perf_counter()
+            compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+                state["params"], state["opt_state"], state["method_state"], images, labels, groups, mask).compile()
+            entry.compile_s = time.perf_counter() - start
+            if jax.default_backend() != "cpu":
+                stats = compiled.memory_analysis()
+                entry.peak_memory_bytes = int(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                                              + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+
+            def run():
+                state["params"], state["opt_state"], state["method_state"] = compiled(
+                    state["params"], state["opt_state"], state["method_state"], images, labels, groups, mask)
+                jax.block_until_ready(state["params"])
+
+            run()  # warm-up
+            entry._run = run
+        except Exception as error:  # noqa: BLE001 - a failing entry is reported, the others still run
+            entry.error = f"{type(error).__name__}: {error}"
+        entries.append(entry)
+
     add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
     add("jax nonprivate (matmul conv)", False, nonprivate(clipping.matmul_convs(loss_fn, max_pixels)))
     for strategy in strategies:
         add(f"jax dp {strategy}", True, private(strategy))
+        for name in method_names:
+            add_method(strategy, name)
     if include_noise_only:
         if strategies:
             add(f"jax dp {strategies[0]} (legacy noise)", True, private(strategies[0], legacy=True))
@@ -350,10 +420,12 @@ def run_benchmark(
     include_noise_only: bool = True,
     settle_s: float = 1.0,
     seed: int = 0,
+    methods: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Benchmarks full training steps (see the module docstring); returns a JSON-ready dict.
 
-    ``strategies`` defaults to every strategy of :func:`jaxdp.clipping.available_strategies`. Each entry is
+    ``strategies`` defaults to every strategy of :func:`jaxdp.clipping.available_strategies`; ``methods`` adds,
+    after each strategy's DP-SGD entry, one entry per DP-fairness method of :mod:`jaxdp.methods` named. Each entry is
     timed ``rounds * steps_per_round`` times, round-robin across entries. An entry that fails to build or
     run (e.g. an Opacus mode that does not support a layer) is reported with its ``error`` and no speed.
 
@@ -374,13 +446,18 @@ def run_benchmark(
     unknown = [m for m in opacus_modes if m not in OPACUS_MODES]
     if unknown:
         raise ValueError(f"Unknown Opacus modes {unknown}; choose from {list(OPACUS_MODES)}.")
+    method_names = list(methods)
+    unknown = [m for m in method_names if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {list(METHOD_NAMES)} (plain DP-SGD is every "
+                         f"strategy's 'jax dp <strategy>' entry).")
     common = dict(stage_sizes=tuple(stage_sizes), width=width, num_groups=num_groups, l2_clip_norm=l2_clip_norm,
                   noise_multiplier=noise_multiplier, learning_rate=learning_rate, seed=seed)
     torch_entries = []
     if compare_opacus:
         _require_torch()  # fail before the long JAX compiles
     entries = _jax_entries(image_size, batch_size, strategies, max_pixels=max_pixels,
-                           include_noise_only=include_noise_only, **common)
+                           include_noise_only=include_noise_only, method_names=method_names, **common)
     if compare_opacus:
         torch_entries = _torch_entries(image_size, batch_size, opacus_modes, **common)
         entries += torch_entries
@@ -421,6 +498,9 @@ def run_benchmark(
             entry.vs_fastest_opacus = entry.examples_per_s / fastest_opacus
         if entry.peak_memory_bytes and baseline_memory[entry.framework]:
             entry.memory_vs_nonprivate = entry.peak_memory_bytes / baseline_memory[entry.framework]
+        baseline = next((e for e in entries if e.name == entry._baseline), None)
+        if entry.examples_per_s and baseline is not None and baseline.examples_per_s:
+            entry.vs_dpsgd = entry.examples_per_s / baseline.examples_per_s
 
     environment = {
         "jax": jax.__version__,
@@ -440,6 +520,8 @@ def run_benchmark(
                   steps_per_round=steps_per_round, settle_s=settle_s, max_pixels=max_pixels,
                   compare_opacus=compare_opacus,
                   opacus_modes=list(opacus_modes) if compare_opacus else [], **common)
+    if method_names:
+        config["methods"] = method_names
     config["stage_sizes"] = list(config["stage_sizes"])
     results = [{k: v for k, v in dataclasses.asdict(e).items() if not k.startswith("_")} for e in entries]
     return {"config": config, "environment": environment, "results": results}
@@ -456,19 +538,19 @@ def format_table(result: dict[str, Any]) -> str:
         f"{config['image_size']}x{config['image_size']}, batch {config['batch_size']}, "
         f"{result['environment']['device']}, {result['environment']['date']}",
         "",
-        "| step | examples/s | vs JAX non-private | vs fastest Opacus | compile s | peak memory MB "
+        "| step | examples/s | vs JAX non-private | vs fastest Opacus | vs DP-SGD | compile s | peak memory MB "
         "| memory vs non-private |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["results"]:
         if r["error"]:
-            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         memory = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
         lines.append(
             f"| {r['name']} | {num(r['examples_per_s'], '.1f')} | {num(r['vs_jax_nonprivate'], '.2f')} | "
-            f"{num(r['vs_fastest_opacus'], '.2f')} | {num(r['compile_s'], '.1f')} | {num(memory, '.1f')} | "
-            f"{num(r['memory_vs_nonprivate'], '.2f')} |"
+            f"{num(r['vs_fastest_opacus'], '.2f')} | {num(r.get('vs_dpsgd'), '.3f')} | {num(r['compile_s'], '.1f')} | "
+            f"{num(memory, '.1f')} | {num(r['memory_vs_nonprivate'], '.2f')} |"
         )
     return "\n".join(lines)
 

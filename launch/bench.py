@@ -3,6 +3,7 @@ r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's str
     python launch/bench.py --image-size 64 --batch-size 32 --compare-opacus --json bench_64.json
     python launch/bench.py --config configs/demo.py           # the model, image size, batch and clipping of a config
     python launch/bench.py --config configs/demo.py --strategies vmap,bookkeeping   # flags override the config
+    python launch/bench.py --config configs/demo.py --methods all    # + DPSGD-F, Global, Global-Adapt steps
 
 What is measured and how: see jaxdp_study/bench.py. On a GPU:
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     parser.add_argument("--strategies", default=None,
                         help="comma-separated jaxdp clipping strategies (default: the config's, else all available)")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated DP-fairness methods (dpsgd_f, dpsgd_global, dpsgd_global_adapt) or "
+                             "'all': one more entry per strategy and method, compared with that strategy's DP-SGD")
     parser.add_argument("--compare-opacus", action="store_true",
                         help=f"also time PyTorch + Opacus, interleaved (needs `{bench.TORCH_INSTALL}`)")
     parser.add_argument("--opacus-modes", default=",".join(bench.OPACUS_MODES))
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             opacus_modes=[m for m in args.opacus_modes.split(",") if m],
             rounds=args.rounds, steps_per_round=args.steps_per_round,
             include_noise_only=not args.no_noise_only, settle_s=args.settle,
+            methods=bench.METHOD_NAMES if args.methods == "all" else [m for m in args.methods.split(",") if m],
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")

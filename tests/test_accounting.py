@@ -239,3 +239,56 @@ def test_ledger_json_round_trip(tmp_path):
     assert loaded != ledger and loaded.steps == 501 and len(loaded.entries) == 2
     with pytest.raises(ValueError, match="Not a jaxdp privacy ledger"):
         accounting.PrivacyLedger.from_json('{"entries": []}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Extra releases on the same batch (issue 13: DPSGD-F's counts, Global-Adapt's count)
+
+
+def test_combined_noise_multiplier_by_hand():
+    # (1^-2 + 1^-2)^-1/2 = 1/sqrt(2); 0.7 and 10: (2.0408 + 0.01)^-1/2 = 0.69829.
+    assert accounting.combined_noise_multiplier(1.0, (1.0,)) == pytest.approx(1 / math.sqrt(2))
+    assert accounting.combined_noise_multiplier(0.7, (10.0,)) == pytest.approx(0.698291, abs=1e-6)
+    assert accounting.combined_noise_multiplier(0.7, (10.0, 10.0)) == pytest.approx((0.7**-2 + 0.02) ** -0.5)
+    assert accounting.combined_noise_multiplier(0.7) == 0.7
+    with pytest.raises(ValueError, match="noise_multiplier=0.0 is not allowed"):
+        accounting.combined_noise_multiplier(0.7, (0.0,))
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "rdp_classic"])
+def test_extra_releases_cost_epsilon_and_equal_the_combined_gaussian(accountant):
+    sampler = PoissonSampler(24_000, expected_batch_size=32)
+    plain, method = accounting.PrivacyLedger(), accounting.PrivacyLedger()
+    plain.record(sampler, 0.7, steps=PAPER_STEPS)
+    for _ in range(3):  # identical steps stay one entry
+        method.record(sampler, 0.7, extra_noise_multipliers=(10.0,))
+    method.record(sampler, 0.7, steps=PAPER_STEPS - 3, extra_noise_multipliers=(10.0,))
+    assert len(method.entries) == 1 and method.steps == PAPER_STEPS
+    z_eff = accounting.combined_noise_multiplier(0.7, (10.0,))
+    eps_method = method.epsilon(PAPER_DELTA, accountant)
+    assert eps_method == accounting.epsilon(z_eff, PAPER_Q, PAPER_STEPS, PAPER_DELTA, accountant)
+    assert eps_method >= plain.epsilon(PAPER_DELTA, accountant)
+    # A strong extra release (sigma = z) costs much more: z_eff = 0.7 / sqrt(2).
+    strong = accounting.PrivacyLedger()
+    strong.record(sampler, 0.7, steps=PAPER_STEPS, extra_noise_multipliers=(0.7,))
+    assert strong.epsilon(PAPER_DELTA, accountant) > 1.5 * plain.epsilon(PAPER_DELTA, accountant)
+
+
+def test_ledger_with_extra_releases_round_trips_and_plain_json_is_unchanged():
+    sampler = PoissonSampler(1_000, 0.02)
+    plain = accounting.PrivacyLedger()
+    plain.record(sampler, 1.1, steps=300)
+    text = plain.to_json()
+    assert '"version": 1' in text and "extra" not in text  # what older jaxdp versions wrote and read
+    assert accounting.PrivacyLedger.from_json(text) == plain
+    method = accounting.PrivacyLedger()
+    method.record(sampler, 1.1, steps=300)
+    method.record(sampler, 1.1, steps=200, extra_noise_multipliers=(10.0, 8.0))
+    assert len(method.entries) == 2  # a different step: a new entry
+    text = method.to_json()
+    assert '"version": 2' in text  # a reader that ignores the extra releases must refuse it, not undercount
+    restored = accounting.PrivacyLedger.from_json(text)
+    assert restored == method and restored.entries[1].extra_noise_multipliers == (10.0, 8.0)
+    assert restored.epsilon(1e-5, "rdp") == method.epsilon(1e-5, "rdp") > plain.epsilon(1e-5, "rdp")
+    with pytest.raises(ValueError, match="version 3 is not supported"):
+        accounting.PrivacyLedger.from_json(text.replace('"version": 2', '"version": 3'))

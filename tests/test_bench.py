@@ -150,3 +150,19 @@ def test_cli_bad_config_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--config", "configs/nope.py"])
     assert e.value.code == 2 and "config file 'configs/nope.py' does not exist" in capsys.readouterr().err
+
+
+def test_method_entries_follow_their_strategy_and_compare_with_its_dp_sgd_step():
+    result = bench.run_benchmark(strategies=["bookkeeping"], methods=bench.METHOD_NAMES, include_noise_only=False,
+                                 **TINY)
+    names = [r["name"] for r in result["results"]]
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
+                     "jax dp bookkeeping dpsgd_f", "jax dp bookkeeping dpsgd_global",
+                     "jax dp bookkeeping dpsgd_global_adapt"]
+    for entry in result["results"]:
+        _check_entry(entry, jax_entry=True)
+        assert (entry["vs_dpsgd"] is not None) == (entry["name"].split()[-1] in bench.METHOD_NAMES)
+    assert result["config"]["methods"] == list(bench.METHOD_NAMES)
+    assert "| vs DP-SGD |" in bench.format_table(result)
+    with pytest.raises(ValueError, match="Unknown methods"):
+        bench.run_benchmark(methods=["dpsgd"], **TINY)

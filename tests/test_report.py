@@ -310,3 +310,115 @@ def test_audit_table_flags_a_lower_bound_above_the_reported_epsilon(workdir, tmp
     _add_audit(dirs["high-ff0.99-clip5-seed0"], (0.2, 1.0))
     report.write_report(wd, figures=False, verbose=False)
     assert "No lower bound exceeds" in (wd / "audit.md").read_text()
+
+
+# --- issue 13: DP-fairness methods, misalignment, groups named by their attribute ---------------------------------
+
+
+class MethodsFakeTrain(FakeTrain):
+    """FakeTrain whose DP-fairness methods each lift the minority by a known amount (dpsgd_f +4, dpsgd_global -2,
+    dpsgd_global_adapt +6 points), and whose histories carry the trainer's misalignment cosines."""
+
+    LIFT = {"dpsgd": 0.0, "dpsgd_f": 4.0, "dpsgd_global": -2.0, "dpsgd_global_adapt": 6.0}
+
+    def __call__(self, config, workdir, *, on_progress=None):
+        from pathlib import Path
+
+        wd = Path(workdir)
+        fresh = not (wd / "final.json").exists()
+        final = super().__call__(config, workdir, on_progress=on_progress)
+        if not fresh or not config.dp.enabled:
+            return final
+        lift = self.LIFT[config.dp.method]
+        final["metrics"]["accuracy_1"] += lift
+        for side in ("ci_low", "ci_high"):
+            final["metrics"][f"accuracy_1_{side}"] += lift
+        final["metrics"]["delta_accuracy"] -= lift
+        (wd / "final.json").write_text(json.dumps(final))
+        rows = [json.loads(line) for line in (wd / "history.jsonl").read_text().splitlines()]
+        for row in rows:
+            for d, base in (("unclipped", 0.8), ("clipped", 0.6), ("noised", 0.1)):
+                row.update({f"nonprivate_cos_{d}_0": base, f"nonprivate_cos_{d}_1": base - 0.2 + lift / 100,
+                            f"nonprivate_cos_{d}_all": base})
+        (wd / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return final
+
+
+def _methods_sweep(group_attribute=None):
+    from jaxdp.config import base_config
+
+    c = base_config()
+    c.name = "m"
+    if group_attribute:
+        c.data.group_attribute = group_attribute
+    c.sweep.methods = grid.grid({"privacy": ("medium",), "data.female_fraction": (0.7, 0.99),
+                                 "dp.method": ("dpsgd", "dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")})
+    c.sweep.baseline = grid.grid({"privacy": ("nondp",), "data.female_fraction": (0.7, 0.99)})
+    return c
+
+
+@pytest.fixture(scope="module")
+def methods_workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("methods")
+    launchers.run_sweep(_methods_sweep(), wd, train_fn=MethodsFakeTrain(), stream=io.StringIO())
+    report.write_report(wd, verbose=False)
+    return wd
+
+
+def test_methods_table_compares_the_methods_per_group_by_hand(methods_workdir):
+    rows = _rows(methods_workdir / "methods.csv")
+    assert [(r["female_fraction"], r["method"]) for r in rows] == [
+        (ff, m) for ff in ("0.7", "0.99") for m in ("dpsgd", "dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")] + [
+        ("0.7", "non-DP"), ("0.99", "non-DP")]
+    by = {(r["female_fraction"], r["method"]): r for r in rows}
+    # FakeTrain at medium, 99% female: female 86, male 84 - 3 - 60 x 0.29 = 63.6; DPSGD-F lifts men by 4.
+    assert float(by["0.99", "dpsgd"]["accuracy_1"]) == pytest.approx(63.6)
+    assert float(by["0.99", "dpsgd_f"]["accuracy_1"]) == pytest.approx(67.6)
+    assert float(by["0.99", "dpsgd_f"]["delta_accuracy"]) == pytest.approx(86 - 67.6)
+    assert float(by["0.99", "dpsgd_f"]["epsilon_pld"]) == pytest.approx(2 / 0.7)
+    assert by["0.7", "non-DP"]["epsilon_pld"] == "" and float(by["0.7", "non-DP"]["accuracy_1"]) == 87.0
+    # The gap's interval (Newcombe) is there, and the misalignment is the mean over the history (non-private).
+    assert float(by["0.99", "dpsgd_f"]["delta_accuracy_ci_low"]) < 86 - 67.6 < \
+        float(by["0.99", "dpsgd_f"]["delta_accuracy_ci_high"])
+    assert float(by["0.7", "dpsgd_global_adapt"]["nonprivate_cos_clipped_1"]) == pytest.approx(0.46)
+    assert by["0.7", "non-DP"]["nonprivate_cos_clipped_1"] == ""
+    md = (methods_workdir / "methods.md").read_text()
+    assert "| medium | 99 | dpsgd_f | 2.86 | 86.00 [" in md and "accuracy female | accuracy male" in md
+    assert "a non-private diagnostic" in md
+
+
+def test_methods_and_misalignment_figures_are_written_and_say_non_private(methods_workdir, monkeypatch):
+    figures = methods_workdir / "figures"
+    assert {"fig8_methods_per_group.png", "fig9_misalignment.png"} <= {p.name for p in figures.glob("*.png")}
+    captured = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    rows = report.summary_rows(methods_workdir)
+    report.figure_misalignment(rows, runs_by_name(methods_workdir), methods_workdir / "unused.png")
+    report.figure_methods(rows, methods_workdir / "unused.png")
+    misalignment, methods_fig = captured
+    assert "a non-private diagnostic" in misalignment._suptitle.get_text()
+    assert all("non-private diagnostic" in ax.get_title() for ax in misalignment.axes[:4])
+    ticks = [t.get_text() for t in methods_fig.axes[0].get_xticklabels()]
+    assert ticks == ["DP-SGD\nε=2.86", "DPSGD-F\nε=2.86", "Global\nε=2.86", "Global-Adapt\nε=2.86", "non-DP"]
+
+
+def test_runs_without_methods_write_no_methods_table(workdir):
+    assert not (workdir / "methods.csv").exists() and not (workdir / "methods.md").exists()
+
+
+def test_groups_are_named_by_the_group_attribute(tmp_path, monkeypatch):
+    launchers.run_sweep(_methods_sweep("Young"), tmp_path, train_fn=MethodsFakeTrain(), stream=io.StringIO())
+    report.write_report(tmp_path, figures=False, verbose=False)
+    assert "at 99% not Young" in (tmp_path / "table1.md").read_text()
+    assert "| to % not Young | seeds | Young drop per seed |" in (tmp_path / "imbalance_drop.md").read_text()
+    assert "accuracy not Young | accuracy Young | gap not Young − Young" in (tmp_path / "methods.md").read_text()
+    assert _rows(tmp_path / "summary.csv")[0]["group_attribute"] == "Young"
+    captured = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
+    (fig,) = captured
+    a, b = fig.axes
+    assert a.get_xlabel() == "not Young share of the data" and b.get_ylabel() == "Δ accuracy, not Young − Young (pp)"
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "not Young" in legend and "Young" in legend
+    assert "paper (CelebA, ResNet18)" not in legend  # the paper's numbers are for Male groups: not drawn

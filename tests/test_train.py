@@ -384,3 +384,86 @@ def test_secure_noise_trains_and_is_part_of_the_run_identity(tmp_path):
                                                         jax.tree_util.tree_leaves(final_params(tmp_path / "secure")),
                                                         strict=True))
     assert json.loads((tmp_path / "secure" / "config.json").read_text())["dp"]["secure_noise"] is True
+
+
+# --- issue 13: DP-fairness methods and the misalignment diagnostics ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dpsgd_f", "dpsgd_global_adapt"])
+def test_a_method_trains_records_its_releases_and_writes_its_state(tmp_path, method):
+    from jaxdp import accounting
+
+    data = tiny_datasets()
+    final = train.train_and_evaluate(tiny_config(**{"dp.method": method}), tmp_path / method, datasets=data)
+    plain = train.train_and_evaluate(tiny_config(), tmp_path / "plain", datasets=data)
+    z_eff = accounting.combined_noise_multiplier(0.5, (10.0,))
+    for name in ("pld", "rdp", "rdp_classic"):
+        assert final["epsilon"][name] == accounting.epsilon(z_eff, final["sampling_prob"], final["steps"], 1e-6, name)
+        assert final["epsilon"][name] > plain["epsilon"][name]
+    assert (final["method"], final["extra_noise_multipliers"], final["group_names"]) == \
+        (method, [10.0], ["female", "male"])
+    assert (plain["method"], plain["extra_noise_multipliers"]) == ("dpsgd", [])
+    resolved = json.loads((tmp_path / method / "config.json").read_text())["dp"][method]
+    assert resolved["count_noise_multiplier"] == 10.0 and None not in resolved.values()
+    rows = [json.loads(line) for line in (tmp_path / method / "history.jsonl").read_text().splitlines()]
+    state_keys = {"dpsgd_f": ("method_clip_norm_0", "method_clip_norm_1"), "dpsgd_global_adapt": ("method_threshold",)}
+    for row in rows:
+        # The method's state is post-processing of its noisy releases (covered by epsilon): not labelled non-private.
+        assert all(row[k] > 0 for k in state_keys[method])
+        assert all(-1 <= row[f"nonprivate_cos_{d}_{g}"] <= 1 for d in ("unclipped", "clipped", "noised")
+                   for g in ("0", "1", "all"))
+    if method == "dpsgd_f":
+        assert all(1.0 <= row["method_clip_norm_0"] <= 3.0 for row in rows)  # C0 <= C_k <= (1 + K) C0, C0 = C = 1
+
+
+def test_global_clipping_turns_the_update_by_nothing_when_every_norm_is_below_z(tmp_path):
+    final = train.train_and_evaluate(tiny_config(**{"dp.method": "dpsgd_global", "train.epochs": 0.5}), tmp_path,
+                                     datasets=tiny_datasets())
+    m = final["metrics"]
+    # Every norm is below Z = 100, so every example is scaled by the same C / Z: the clipped sum is parallel to the
+    # unclipped one (the misalignment comes from the noise alone); the method releases nothing else.
+    for g in ("0", "1", "all"):
+        assert m[f"nonprivate_cos_clipped_{g}"] == pytest.approx(m[f"nonprivate_cos_unclipped_{g}"], abs=1e-5)
+    assert m["nonprivate_clip_fraction_0"] == 0.0 and final["extra_noise_multipliers"] == []
+    assert not [k for k in m if k.startswith("method_")]
+
+
+def test_misalignment_is_measured_only_for_private_runs_and_can_be_turned_off(tmp_path):
+    data = tiny_datasets()
+    nondp = train.train_and_evaluate(tiny_config(**{"dp.enabled": False, "train.epochs": 0.5}), tmp_path / "a",
+                                     datasets=data)
+    off = train.train_and_evaluate(tiny_config(**{"train.misalignment_examples_per_group": 0, "train.epochs": 0.5}),
+                                   tmp_path / "b", datasets=data)
+    for final in (nondp, off):
+        assert not [k for k in final["metrics"] if k.startswith("nonprivate_cos")]
+    assert "nonprivate_clip_fraction_0" in off["metrics"]
+
+
+@pytest.mark.parametrize("method", ["dpsgd_f", "dpsgd_global_adapt"])
+def test_a_method_follows_the_same_trajectory_on_one_and_four_devices(tmp_path, method):
+    params = {}
+    for n in (1, 4):
+        config = tiny_config(**{"train.num_devices": n, "dp.method": method, "train.epochs": 1.0,
+                                "dp.reproducible": True})
+        final = train.train_and_evaluate(config, tmp_path / str(n), datasets=tiny_datasets())
+        params[n] = (final_params(tmp_path / str(n)),
+                     {k: v for k, v in final["metrics"].items() if k.startswith("method_")})
+    assert_trees_close(params[1][0], params[4][0], rtol=1e-4, atol=1e-5)
+    assert params[1][1] == pytest.approx(params[4][1], rel=1e-6)  # the counts, hence the state, are exact
+
+
+def test_a_killed_run_with_a_method_resumes_exactly(tmp_path, fixed_secret):
+    data = tiny_datasets()
+    config = tiny_config(**{"train.epochs": 1.5, "dp.method": "dpsgd_global_adapt"})
+    reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
+
+    def die_at_step_5(step, total, info):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.train_and_evaluate(config, tmp_path / "run", on_progress=die_at_step_5, datasets=data)
+    resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
+    assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
+    assert resumed["metrics"]["method_threshold"] == reference["metrics"]["method_threshold"]
+    assert resumed["metrics"]["nonprivate_cos_noised_1"] == reference["metrics"]["nonprivate_cos_noised_1"]
