@@ -7,7 +7,7 @@ images. Entries:
 
 * ``jax nonprivate (flax conv)``: ``jax.grad`` of the plain Flax model, Adam.
 * ``jax nonprivate (matmul conv)``: the same with small-map convolutions as patches x matmul
-  (:func:`jaxdp.fastclip.matmul_convs`), the fastest non-private JAX step we have: the honest baseline for
+  (:func:`jaxdp.clipping.matmul_convs`), the fastest non-private JAX step we have: the honest baseline for
   "DP cost".
 * ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
 * ``jax dp noise+adam only``: ``dp_noise`` + Adam on zero gradients: the part of a DP step's time that no
@@ -59,8 +59,8 @@ import numpy as np
 import optax
 
 import jaxdp
-from jaxdp import fastclip
-from jaxdp.models import ResNet18
+from jaxdp import clipping
+from jaxdp.models import ResNet18, random_params
 
 OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
 TORCH_INSTALL = "pip install torch==2.13.0 opacus"  # or: pip install 'jaxdp[bench]'
@@ -82,27 +82,6 @@ class Entry:
     vs_fastest_opacus: float | None = None
     memory_vs_nonprivate: float | None = None
     _run: Callable[[], None] | None = dataclasses.field(default=None, repr=False)
-
-
-def random_params(model: Any, example_inputs: jax.Array, seed: int = 0) -> Any:
-    """He-normal kernels, zero biases, unit scales, drawn with numpy from the model's parameter shapes.
-
-    The speed of a step does not depend on the weights' values; ``model.init`` would compile a random-number
-    graph per parameter (tens of seconds on a small CPU) before the benchmark even starts.
-    """
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), example_inputs)["params"]
-
-    def draw(path, leaf):
-        name = getattr(path[-1], "key", "")
-        if name == "scale":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if len(leaf.shape) < 2:
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) * np.sqrt(2.0 / fan_in))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -192,7 +171,7 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
                         lambda p, x, y, m: jax.tree_util.tree_map(jnp.zeros_like, p))
 
     add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
-    add("jax nonprivate (matmul conv)", False, nonprivate(fastclip.matmul_convs(loss_fn, max_pixels)))
+    add("jax nonprivate (matmul conv)", False, nonprivate(clipping.matmul_convs(loss_fn, max_pixels)))
     for strategy in strategies:
         add(f"jax dp {strategy}", True, private(strategy))
     if include_noise_only:
@@ -367,7 +346,7 @@ def run_benchmark(
     l2_clip_norm: float = 5.0,
     noise_multiplier: float = 0.7,
     learning_rate: float = 5e-5,
-    max_pixels: int = fastclip.DEFAULT_MATMUL_MAX_PIXELS,
+    max_pixels: int = clipping.DEFAULT_MATMUL_MAX_PIXELS,
     include_noise_only: bool = True,
     settle_s: float = 1.0,
     seed: int = 0,

@@ -142,3 +142,20 @@ def test_invalid_arguments():
         jaxdp.clipped_grad(linear_loss, l2_clip_norm=1.0, microbatch_size=0)
     with pytest.raises(ValueError, match="Unknown clipping strategy 'magic'"):
         jaxdp.clipped_grad(linear_loss, l2_clip_norm=1.0, strategy="magic")
+
+
+def test_a_strategy_registers_itself():
+    from jaxdp.clipping import core, vmap
+
+    def halved(loss_fn, l2_clip_norm, clip_rule):  # a strategy that clips to half the bound, via vmap's builder
+        return vmap.vmap_strategy(loss_fn, l2_clip_norm / 2, clip_rule)
+
+    clipping.register_strategy("test_halved", halved)
+    try:
+        assert "test_halved" in clipping.available_strategies()
+        clipped, _ = run(linear_loss, {"w": W}, X, Y, np.ones(4, bool), l2_clip_norm=10.0, strategy="test_halved")
+        np.testing.assert_allclose(clipped["w"], [2.5, 10.0], rtol=1e-6)  # the table above, C = 5
+        with pytest.raises(ValueError, match="already registered"):
+            clipping.register_strategy("test_halved", vmap.vmap_strategy)
+    finally:
+        core._STRATEGIES.pop("test_halved")

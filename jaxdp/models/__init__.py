@@ -1,7 +1,7 @@
 """Flax models: the GroupNorm ResNet18 of the paper's reproduction and its family, torchvision conversion."""
 
 from jaxdp.models import torchvision
-from jaxdp.models.factory import create_model, init_variables
+from jaxdp.models.factory import create_model, init_variables, random_params
 from jaxdp.models.resnet import BasicBlock, ResNet, ResNet18
 from jaxdp.models.torchvision import convert_resnet18_state_dict, load_torchvision_checkpoint
 
@@ -13,5 +13,6 @@ __all__ = [
     "create_model",
     "init_variables",
     "load_torchvision_checkpoint",
+    "random_params",
     "torchvision",
 ]

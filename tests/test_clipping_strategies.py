@@ -1,0 +1,119 @@
+"""The fast clipping strategies give the vmap strategy's results: clipped sum, norms, losses, masks, NaN."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clipping_testlib import CONVNET_LOSS, ConvNet, assert_same, cross_entropy_loss, normal, perturbed
+
+import jaxdp
+from jaxdp import clipping
+from jaxdp.models import ResNet18, random_params
+
+FAST = tuple(s for s in clipping.available_strategies() if s != "vmap")
+
+
+@functools.cache
+def _convnet_grad_fn(strategy):
+    return jax.jit(jaxdp.clipped_grad(CONVNET_LOSS, 0.5, strategy=strategy, return_loss=True))
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    model = ConvNet()
+    x = normal(0, (6, 9, 9, 3))
+    x = x.at[3].set(jnp.nan)  # a poisoned example: must be zeroed, reported as non-finite
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    mask = jnp.array([True, True, True, True, True, False])  # the last example is padding
+    params = perturbed(random_params(model, x[:1], seed=1))
+    return CONVNET_LOSS, params, x, y, mask
+
+
+@pytest.mark.parametrize("strategy", FAST)
+def test_matches_vmap_on_conv_groupnorm_dense(convnet, strategy):
+    _, params, x, y, mask = convnet
+    ref = _convnet_grad_fn("vmap")(params, x, y, mask)
+    out = _convnet_grad_fn(strategy)(params, x, y, mask)
+    assert_same(out, ref)
+    norms = np.asarray(out[1])
+    assert not np.isfinite(norms[3]) and np.isfinite(np.delete(norms, 3)).all()
+    assert int(jaxdp.clipping.count_nonfinite(out[1], mask)) == 1
+    # Clip 0.5 is below every finite norm here, so the sum of the four live examples has norm <= 4 * 0.5.
+    assert np.all(np.delete(norms, 3) > 0.5)
+    total = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree_util.tree_leaves(out[0])))
+    assert total <= 4 * 0.5 + 1e-5
+
+
+@pytest.mark.parametrize("strategy", FAST)
+def test_padding_contributes_nothing(convnet, strategy):
+    _, params, x, y, mask = convnet
+    garbage = x.at[5].set(1e6)  # the padding example's values must not matter, even huge ones
+    a = _convnet_grad_fn(strategy)(params, x, y, mask)[0]
+    b = _convnet_grad_fn(strategy)(params, garbage, y, mask)[0]
+    for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_microbatches_and_per_layer_bounds(convnet):
+    loss_fn, params, x, y, mask = convnet
+    bounds = {name: (0.3 if name.startswith("Conv") else 0.2) for name in params}
+    ref = jax.jit(jaxdp.clipped_grad(loss_fn, bounds, 4, return_loss=True))(params, x, y, mask)
+    for strategy in FAST:
+        out = jax.jit(jaxdp.clipped_grad(loss_fn, bounds, 4, strategy=strategy, return_loss=True))(
+            params, x, y, mask)
+        assert_same(out, ref)
+
+
+def test_hand_computed_dense():
+    import flax.linen as nn
+
+    # loss = (x.w - y)^2 / 2 with w = 0 and y = -1: the example's gradient is x itself.
+    model = nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros)
+    params = {"kernel": jnp.zeros((2, 1))}
+
+    def loss_fn(p, x, y):
+        return jnp.mean((model.apply({"params": p}, x)[:, 0] - y) ** 2) / 2
+
+    x = jnp.array([[3.0, 4.0], [0.3, 0.4], [30.0, 40.0]])
+    y = -jnp.ones(3)
+    mask = jnp.array([True, True, False])
+    for strategy in FAST:
+        clipped, norms = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0, strategy=strategy))(params, x, y, mask)
+        # [3, 4] (norm 5) clipped to [0.6, 0.8]; [0.3, 0.4] (norm 0.5) kept; the padding one dropped.
+        np.testing.assert_allclose(clipped["kernel"][:, 0], [0.9, 1.2], rtol=1e-6)
+        np.testing.assert_allclose(norms, [5.0, 0.5, 50.0], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_resnet18_family_member_matches_vmap():
+    # The paper's architecture (smaller): 7x7 stride-2 stem with padding 3, max-pool, a projection block.
+    model = ResNet18(num_classes=2, stage_sizes=(1, 1), width=8, num_groups=4)
+    x = normal(4, (3, 16, 16, 3))
+    y = jnp.array([0, 1, 1])
+    mask = jnp.array([True, True, False])
+    params = perturbed(random_params(model, x[:1], seed=5))
+    loss_fn = cross_entropy_loss(model)
+    assert all(line.endswith("fast (conv)") or line.endswith("fast (dense)")
+               for line in clipping.fast_path_report(loss_fn, params, x, y))
+    ref = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0, return_loss=True))(params, x, y, mask)
+    out = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0, strategy="bookkeeping", return_loss=True))(params, x, y, mask)
+    assert_same(out, ref)
+
+
+def test_matmul_convs_same_value(convnet):
+    loss_fn, params, x, y, _ = convnet
+    x, y = x[:3], y[:3]
+    fast = clipping.matmul_convs(loss_fn, max_pixels=100)
+    np.testing.assert_allclose(jax.jit(fast)(params, x, y), jax.jit(loss_fn)(params, x, y), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.jit(jax.grad(fast))(params, x, y)),
+                    jax.tree_util.tree_leaves(jax.jit(jax.grad(loss_fn))(params, x, y)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_strategies_registered():
+    assert set(FAST) == {"bookkeeping", "vmap_matmul"}
+    assert clipping.available_strategies()[0] == "vmap"
+    with pytest.raises(ValueError, match="l2_clip_norm"):
+        jaxdp.clipped_grad(lambda p, x, y: 0.0, -1.0, strategy="bookkeeping")
