@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.audit.enabled = False
     c.audit.mia_examples_per_group = 500  # members and, as many, non-members per group (0: no membership inference)
     c.audit.canaries_per_group = 500  # one-run audit canaries per group (0: no one-run audit)
+    # "flipped": canaries carry the opposite label (mislabelled examples, which a model that memorises shows most
+    # clearly: the usual choice of audits); "true": their own label (natural examples, a weaker audit).
+    c.audit.canary_labels = "flipped"
     c.audit.num_guess_in = ml_collections.FieldReference(None, field_type=int)  # k+ per group; None: 5% of canaries
     c.audit.num_guess_out = ml_collections.FieldReference(None, field_type=int)  # k- per group; None: 5%
     c.audit.confidence = 0.95
@@ -254,6 +257,8 @@ def _validate_audit(config: ml_collections.ConfigDict) -> None:
                  f"config.audit.{key}={value!r} must be None or in [0, config.audit.canaries_per_group="
                  f"{a.canaries_per_group}].")
     _require(0.0 < float(a.confidence) < 1.0, f"config.audit.confidence={a.confidence} must be in (0, 1).")
+    _require(a.canary_labels in ("flipped", "true"),
+             f"config.audit.canary_labels={a.canary_labels!r}; choose 'flipped' or 'true'.")
     _require(
         config.dp.sampling == "poisson",
         f"config.audit needs config.dp.sampling='poisson' (got {config.dp.sampling!r}): under fixed-size batches a "

@@ -509,8 +509,11 @@ class _AuditSets:
         rng = (np.random.default_rng(child_seed(secret, AUDIT_STREAM)) if secret is not None
                else np.random.default_rng(np.random.SeedSequence([int(config.train.seed), AUDIT_STREAM, 1])))
         canary_idx = np.concatenate(canaries)
+        canary_set = _take(holdout, canary_idx)
+        if a.canary_labels == "flipped":  # mislabelled canaries: what a memorising model gives away most clearly
+            canary_set = canary_set._replace(label=1 - canary_set.label)
         return cls(_take(train_set, np.concatenate(members)), _take(holdout, np.concatenate(nonmembers)),
-                   _take(holdout, canary_idx), audit.draw_canary_coins(len(canary_idx), rng))
+                   canary_set, audit.draw_canary_coins(len(canary_idx), rng))
 
     def training_pool(self, train_set) -> Any:
         """The training set followed by the canaries whose coin came up "in"."""
@@ -540,7 +543,8 @@ class _AuditSets:
                                               self.canaries.group, delta=delta, num_guess_in=a.num_guess_in,
                                               num_guess_out=a.num_guess_out, confidence=float(a.confidence)))
         settings = {"mia_examples_per_group": int(a.mia_examples_per_group),
-                    "canaries_per_group": int(a.canaries_per_group), "confidence": float(a.confidence),
+                    "canaries_per_group": int(a.canaries_per_group), "canary_labels": a.canary_labels,
+                    "confidence": float(a.confidence),
                     "attack": "loss threshold; calibrated by the initial model's loss (mia_cal_, one-run audit)"}
         return {"settings": settings, "nonprivate": json_safe(result)}
 

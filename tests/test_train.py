@@ -467,3 +467,26 @@ def test_a_killed_run_with_a_method_resumes_exactly(tmp_path, fixed_secret):
     assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
     assert resumed["metrics"]["method_threshold"] == reference["metrics"]["method_threshold"]
     assert resumed["metrics"]["nonprivate_cos_noised_1"] == reference["metrics"]["nonprivate_cos_noised_1"]
+
+
+@pytest.mark.slow
+def test_demo_audit_lower_bound_stays_below_the_reported_epsilon_at_high_privacy(tmp_path):
+    """configs/demo_audit.py's high-privacy run at 90% female (the smallest minority), as configured except that the
+    generated pool is 6,000 images instead of 30,000 (enough for its 2,400-image subset and 200 held-out examples
+    per group): the one-run audit's 95% lower bound stays below the reported epsilon, and could have exceeded it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_audit", Path(__file__).parents[1] / "configs" / "demo_audit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from jaxdp_study import grid
+
+    (run,) = [r for r in grid.expand(module.get_config()) if r.name.startswith("high-ff0.9")]
+    config = run.config
+    config.data.synthetic_num_images, config.data.data_dir = 6_000, str(tmp_path / "data")
+    config.train.progress = False
+    final = train.train_and_evaluate(config, tmp_path / "run")
+    audit, epsilon = final["audit"]["nonprivate"], final["epsilon"]["pld"]
+    for g in (0, 1):
+        assert audit[f"epsilon_lower_bound_max_{g}"] > epsilon, "the audit could not have caught a violation"
+        assert audit[f"epsilon_lower_bound_{g}"] <= epsilon, audit
