@@ -23,37 +23,27 @@ Run it with::
     python launch/sweep.py --config configs/demo_audit.py        # results/demo_audit/: audit.md, figures/fig7_*
 """
 
-from jaxdp.config import base_config
-from jaxdp_study.grid import grid
+from pathlib import Path
+
+from jaxdp_study.grid import grid, load_config
 
 FEMALE_FRACTIONS = (0.7, 0.9)
 PAPER_EPSILONS = {"high": 1.15, "medium": 4.98, "low": 16.2}
 
 
 def get_config():
-    c = base_config()
+    c = load_config(Path(__file__).with_name("demo.py"))  # the demo's data generator, model and training settings
     c.name = "demo_audit"
-    c.data.source = "synthetic"
-    c.data.image_size = 32
     c.data.total = 2_400
-    c.data.test_fraction = 1 / 16
-    c.data.split_scheme = "official"
-    c.data.synthetic_num_images = 30_000  # the demo's pool: generated once for both
-    c.model.stage_sizes = (1, 1, 1)
-    c.model.width = 8
-    c.model.num_groups = 8
-    c.optim.learning_rate = 5e-3
     c.train.epochs = 30  # 264 steps of expected batch 256
-    c.train.batch_size = 256
     c.train.eval_every_steps = 88
     c.train.checkpoint_every_steps = 88
-    c.dp.l2_clip_norm = 1.0
-    c.dp.clipping_strategy = "bookkeeping"
     c.audit.enabled = True
     c.audit.mia_examples_per_group = 100
     c.audit.canaries_per_group = 100
     c.audit.num_guess_in = 10
     c.audit.num_guess_out = 10
+    del c.sweep["imbalance"]
     for level, epsilon in PAPER_EPSILONS.items():
         c.sweep[level] = grid({"privacy": (level,), "dp.target_epsilon": (epsilon,),
                                "data.female_fraction": FEMALE_FRACTIONS})

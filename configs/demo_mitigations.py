@@ -19,23 +19,15 @@ moves Z towards the norms from its noisy counts (by at most e^-0.1 per step down
     python launch/sweep.py --config configs/demo_mitigations.py     # results in results/demo_mitigations/
 """
 
-import importlib.util
 from pathlib import Path
 
-from jaxdp_study.grid import grid
+from jaxdp_study.grid import grid, load_config
 
 METHODS = ("dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")
 
 
-def _demo_config():
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).with_name("demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config():
-    c = _demo_config()
+    c = load_config(Path(__file__).with_name("demo.py"))
     c.name = "demo_mitigations"
     del c.sweep["imbalance"]
     c.sweep.dpsgd = grid({"privacy": ("high", "medium", "nondp"), "data.female_fraction": (0.7, 0.99)})

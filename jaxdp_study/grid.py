@@ -28,8 +28,10 @@ import copy
 import dataclasses
 import itertools
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -313,3 +315,15 @@ def select_runs(runs: Sequence[Run], run_filter: str | None) -> list[Run]:
                          f"--dry_run")
     return chosen
 
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """``get_config()`` of an experiment config file (``configs/*.py``), e.g. to build one config on another."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"config file {str(path)!r} does not exist (relative to {os.getcwd()})")
+    spec = importlib.util.spec_from_file_location(f"jaxdp_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -173,7 +173,8 @@ def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "run": record["name"], "grids": ";".join(record.get("grids", [])), "privacy_level": level,
             "dp_enabled": bool(dp["enabled"]),
-            "noise_multiplier": dp["noise_multiplier"] if dp["enabled"] else None,
+            # The z that ran: final.json's (calibrated when dp.target_epsilon is set), not the record's request.
+            "noise_multiplier": final.get("noise_multiplier", dp["noise_multiplier"]) if dp["enabled"] else None,
             "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
             "female_fraction": c["data"]["female_fraction"], "seed": c["train"]["seed"],
             "variant": grid.variant(record.get("axes", {})),

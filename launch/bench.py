@@ -14,27 +14,15 @@ What is measured and how: see jaxdp_study/bench.py. On a GPU:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from jaxdp_study import bench  # noqa: E402
+from jaxdp_study import bench, grid  # noqa: E402
 
 # What the benchmark runs without --config (and what a flag left out keeps): the paper's ResNet18 at 64x64.
 DEFAULTS = dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64, num_groups=32)
-
-
-def load_config(path: str):
-    """``get_config()`` of an experiment config file (``configs/*.py``)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist (relative to {os.getcwd()})")
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -78,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         settings = dict(DEFAULTS)
         if args.config is not None:
-            settings.update(bench.settings_from_config(load_config(args.config)))
+            settings.update(bench.settings_from_config(grid.load_config(args.config)))
         explicit = dict(image_size=args.image_size, batch_size=args.batch_size, stage_sizes=args.stage_sizes,
                         width=args.width, num_groups=args.num_groups,
                         strategies=None if args.strategies is None else [s for s in args.strategies.split(",") if s])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxdp_study import bench
+from jaxdp_study import bench, grid
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(image_size=8, batch_size=2, stage_sizes=(1,), width=4, num_groups=2, rounds=2, settle_s=0.0)
@@ -92,11 +92,10 @@ def _load_launcher():
 
 
 def test_settings_come_from_an_experiment_config():
-    cli = _load_launcher()
-    demo = bench.settings_from_config(cli.load_config(str(ROOT / "configs" / "demo.py")))
+    demo = bench.settings_from_config(grid.load_config(str(ROOT / "configs" / "demo.py")))
     assert demo == dict(image_size=32, batch_size=256, strategies=["bookkeeping"], stage_sizes=(1, 1, 1), width=8,
                         num_groups=8, l2_clip_norm=1.0, noise_multiplier=0.7, learning_rate=5e-3)
-    config = cli.load_config(str(ROOT / "configs" / "tiny.py"))
+    config = grid.load_config(str(ROOT / "configs" / "tiny.py"))
     config.model.norm = "batch"
     with pytest.raises(ValueError, match="GroupNorm ResNets"):
         bench.settings_from_config(config)

@@ -322,14 +322,10 @@ def test_misalignment_cosines_by_hand():
 
 
 def _expand(name):
-    import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {r.name: r.config for r in grid.expand(module.get_config())}
+    return {r.name: r.config for r in grid.expand(grid.load_config(path))}
 
 
 def test_mitigation_configs_sweep_the_methods_and_share_run_names_with_the_plain_studies():

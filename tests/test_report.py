@@ -422,3 +422,17 @@ def test_groups_are_named_by_the_group_attribute(tmp_path, monkeypatch):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "not Young" in legend and "Young" in legend
     assert "paper (CelebA, ResNet18)" not in legend  # the paper's numbers are for Male groups: not drawn
+
+
+def test_the_noise_multiplier_reported_is_the_one_that_ran(workdir, tmp_path):
+    """With dp.target_epsilon the run calibrates z; summary.csv shows final.json's z, not the record's request."""
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    run_dir = runs_by_name(wd)["high-ff0.7-clip5-seed0"]
+    final = json.loads((run_dir / "final.json").read_text())
+    final["noise_multiplier"] = 2.34
+    (run_dir / "final.json").write_text(json.dumps(final))
+    report.write_report(wd, figures=False, verbose=False)
+    rows = {r["run"]: r for r in _rows(wd / "summary.csv")}
+    assert rows["high-ff0.7-clip5-seed0"]["noise_multiplier"] == "2.34"
+    assert rows["high-ff0.9-clip5-seed0"]["noise_multiplier"] == "1.5"

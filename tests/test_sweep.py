@@ -119,12 +119,7 @@ def small_sweep() -> ml_collections.ConfigDict:
 
 
 def test_paper_grid_is_26_runs_one_per_published_row():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_cfg", REPO / "configs" / "paper.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    runs = grid.expand(mod.get_config())
+    runs = grid.expand(_load_config("paper"))
     # 4 levels x 5 fractions + 3 levels x 3 clips, sharing the 3 clip-5 runs at 70%.
     assert len(runs) == 26
     shared = [r for r in runs if set(r.grids) == {"imbalance", "clipping"}]
@@ -138,13 +133,8 @@ def test_paper_grid_is_26_runs_one_per_published_row():
 
 
 def test_level_configs_match_the_paper_settings():
-    import importlib.util
-
     for name, z in (("high", 1.5), ("medium", 0.7), ("low", 0.5), ("nondp", None)):
-        spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        runs = grid.expand(mod.get_config())
+        runs = grid.expand(_load_config(name))
         assert [r.config.data.female_fraction for r in runs] == [0.7, 0.8, 0.9, 0.99, 0.999]
         for r in runs:
             assert r.config.dp.enabled is (z is not None)
@@ -154,12 +144,7 @@ def test_level_configs_match_the_paper_settings():
 
 
 def _load_config(name: str) -> ml_collections.ConfigDict:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg", REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return grid.load_config(REPO / "configs" / f"{name}.py")
 
 
 @pytest.mark.parametrize("level, z", [("high", 1.5), ("medium", 0.7), ("low", 0.5), ("nondp", None)])
@@ -453,14 +438,9 @@ def test_real_training_tiny_sweep_end_to_end(tmp_path):
     The run is non-private because its program compiles in a fraction of the DP step's time; the DP path of
     the trainer is tested in tests/test_train.py, and the sweep treats both alike.
     """
-    import importlib.util
-
     from jaxdp_study import report
 
-    spec = importlib.util.spec_from_file_location("tiny_cfg", REPO / "configs" / "tiny.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = _load_config("tiny")
     c.data.data_dir = str(tmp_path / "data")
     c.sweep.imbalance = grid.grid({"privacy": ("nondp",), "data.female_fraction": (0.7,)})
     result = launchers.run_sweep(c, tmp_path / "w")

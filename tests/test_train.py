@@ -474,14 +474,10 @@ def test_demo_audit_lower_bound_stays_below_the_reported_epsilon_at_high_privacy
     """configs/demo_audit.py's high-privacy run at 90% female (the smallest minority), as configured except that the
     generated pool is 6,000 images instead of 30,000 (enough for its 2,400-image subset and 200 held-out examples
     per group): the one-run audit's 95% lower bound stays below the reported epsilon, and could have exceeded it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_audit", Path(__file__).parents[1] / "configs" / "demo_audit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     from jaxdp_study import grid
 
-    (run,) = [r for r in grid.expand(module.get_config()) if r.name.startswith("high-ff0.9")]
+    config_file = Path(__file__).parents[1] / "configs" / "demo_audit.py"
+    (run,) = [r for r in grid.expand(grid.load_config(config_file)) if r.name.startswith("high-ff0.9")]
     config = run.config
     config.data.synthetic_num_images, config.data.data_dir = 6_000, str(tmp_path / "data")
     config.train.progress = False
