@@ -75,11 +75,13 @@ _ODD_LOSS = cross_entropy_loss(OddConvNet())
 
 # max_pixels 0: every convolution by XLA; 10**6: every convolution as patches x matmul. max_patch_bytes 1:
 # patches for one example at a time; 3000: a few examples at a time, the last chunk shorter; the default: the
-# whole batch at once.
-@pytest.mark.parametrize("max_pixels, max_patch_bytes", [
-    (0, 1), (10**6, 3000), (0, clipping.DEFAULT_MAX_PATCH_BYTES), (16, 3000)])
+# whole batch at once. max_stored_bytes 0: every layer's patches formed twice (norms, then clipped sum); the
+# default: the small layers' per-example gradients formed once and kept.
+@pytest.mark.parametrize("max_pixels, max_patch_bytes, max_stored_bytes", [
+    (0, 1, 0), (10**6, 3000, 0), (0, clipping.DEFAULT_MAX_PATCH_BYTES, bookkeeping.DEFAULT_MAX_STORED_BYTES),
+    (16, 3000, bookkeeping.DEFAULT_MAX_STORED_BYTES), (0, clipping.DEFAULT_MAX_PATCH_BYTES, 0)])
 @pytest.mark.parametrize("net", ["convnet", "odd"])
-def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, net):
+def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, max_stored_bytes, net):
     if net == "convnet":
         loss_fn, params, x, y, mask = convnet
     else:
@@ -89,7 +91,7 @@ def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, net)
         mask = jnp.array([True] * 6 + [False])
         params = perturbed(random_params(OddConvNet(), x[:1], seed=4))
     ref = jax.jit(jaxdp.clipped_grad(loss_fn, 0.5, return_loss=True))(params, x, y, mask)
-    options = {"max_pixels": max_pixels, "max_patch_bytes": max_patch_bytes}
+    options = {"max_pixels": max_pixels, "max_patch_bytes": max_patch_bytes, "max_stored_bytes": max_stored_bytes}
     out = jax.jit(jaxdp.clipped_grad(loss_fn, 0.5, None, strategy="bookkeeping", return_loss=True,
                                      strategy_options=options))(params, x, y, mask)
     assert_same(out, ref)
