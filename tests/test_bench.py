@@ -27,7 +27,8 @@ def _check_entry(entry, *, jax_entry):
 def test_run_benchmark_jax_only():
     result = bench.run_benchmark(strategies=["bookkeeping"], **TINY)
     names = [r["name"] for r in result["results"]]
-    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
+                     "jax nonprivate (matmul weight grads)", "jax dp bookkeeping",
                      "jax dp bookkeeping (legacy noise)", "jax dp noise+adam only",
                      "jax dp noise+adam only (legacy noise)"]
     for entry in result["results"]:
@@ -138,6 +139,7 @@ def test_cli_benchmarks_a_config_with_todays_json(tmp_path, capsys):
                                      "seed"])
     assert sorted(result) == ["config", "environment", "results"]
     assert [r["name"] for r in result["results"]] == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
+                     "jax nonprivate (matmul weight grads)",
                                                       "jax dp vmap"]
     for entry in result["results"]:
         _check_entry(entry, jax_entry=True)
@@ -155,7 +157,8 @@ def test_method_entries_follow_their_strategy_and_compare_with_its_dp_sgd_step()
     result = bench.run_benchmark(strategies=["bookkeeping"], methods=bench.METHOD_NAMES, include_noise_only=False,
                                  **TINY)
     names = [r["name"] for r in result["results"]]
-    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
+                     "jax nonprivate (matmul weight grads)", "jax dp bookkeeping",
                      "jax dp bookkeeping dpsgd_f", "jax dp bookkeeping dpsgd_global",
                      "jax dp bookkeeping dpsgd_global_adapt"]
     for entry in result["results"]:

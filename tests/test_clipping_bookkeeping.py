@@ -9,7 +9,7 @@ from clipping_testlib import CONVNET_LOSS, ConvNet, assert_same, cross_entropy_l
 
 import jaxdp
 from jaxdp import clipping
-from jaxdp.clipping import bookkeeping
+from jaxdp.clipping import bookkeeping, layers
 from jaxdp.clipping.layers import Layer, per_example_matrices
 from jaxdp.models import random_params
 
@@ -112,10 +112,10 @@ def test_chunked_layer_norms_and_sums(chunk):
     dy = normal(11, (5, 1, 6, 6, 3))
     p, d = per_example_matrices(x, dy, layer)
     per_example = jnp.einsum("btk,bto->bko", p, d)
-    got = jax.jit(lambda a, b: bookkeeping._over_chunks(
+    got = jax.jit(lambda a, b: layers.over_chunks(
         lambda u, v: _kernel_sq_norms(*per_example_matrices(u, v, layer)), (a, b), chunk, reduce=False))(x, dy)
     np.testing.assert_allclose(got, jnp.sum(per_example**2, axis=(1, 2)), rtol=1e-5)
-    got = jax.jit(lambda a, b: bookkeeping._patch_kernel_grad(a, b, layer, chunk))(x, dy)
+    got = jax.jit(lambda a, b: layers.summed_kernel_grad(a, b, layer, chunk))(x, dy)
     np.testing.assert_allclose(got, jnp.sum(per_example, axis=0), rtol=1e-5, atol=1e-5)
 
 

@@ -53,7 +53,7 @@ from jaxdp.clipping.core import (
     sensitivity,
     validate_clip_norm,
 )
-from jaxdp.clipping.matmul import DEFAULT_MATMUL_MAX_PIXELS, matmul_convs
+from jaxdp.clipping.matmul import DEFAULT_MATMUL_MAX_PIXELS, matmul_convs, matmul_weight_grads
 
 __all__ = [
     "DEFAULT_MATMUL_MAX_PIXELS",
@@ -68,6 +68,7 @@ __all__ = [
     "get_strategy",
     "matmul",
     "matmul_convs",
+    "matmul_weight_grads",
     "register_strategy",
     "sensitivity",
     "validate_clip_norm",

@@ -76,7 +76,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -95,7 +95,9 @@ from jaxdp.clipping.layers import (
     layer_forward,
     layer_input,
     module_path,
+    over_chunks,
     per_example_matrices,
+    summed_kernel_grad,
 )
 
 PyTree = Any
@@ -112,8 +114,8 @@ DEFAULT_MAX_STORED_BYTES = 64 * 2**20
 
 # Patches for the stored per-example gradients are formed for as many examples at a time as fit in this many
 # bytes: small enough to stay in the CPU's cache (measured on the demo's 32x32 layers: 2.6x faster than forming
-# them for the whole batch at once).
-_STORED_PATCH_BYTES = 2 * 2**20
+# them for the whole batch at once; 0.5 to 1 MiB was best).
+_STORED_PATCH_BYTES = 2**20
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,29 +210,6 @@ def _ghost_parts(p: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.stack([ghost, loose.astype(ghost.dtype), abs_norms * (1 + _gamma(k + o + t + 4))], axis=1)
 
 
-def _over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: bool) -> jax.Array:
-    """``fn`` applied to consecutive chunks of ``chunk`` examples of ``arrays`` (sliced in place, one chunk
-    alive at a time, by ``lax.fori_loop``; a shorter last chunk is one more call). ``reduce``: sum the
-    results; else concatenate them along the example axis."""
-    batch = arrays[0].shape[0]
-    full, rest = divmod(batch, chunk)
-    tail = [a[full * chunk:] for a in arrays] if rest else None
-    if full <= 1:
-        parts = ([fn(*[a[:chunk] for a in arrays])] if full else []) + ([fn(*tail)] if rest else [])
-        return sum(parts[1:], parts[0]) if reduce else jnp.concatenate(parts)
-    shape = jax.eval_shape(fn, *[a[:chunk] for a in arrays])
-
-    def body(n, acc):
-        out = fn(*[lax.dynamic_slice_in_dim(a, n * chunk, chunk) for a in arrays])
-        return acc + out if reduce else lax.dynamic_update_slice_in_dim(acc, out, n * chunk, 0)
-
-    init = jnp.zeros(shape.shape if reduce else (full * chunk,) + shape.shape[1:], shape.dtype)
-    result = lax.fori_loop(0, full, body, init)
-    if rest:
-        result = result + fn(*tail) if reduce else jnp.concatenate([result, fn(*tail)])
-    return result
-
-
 def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int,
                               fallback_chunk: int) -> jax.Array:
     """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i dy_i))`` is what the
@@ -240,38 +219,29 @@ def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: 
     p, d = jax.eval_shape(lambda a, b: per_example_matrices(a[:1], b[:1], layer), x, dy)
     t, k, o = p.shape[1], p.shape[2], d.shape[2]
     if not _uses_ghost(t, k, o):
-        return _over_chunks(lambda a, b: _materialised_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
+        return over_chunks(lambda a, b: _materialised_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
                             reduce=False)
-    parts = _over_chunks(lambda a, b: _ghost_parts(*per_example_matrices(a, b, layer)), (x, dy), chunk,
+    parts = over_chunks(lambda a, b: _ghost_parts(*per_example_matrices(a, b, layer)), (x, dy), chunk,
                          reduce=False)
     ghost, loose, abs_norm = parts[:, 0], parts[:, 1] > 0, parts[:, 2]
 
     def materialised():
-        norms = _over_chunks(lambda a, b: _materialised_norms(*per_example_matrices(a, b, layer)), (x, dy),
+        norms = over_chunks(lambda a, b: _materialised_norms(*per_example_matrices(a, b, layer)), (x, dy),
                              fallback_chunk, reduce=False)
         return jnp.where(loose, norms + _gamma(t) * abs_norm, ghost)
 
     return lax.cond(jnp.any(loose), materialised, lambda: ghost) + _sum_error(t) * abs_norm
 
 
-def _patch_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
-    """``sum_i P_i^T g_i`` (``[K, O]``), for ``chunk`` examples at a time."""
-
-    def part(a, b):
-        p, d = per_example_matrices(a, b, layer)
-        return jnp.einsum("btk,bto->ko", p, d, precision=_HIGHEST)
-
-    return _over_chunks(part, (x, g), chunk, reduce=True)
-
-
 def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) -> jax.Array:
-    """Every example's weight gradient ``fl(P_i^T D_i)`` ``[B, K, O]``, for ``chunk`` examples at a time."""
+    """Every example's weight gradient, transposed: ``fl(D_i^T P_i)`` ``[B, O, K]``, for ``chunk`` examples at a
+    time (output channels first: measured 1.5x faster than ``[B, K, O]`` on XLA's CPU backend)."""
 
     def part(a, b):
         p, d = per_example_matrices(a, b, layer)
-        return jnp.einsum("btk,bto->bko", p, d, precision=_HIGHEST)
+        return jnp.einsum("bto,btk->bok", d, p, precision=_HIGHEST)
 
-    return _over_chunks(part, (x, dy), chunk, reduce=False)
+    return over_chunks(part, (x, dy), chunk, reduce=False)
 
 
 def _stores_grads(batch: int, layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
@@ -518,14 +488,14 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
     for n, i in enumerate(fast):
         layer, k = plan.layers[i], plan.kernel_leaf[i]
         if i in stored:
-            clipped[k] = core.weighted_sum(weights[k], stored[i], live).reshape(leaves[k].shape)
+            clipped[k] = core.weighted_sum(weights[k], stored[i], live).T.reshape(leaves[k].shape)
         else:
             x, dy = core.batch_where(live, layer_inputs[n]), core.batch_where(live, out_grads[n])
             # Book-keeping: the clipped sum of the layer's per-example weight gradients as one matmul of patches
             # and per-example scaled output gradients, ``sum_i P_i^T (c_i dy_i)`` (chunk by chunk).
             scaled = dy * weights[k].reshape((-1,) + (1,) * (dy.ndim - 1))
             chunk = max(1, max_patch_bytes // _patch_bytes(layer_inputs[n], layer, plan.out_shapes[i]))
-            clipped[k] = _patch_kernel_grad(x, scaled, layer, chunk).reshape(leaves[k].shape)
+            clipped[k] = summed_kernel_grad(x, scaled, layer, chunk).reshape(leaves[k].shape)
         if layer.use_bias:
             b = plan.bias_leaf[i]
             clipped[b] = core.weighted_sum(weights[b], bias_grads[i], live).reshape(leaves[b].shape)
