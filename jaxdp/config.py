@@ -61,7 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dp.delta = 1e-6
     c.dp.sampling = "poisson"  # "poisson" (what the accountants assume) | "fixed" (paper's shuffled batches)
     c.dp.accountant = "pld"  # the accountant shown in progress and used for calibration
-    c.dp.clipping_strategy = "vmap"
+    # "auto": the fastest exact strategy for the model (jaxdp.clipping.auto; final.json records the pick), or
+    # one of jaxdp.clipping.available_strategies(): "vmap" (the reference), "vmap_matmul", "bookkeeping".
+    c.dp.clipping_strategy = "auto"
     c.dp.microbatch_size = ml_collections.FieldReference(None, field_type=int)
     c.dp.target_epsilon = ml_collections.FieldReference(None, field_type=float)  # set: calibrate noise
     # False (default): batch sampling and noise come from a secret 128-bit seed drawn from the OS when the run
@@ -207,6 +209,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(t.misalignment_examples_per_group, int) and t.misalignment_examples_per_group >= 0,
              f"config.train.misalignment_examples_per_group={t.misalignment_examples_per_group!r} must be an integer "
              ">= 0 (0 turns the misalignment diagnostic off).")
+    from jaxdp.clipping import available_strategies
+
+    _require(p.clipping_strategy in available_strategies(),
+             f"config.dp.clipping_strategy={p.clipping_strategy!r}; choose one of "
+             f"{', '.join(map(repr, available_strategies()))}.")
     method_errors = methods.check_config(p)
     _require(not method_errors, " ".join(method_errors))
     if p.enabled:

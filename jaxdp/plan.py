@@ -111,6 +111,8 @@ class DPPlan:
       release_key: the secret key of the method's count noise (None when the method releases nothing else).
       unclipped_grad_fn: ``(params, model_state, inputs, labels, mask) -> sum of the real examples' unclipped
         gradients`` (diagnostics only: no privacy).
+      clipping_strategy: the clipping strategy that runs (``"auto"`` resolved when the input shape was given to
+        :func:`make_plan`), and why it was picked; None without DP.
     """
 
     private: bool
@@ -125,6 +127,8 @@ class DPPlan:
     method: methods.Method = methods.DPSGD()
     release_key: jax.Array | None = None
     unclipped_grad_fn: Callable[..., Any] | None = None
+    clipping_strategy: str | None = None
+    clipping_strategy_reason: str | None = None
 
     def record_step(self, ledger: accounting.PrivacyLedger) -> None:
         """Adds one step's privacy event (the sampler's scheme and rate, the gradient's noise multiplier and those
@@ -176,6 +180,7 @@ def make_plan(
     secret: int | None,
     num_devices: int = 1,
     public_size: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> DPPlan:
     """Builds the plan of a run from its config.
 
@@ -190,6 +195,8 @@ def make_plan(
         ``dataset_size``). An audited run samples from its training set plus the canaries its secret coins
         included, at the q of the training set alone, so that neither q, the step count nor epsilon depends on
         the coins.
+      input_shape: one example's input shape (e.g. ``(32, 32, 3)``): resolves ``clipping_strategy="auto"`` now,
+        so that the plan records which strategy runs (otherwise it is resolved when the step is traced).
     """
     private = bool(config.dp.enabled)
     reproducible = bool(config.dp.reproducible)
@@ -246,9 +253,15 @@ def make_plan(
         logits, _ = apply(params, {}, x, True)
         return jnp.mean(cross_entropy(logits, y))
 
+    strategy, reason = str(config.dp.clipping_strategy), "set in config.dp.clipping_strategy"
+    if strategy == "auto" and input_shape is not None:
+        inputs = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), inputs)["params"]
+        strategy, reason = clipping.resolve_strategy(mean_loss, params, inputs,
+                                                     jax.ShapeDtypeStruct((1,), jnp.int32))
+        reason = f"auto: {reason}"
     clipped = clipping.clipped_grad(mean_loss, l2_clip_norm=l2_clip_norm, microbatch_size=config.dp.microbatch_size,
-                                    strategy=config.dp.clipping_strategy, return_loss=True,
-                                    clip_rule=method.clip_rule)
+                                    strategy=strategy, return_loss=True, clip_rule=method.clip_rule)
 
     def clipped_grads(params, model_state, x, y, mask, clip_args=None):
         grad_sum, norms, losses = clipped(params, x, y, mask, clip_args)
@@ -262,7 +275,8 @@ def make_plan(
     tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key, secure=bool(config.dp.secure_noise))
     release_key = jax.random.fold_in(noise_key, _RELEASE_FOLD) if method.num_counts else None
     return DPPlan(True, sampler, clipped_grads, sensitivity, noise_multiplier, tx, float(batch_size), total_steps,
-                  reproducible, method=method, release_key=release_key, unclipped_grad_fn=unclipped_grads)
+                  reproducible, method=method, release_key=release_key, unclipped_grad_fn=unclipped_grads,
+                  clipping_strategy=strategy, clipping_strategy_reason=reason)
 
 
 def _calibrate(config: ml_collections.ConfigDict, sampler: Any, total_steps: int, dataset_size: int,

@@ -646,7 +646,7 @@ def train_and_evaluate(
         audit_sets = _AuditSets.build(config, train_set, holdout, secret)
         train_set = audit_sets.training_pool(train_set)
     plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size,
-                     public_size=public_size)
+                     public_size=public_size, input_shape=tuple(train_set.images.shape[1:]))
     optimizer = make_optimizer(config)
     tx = optax.chain(plan.noise, optimizer)
 
@@ -781,6 +781,8 @@ def train_and_evaluate(
         "delta": delta,
         "noise_multiplier": plan.noise_multiplier,
         "method": plan.method.name if private else None,
+        "clipping_strategy": plan.clipping_strategy,
+        "clipping_strategy_reason": plan.clipping_strategy_reason,
         "extra_noise_multipliers": list(plan.method.extra_noise_multipliers) if private else [],
         "group_names": list(data.group_names(config.data)),
         "steps": total,

@@ -245,6 +245,10 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
     # What jaxdp's non-private runs use (jaxdp.plan): every convolution's weight gradient as a patches matmul.
     add("jax nonprivate (matmul weight grads)", False, nonprivate(clipping.matmul_weight_grads(loss_fn, max_pixels)))
     for strategy in strategies:
+        if strategy == "auto":  # the name says what ran
+            picked, _ = clipping.resolve_strategy(loss_fn, init_params, images, labels)
+            add(f"jax dp auto ({picked})", True, private(strategy))
+            continue
         add(f"jax dp {strategy}", True, private(strategy))
         for name in method_names:
             add_method(strategy, name)

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,8 +113,57 @@ def test_matmul_convs_same_value(convnet):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_patch_bytes, max_channels", [(1, 64), (10**9, 64), (1, 8)])
+def test_matmul_weight_grads_same_gradient(convnet, max_patch_bytes, max_channels):
+    # Patches one example at a time / the whole batch at once; max_channels 8: the 16-channel layers keep XLA's.
+    loss_fn, params, x, y, _ = convnet
+    x, y = x[:3], y[:3]
+    fast = clipping.matmul_weight_grads(loss_fn, max_patch_bytes=max_patch_bytes, max_channels=max_channels)
+    np.testing.assert_allclose(jax.jit(fast)(params, x, y), jax.jit(loss_fn)(params, x, y), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.jit(jax.grad(fast))(params, x, y)),
+                    jax.tree_util.tree_leaves(jax.jit(jax.grad(loss_fn))(params, x, y)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _Grouped(nn.Module):
+    """A grouped convolution: outside bookkeeping's fast path."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), feature_group_count=2)(nn.Conv(4, (3, 3))(x))
+        return nn.Dense(2)(jnp.mean(x, axis=(1, 2)))
+
+
+class _Tied(nn.Module):
+    """One Dense layer applied twice: its parameters are used by two calls."""
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.Dense(x.shape[-1])
+        return layer(nn.relu(layer(x)))[..., :2]
+
+
+def test_auto_picks_by_model_and_matches_vmap(convnet):
+    loss_fn, params, x, y, mask = convnet
+    assert clipping.resolve_strategy(loss_fn, params, x, y)[0] == "bookkeeping"
+    grouped_x, flat_x = normal(1, (4, 6, 6, 2)), normal(2, (4, 3))
+    labels = jnp.array([0, 1, 1, 0])
+    for model, inputs, expected in [(_Grouped(), grouped_x, "vmap_matmul"), (_Tied(), flat_x, "vmap")]:
+        model_loss = cross_entropy_loss(model)
+        model_params = perturbed(random_params(model, inputs[:1], seed=3))
+        name, reason = clipping.resolve_strategy(model_loss, model_params, inputs, labels)
+        assert name == expected and "fall back" in reason
+        # Shapes are enough.
+        specs = jax.ShapeDtypeStruct((9, *inputs.shape[1:]), inputs.dtype), jax.ShapeDtypeStruct((9,), jnp.int32)
+        assert clipping.resolve_strategy(model_loss, model_params, *specs)[0] == expected
+        mask4 = jnp.ones(4, bool)
+        ref = jax.jit(jaxdp.clipped_grad(model_loss, 0.5, return_loss=True))(model_params, inputs, labels, mask4)
+        auto = jaxdp.clipped_grad(model_loss, 0.5, strategy="auto", return_loss=True)
+        assert_same(jax.jit(auto)(model_params, inputs, labels, mask4), ref)
+
+
 def test_strategies_registered():
-    assert set(FAST) == {"bookkeeping", "vmap_matmul"}
+    assert set(FAST) == {"bookkeeping", "vmap_matmul", "auto"}
     assert clipping.available_strategies()[0] == "vmap"
     with pytest.raises(ValueError, match="l2_clip_norm"):
         jaxdp.clipped_grad(lambda p, x, y: 0.0, -1.0, strategy="bookkeeping")

@@ -339,7 +339,7 @@ def test_mitigation_configs_sweep_the_methods_and_share_run_names_with_the_plain
     assert len(demo_mitigations) == 18
     assert {n for n, c in demo_mitigations.items() if c.dp.method == "dpsgd"} <= set(demo)
     run = demo_mitigations["medium-ff0.99-clip1-seed0-methoddpsgd_f"]
-    assert (run.data.image_size, run.train.batch_size, run.dp.clipping_strategy) == (32, 256, "bookkeeping")
+    assert (run.data.image_size, run.train.batch_size, run.dp.clipping_strategy) == (32, 256, "auto")
 
 
 def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand():

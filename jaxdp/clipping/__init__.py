@@ -36,12 +36,16 @@ All compute the same clipped sum to float tolerance, each registered by its own 
 - ``"vmap_matmul"`` (:mod:`jaxdp.clipping.matmul`): the same with small-map convolutions as patches x matmul.
 - ``"bookkeeping"`` (:mod:`jaxdp.clipping.bookkeeping`): ghost norms and book-keeping, no per-example weight
   gradients; :func:`fast_path_report` says which layers it handles.
+- ``"auto"`` (:mod:`jaxdp.clipping.auto`): one of the above, picked for the model by a rule from the benchmark
+  (:func:`resolve_strategy` says which and why); the default of ``config.dp.clipping_strategy``.
 """
 
 # The built-in strategies register themselves on import, in this order (available_strategies()).
 from jaxdp.clipping import vmap  # noqa: I001  (registration order)
 from jaxdp.clipping import bookkeeping, matmul
-from jaxdp.clipping.bookkeeping import DEFAULT_MAX_PATCH_BYTES, fast_path_report
+from jaxdp.clipping import auto  # after the strategies it chooses from
+from jaxdp.clipping.auto import resolve_strategy
+from jaxdp.clipping.bookkeeping import DEFAULT_MAX_PATCH_BYTES, fast_path_layers, fast_path_report
 from jaxdp.clipping.core import (
     ClipRule,
     available_strategies,
@@ -59,17 +63,20 @@ __all__ = [
     "DEFAULT_MATMUL_MAX_PIXELS",
     "DEFAULT_MAX_PATCH_BYTES",
     "ClipRule",
+    "auto",
     "available_strategies",
     "bookkeeping",
     "clip_and_sum",
     "clipped_grad",
     "count_nonfinite",
+    "fast_path_layers",
     "fast_path_report",
     "get_strategy",
     "matmul",
     "matmul_convs",
     "matmul_weight_grads",
     "register_strategy",
+    "resolve_strategy",
     "sensitivity",
     "validate_clip_norm",
     "vmap",

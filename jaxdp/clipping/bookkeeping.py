@@ -357,9 +357,10 @@ def _make_plan(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: 
             return loss_fn(jax.tree_util.tree_unflatten(treedef, real), x, y)
 
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    one = lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype)  # arrays or shape specs
     specs = [spec(leaf) for leaf in leaves]
     # A fresh function object each time, so that no cached trace skips the interceptor.
-    jaxpr = jax.make_jaxpr(lambda *a: traced(*a))(specs, specs, spec(inputs[:1]), spec(labels[:1])).jaxpr
+    jaxpr = jax.make_jaxpr(lambda *a: traced(*a))(specs, specs, one(inputs), one(labels)).jaxpr
     real_vars = jaxpr.invars[: len(leaves)]
     used = {v for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, Var)}
     used |= {v for v in jaxpr.outvars if isinstance(v, Var)}
@@ -383,12 +384,19 @@ def _make_plan(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: 
     )
 
 
+def fast_path_layers(loss_fn: core.LossFn, params: PyTree, inputs: Any, labels: Any) -> list[tuple[Layer, str | None]]:
+    """Every ``nn.Conv`` / ``nn.Dense`` call of ``loss_fn`` in call order, with why it falls back to per-example
+    vmap in ``"bookkeeping"`` (None: on the fast path). ``params``, ``inputs``, ``labels`` may be arrays or
+    ``jax.ShapeDtypeStruct`` s."""
+    plan = _make_plan(loss_fn, params, inputs, labels)
+    return list(zip(plan.layers, plan.fallback, strict=True))
+
+
 def fast_path_report(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: jax.Array) -> list[str]:
     """One line per ``nn.Conv`` / ``nn.Dense`` call of ``loss_fn``: whether ``"bookkeeping"`` handles it
     with ghost norms, and if not, why (so a user can see which layers fall back to per-example vmap)."""
-    plan = _make_plan(loss_fn, params, inputs, labels)
     lines = []
-    for layer, why in zip(plan.layers, plan.fallback, strict=True):
+    for layer, why in fast_path_layers(loss_fn, params, inputs, labels):
         name = "/".join(layer.path) or "<root>"
         lines.append(f"{name}: fast ({layer.kind})" if why is None else f"{name}: per-example vmap fallback ({why})")
     return lines
