@@ -246,9 +246,7 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
     add("jax nonprivate (matmul weight grads)", False, nonprivate(clipping.matmul_weight_grads(loss_fn, max_pixels)))
     for strategy in strategies:
         if strategy == "auto":  # the name says what ran
-            picked, _ = clipping.resolve_strategy(loss_fn, init_params, images, labels)
-            add(f"jax dp auto ({picked})", True, private(strategy))
-            continue
+            strategy = clipping.resolve_strategy(loss_fn, init_params, images, labels)[0]
         add(f"jax dp {strategy}", True, private(strategy))
         for name in method_names:
             add_method(strategy, name)
@@ -432,10 +430,11 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Benchmarks full training steps (see the module docstring); returns a JSON-ready dict.
 
-    ``strategies`` defaults to every strategy of :func:`jaxdp.clipping.available_strategies`; ``methods`` adds,
-    after each strategy's DP-SGD entry, one entry per DP-fairness method of :mod:`jaxdp.methods` named. Each entry is
-    timed ``rounds * steps_per_round`` times, round-robin across entries. An entry that fails to build or
-    run (e.g. an Opacus mode that does not support a layer) is reported with its ``error`` and no speed.
+    ``strategies`` defaults to every strategy of :func:`jaxdp.clipping.available_strategies` but "auto";
+    ``methods`` adds, after each strategy's DP-SGD entry, one entry per DP-fairness method of :mod:`jaxdp.methods`
+    named. Each entry is timed ``rounds * steps_per_round`` times, round-robin across entries. An entry that fails
+    to build or run (e.g. an Opacus mode that does not support a layer) is reported with its ``error`` and no
+    speed.
 
     >>> result = run_benchmark(image_size=16, batch_size=4, stage_sizes=(1,), width=8, rounds=1)
     >>> sorted(result)
@@ -446,8 +445,8 @@ def run_benchmark(
             f"Need image_size >= 8, batch_size >= 1, rounds >= 1, steps_per_round >= 1, settle_s >= 0; got "
             f"image_size={image_size}, batch_size={batch_size}, rounds={rounds}, steps_per_round="
             f"{steps_per_round}, settle_s={settle_s}.")
-    if strategies is None:
-        strategies = jaxdp.clipping.available_strategies()
+    if strategies is None:  # every strategy ("auto" is one of them under another name)
+        strategies = [s for s in jaxdp.clipping.available_strategies() if s != "auto"]
     unknown = [s for s in strategies if s not in jaxdp.clipping.available_strategies()]
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}; choose from {list(jaxdp.clipping.available_strategies())}.")

@@ -39,7 +39,7 @@ def test_run_benchmark_jax_only():
     assert result["config"]["batch_size"] == 2 and result["environment"]["backend"] == "cpu"
     json.dumps(result)  # JSON-ready
     table = bench.format_table(result)
-    assert table.count("\n| jax ") == 6
+    assert table.count("\n| jax ") == 7
 
 
 def test_compare_opacus_without_torch_says_how_to_install(monkeypatch):
@@ -94,7 +94,7 @@ def _load_launcher():
 
 def test_settings_come_from_an_experiment_config():
     demo = bench.settings_from_config(grid.load_config(str(ROOT / "configs" / "demo.py")))
-    assert demo == dict(image_size=32, batch_size=256, strategies=["bookkeeping"], stage_sizes=(1, 1, 1), width=8,
+    assert demo == dict(image_size=32, batch_size=256, strategies=["auto"], stage_sizes=(1, 1, 1), width=8,
                         num_groups=8, l2_clip_norm=1.0, noise_multiplier=0.7, learning_rate=5e-3)
     config = grid.load_config(str(ROOT / "configs" / "tiny.py"))
     config.model.norm = "batch"
@@ -115,7 +115,7 @@ def test_cli_resolves_flags_over_config_over_defaults(monkeypatch):
     plain, config, overridden = ({k: kw[k] for k in keys} for kw in calls)
     assert plain == dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64,
                          num_groups=32)  # as before --config existed: ResNet18, 64x64, batch 32, every strategy
-    assert config == dict(image_size=16, batch_size=32, strategies=["vmap"], stage_sizes=(1, 1, 1, 1), width=8,
+    assert config == dict(image_size=16, batch_size=32, strategies=["auto"], stage_sizes=(1, 1, 1, 1), width=8,
                           num_groups=4)  # configs/tiny.py
     assert overridden == {**config, "batch_size": 4, "stage_sizes": (1, 1), "strategies": ["vmap", "bookkeeping"]}
     assert (calls[1]["l2_clip_norm"], calls[1]["noise_multiplier"], calls[1]["learning_rate"]) == (5.0, 0.7, 1e-3)
@@ -132,18 +132,18 @@ def test_cli_benchmarks_a_config_with_todays_json(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     config = result["config"]
     assert (config["num_groups"], config["strategies"], config["l2_clip_norm"], config["noise_multiplier"],
-            config["learning_rate"]) == (4, ["vmap"], 5.0, 0.7, 1e-3)
+            config["learning_rate"]) == (4, ["auto"], 5.0, 0.7, 1e-3)
     assert sorted(config) == sorted(["image_size", "batch_size", "strategies", "rounds", "steps_per_round",
                                      "settle_s", "max_pixels", "compare_opacus", "opacus_modes", "stage_sizes",
                                      "width", "num_groups", "l2_clip_norm", "noise_multiplier", "learning_rate",
                                      "seed"])
     assert sorted(result) == ["config", "environment", "results"]
+    # "auto" is benchmarked under the name of the strategy it picks for the model.
     assert [r["name"] for r in result["results"]] == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
-                     "jax nonprivate (matmul weight grads)",
-                                                      "jax dp vmap"]
+                                                      "jax nonprivate (matmul weight grads)", "jax dp bookkeeping"]
     for entry in result["results"]:
         _check_entry(entry, jax_entry=True)
-    assert "| jax dp vmap |" in capsys.readouterr().out
+    assert "| jax dp bookkeeping |" in capsys.readouterr().out
 
 
 def test_cli_bad_config_is_one_line(capsys):

@@ -110,9 +110,11 @@ def matmul_weight_grads(fn: core.LossFn, max_pixels: int = DEFAULT_MATMUL_MAX_PI
             return next_fun(*args, **kwargs)
         x = layer_input(args, kwargs)
         layer = describe(context.module, x)
-        if layer.unsupported is not None or context.module.features > max_channels:
+        if layer.unsupported is not None:
             return next_fun(*args, **kwargs)
         variables = context.module.variables["params"]
+        if context.module.features > max_channels:  # as matmul_convs: XLA's gradient, small maps as matmuls
+            return layer_forward(x, variables["kernel"], variables.get("bias"), layer, max_pixels)
         y = _conv(x, variables["kernel"], layer, max_pixels, max_patch_bytes)
         return y if variables.get("bias") is None else y + variables["bias"]
 
