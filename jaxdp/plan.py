@@ -223,6 +223,9 @@ def make_plan(
         return model.apply(variables, x, train=train), model_state
 
     def plain_grads_and_state(params, model_state, x, y, mask):
+        # Small-map convolutions as patch matmuls (clipping.matmul_convs): the same gradient to float tolerance,
+        # 1.2x (the demo's model) to 6.4x (ResNet18, 64x64, batch 256) faster on CPU than XLA's convolution.
+        @clipping.matmul_convs
         def summed_loss(p):
             logits, new_state = apply(p, model_state, x, True)
             losses = cross_entropy(logits, y)

@@ -7,10 +7,8 @@ images. Entries:
 
 * ``jax nonprivate (flax conv)``: ``jax.grad`` of the plain Flax model, Adam.
 * ``jax nonprivate (matmul conv)``: the same with small-map convolutions as patches x matmul
-  (:func:`jaxdp.clipping.matmul_convs`).
-* ``jax nonprivate (matmul weight grads)``: every convolution's weight gradient as a patches matmul
-  (:func:`jaxdp.clipping.matmul_weight_grads`), what jaxdp's own non-private runs use. The fastest of the
-  three non-private entries is the baseline of "vs JAX non-private": the honest measure of DP's cost.
+  (:func:`jaxdp.clipping.matmul_convs`), what jaxdp's own non-private runs use. The faster of the two
+  non-private entries is the baseline of "vs JAX non-private": the honest measure of DP's cost.
 * ``jax dp <strategy>``: ``jaxdp.clipped_grad(..., strategy=...)`` + ``dp_noise`` + Adam, per strategy.
 * ``jax dp noise+adam only``: ``dp_noise`` + Adam on zero gradients: the part of a DP step's time that no
   clipping strategy can remove (one Gaussian draw per parameter).
@@ -242,8 +240,6 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
 
     add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
     add("jax nonprivate (matmul conv)", False, nonprivate(clipping.matmul_convs(loss_fn, max_pixels)))
-    # What jaxdp's non-private runs use (jaxdp.plan): every convolution's weight gradient as a patches matmul.
-    add("jax nonprivate (matmul weight grads)", False, nonprivate(clipping.matmul_weight_grads(loss_fn, max_pixels)))
     for strategy in strategies:
         if strategy == "auto":  # the name says what ran
             strategy = clipping.resolve_strategy(loss_fn, init_params, images, labels)[0]

@@ -27,8 +27,7 @@ def _check_entry(entry, *, jax_entry):
 def test_run_benchmark_jax_only():
     result = bench.run_benchmark(strategies=["bookkeeping"], **TINY)
     names = [r["name"] for r in result["results"]]
-    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
-                     "jax nonprivate (matmul weight grads)", "jax dp bookkeeping",
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
                      "jax dp bookkeeping (legacy noise)", "jax dp noise+adam only",
                      "jax dp noise+adam only (legacy noise)"]
     for entry in result["results"]:
@@ -39,7 +38,7 @@ def test_run_benchmark_jax_only():
     assert result["config"]["batch_size"] == 2 and result["environment"]["backend"] == "cpu"
     json.dumps(result)  # JSON-ready
     table = bench.format_table(result)
-    assert table.count("\n| jax ") == 7
+    assert table.count("\n| jax ") == 6
 
 
 def test_compare_opacus_without_torch_says_how_to_install(monkeypatch):
@@ -140,7 +139,7 @@ def test_cli_benchmarks_a_config_with_todays_json(tmp_path, capsys):
     assert sorted(result) == ["config", "environment", "results"]
     # "auto" is benchmarked under the name of the strategy it picks for the model.
     assert [r["name"] for r in result["results"]] == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
-                                                      "jax nonprivate (matmul weight grads)", "jax dp bookkeeping"]
+                                                      "jax dp bookkeeping"]
     for entry in result["results"]:
         _check_entry(entry, jax_entry=True)
     assert "| jax dp bookkeeping |" in capsys.readouterr().out
@@ -157,8 +156,7 @@ def test_method_entries_follow_their_strategy_and_compare_with_its_dp_sgd_step()
     result = bench.run_benchmark(strategies=["bookkeeping"], methods=bench.METHOD_NAMES, include_noise_only=False,
                                  **TINY)
     names = [r["name"] for r in result["results"]]
-    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)",
-                     "jax nonprivate (matmul weight grads)", "jax dp bookkeeping",
+    assert names == ["jax nonprivate (flax conv)", "jax nonprivate (matmul conv)", "jax dp bookkeeping",
                      "jax dp bookkeeping dpsgd_f", "jax dp bookkeeping dpsgd_global",
                      "jax dp bookkeeping dpsgd_global_adapt"]
     for entry in result["results"]:

@@ -57,7 +57,7 @@ from jaxdp.clipping.core import (
     sensitivity,
     validate_clip_norm,
 )
-from jaxdp.clipping.matmul import DEFAULT_MATMUL_MAX_PIXELS, matmul_convs, matmul_weight_grads
+from jaxdp.clipping.matmul import DEFAULT_MATMUL_MAX_PIXELS, matmul_convs
 
 __all__ = [
     "DEFAULT_MATMUL_MAX_PIXELS",
@@ -74,7 +74,6 @@ __all__ = [
     "get_strategy",
     "matmul",
     "matmul_convs",
-    "matmul_weight_grads",
     "register_strategy",
     "resolve_strategy",
     "sensitivity",
