@@ -325,9 +325,11 @@ def test_noise_multiplier_zero_under_dp_is_refused_before_training(tmp_path):
 def test_final_json_splits_the_wall_time(tmp_path):
     final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=tiny_datasets())
     split = final["time_split_s"]
-    assert set(split) == {"compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints"}
-    assert all(v >= 0 for v in split.values()) and split["compile"] > 0
-    assert sum(split.values()) <= final["wall_time_s"] * 1.01
+    assert list(split) == ["compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints",
+                           "other"]
+    assert all(v >= 0 for v in split.values()) and split["compile"] > 0 and split["train_steps"] > 0
+    # The phases cover the whole run, each second once (compile is subtracted from the phase it happened in).
+    assert sum(split.values()) == pytest.approx(final["wall_time_s"], rel=0.01, abs=0.01)
 
 
 # --- issue 14: the privacy audit at the end of a run ---------------------------------------------------------------
