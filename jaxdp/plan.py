@@ -212,7 +212,8 @@ def make_plan(
     batch_size = int(config.train.batch_size)
     q = None if public_size is None or public_size == dataset_size else batch_size / public_size
     sampler = sampling.make_sampler(config.dp.sampling, dataset_size, batch_size, seed=sampler_seed,
-                                    chunk_multiple=num_devices, sampling_prob=q)
+                                    chunk_multiple=num_devices, sampling_prob=q,
+                                    num_chunk_widths=int(config.train.num_chunk_widths))
     total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
     mutable = ["batch_stats"] if config.model.norm == "batch" else []
 

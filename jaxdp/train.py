@@ -336,19 +336,31 @@ class _MisalignmentSample:
 
 
 class _Clock:
-    """Wall time per phase of a run, with the time XLA spent tracing and compiling counted apart as "compile"."""
+    """Wall time per phase of a run (``final.json``'s ``time_split_s``), summing to the run's wall time.
+
+    - ``compile``: every second XLA spent tracing, lowering and compiling (or reading the persistent compilation
+      cache), wherever it happened; it is subtracted from the phase it happened in, so no second is counted twice.
+    - ``data``: loading the data, and on the host selecting each step's batch and gathering and transferring its
+      examples; the next step's batch is prepared while the device computes the current step, so this time
+      overlaps ``train_steps``' device time rather than adding to it.
+    - ``train_steps``: dispatching the steps and waiting for the device to finish them (one wait per step).
+    - ``init``, ``evaluation`` (including the misalignment diagnostics and the audit), ``accounting`` (including
+      the noise calibration), ``checkpoints``: as named.
+    - ``other``: the rest of the wall time (building the model and the step functions, writing the history).
+    """
 
     _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                        "/jax/core/compile/backend_compile_duration")
     _compile_s = 0.0
     _listening = False
+    PHASES = ("compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints", "other")
 
     def __init__(self) -> None:
         if not _Clock._listening:
             jax.monitoring.register_event_duration_secs_listener(_Clock._on_event)
             _Clock._listening = True
-        self.split = dict.fromkeys(("compile", "init", "data", "train_steps", "evaluation", "accounting",
-                                    "checkpoints"), 0.0)
+        self._start, self._compile_start = time.perf_counter(), _Clock._compile_s
+        self._phases = dict.fromkeys(self.PHASES[1:-1], 0.0)
 
     @staticmethod
     def _on_event(event: str, duration: float, **_: Any) -> None:
@@ -361,9 +373,14 @@ class _Clock:
         try:
             yield
         finally:
-            compile_s = _Clock._compile_s - compiled
-            self.split["compile"] += compile_s
-            self.split[name] += max(0.0, time.perf_counter() - start - compile_s)
+            self._phases[name] += max(0.0, time.perf_counter() - start - (_Clock._compile_s - compiled))
+
+    @property
+    def split(self) -> dict[str, float]:
+        """Seconds per phase so far (``PHASES``, in that order)."""
+        compile_s = _Clock._compile_s - self._compile_start
+        other = time.perf_counter() - self._start - compile_s - sum(self._phases.values())
+        return {"compile": compile_s, **self._phases, "other": max(0.0, other)}
 
 
 def _misalignment_step(misaligned: dict, update: Callable, state: TrainState, acc: Accumulator, model_state: Any,
@@ -645,8 +662,9 @@ def train_and_evaluate(
     if audit_on:
         audit_sets = _AuditSets.build(config, train_set, holdout, secret)
         train_set = audit_sets.training_pool(train_set)
-    plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size,
-                     public_size=public_size, input_shape=tuple(train_set.images.shape[1:]))
+    with clock.phase("accounting"):  # calibrates the noise multiplier when dp.target_epsilon asks for it
+        plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=mesh.size,
+                         public_size=public_size, input_shape=tuple(train_set.images.shape[1:]))
     optimizer = make_optimizer(config)
     tx = optax.chain(plan.noise, optimizer)
 
@@ -718,11 +736,17 @@ def train_and_evaluate(
     progress = RunProgress(workdir.name) if bool(config.train.progress) and jax.process_index() == 0 else None
     note = "reproducible seed: eps is no guarantee" if plan.privacy_note else None
     last_info: dict = {"note": note}
+    def prepare(step: int) -> list[Chunk]:
+        if step >= total:
+            return []
+        batch = plan.sampler.batch(step)
+        return [_chunk(mesh, train_set, batch.indices[c], batch.mask[c]) for c in range(batch.n_chunks)]
+
     try:
+        with clock.phase("data"):
+            next_chunks = prepare(start_step)
         for step in range(start_step, total):
-            with clock.phase("data"):
-                batch = plan.sampler.batch(step)
-                chunks = [_chunk(mesh, train_set, batch.indices[c], batch.mask[c]) for c in range(batch.n_chunks)]
+            chunks = next_chunks
             done = step + 1
             evaluating = done % eval_every == 0 or done == total
             with clock.phase("train_steps"):
@@ -733,7 +757,12 @@ def train_and_evaluate(
                     state, acc = update(state, acc, model_state, np.int32(step))
                 elif not evaluating:
                     state, acc, _ = update(state, acc, model_state, np.int32(step))
-                jax.block_until_ready(state)
+            # The steps above run asynchronously: the host selects and gathers the next step's batch meanwhile,
+            # then waits, so that each step's device time is counted in train_steps.
+            with clock.phase("data"):
+                next_chunks = prepare(done)
+            with clock.phase("train_steps"):
+                jax.block_until_ready((state, acc))
             if misaligned is not None and evaluating:
                 with clock.phase("evaluation"):
                     state, acc, misalignment = _misalignment_step(misaligned, update, state, acc, model_state,

@@ -157,3 +157,41 @@ def test_make_sampler_pads_chunks_to_the_device_count_and_names_unknown_schemes(
         make_sampler("fixed", 100, 10, seed=1, chunk_multiple=4)
     with pytest.raises(ValueError, match="choose one of \\('poisson', 'fixed'\\)"):
         make_sampler("uniform", 100, 10, seed=1)
+
+
+def test_expected_slots_by_hand():
+    from jaxdp.sampling import expected_slots
+
+    # n=3, q=1/2: B = 0, 1, 2, 3 with probabilities 1/8, 3/8, 3/8, 1/8.
+    assert expected_slots(3, 0.5, (2,)) == pytest.approx(2 * 7 / 8 + 4 / 8)  # B=3: two chunks of 2
+    assert expected_slots(3, 0.5, (1, 2)) == pytest.approx(1 * 4 / 8 + 2 * 3 / 8 + 4 / 8)
+    assert expected_slots(3, 0.5, (3,)) == pytest.approx(3)
+
+
+def test_two_chunk_widths_pad_less_and_hold_the_same_examples():
+    from jaxdp.sampling import chunk_widths, expected_slots, make_sampler
+
+    # The demo (q = 256/12000): the default width pads every step to 294 (296.5 slots with the 0.85% of steps that
+    # take two chunks); a second width of 263 holds 70% of the batches: 275.3 slots.
+    assert chunk_widths(12_000, 256 / 12_000) == (294,)
+    assert chunk_widths(12_000, 256 / 12_000, 2) == (263, 294)
+    assert expected_slots(12_000, 256 / 12_000, (294,)) == pytest.approx(296.5, abs=0.05)
+    assert expected_slots(12_000, 256 / 12_000, (263, 294)) == pytest.approx(275.3, abs=0.05)
+    assert chunk_widths(24_000, 32 / 24_000, 2) == (34, 46)  # the paper: 38.2 slots instead of 46.3
+    assert all(w % 4 == 0 for w in chunk_widths(12_000, 256 / 12_000, 2, multiple=4))
+    with pytest.raises(ValueError, match="1 or 2 chunk widths"):
+        chunk_widths(100, 0.1, 3)
+
+    one = PoissonSampler(100, 0.3, physical_batch_size=40, seed=3)
+    two = PoissonSampler(100, 0.3, physical_batch_size=(24, 40), seed=3)
+    assert two.chunk_widths == (24, 40) and two.physical_batch_size == 40
+    widths = set()
+    for step in range(60):
+        batch = two.batch(step)
+        width = batch.indices.shape[1]
+        widths.add(width)
+        assert width == (24 if batch.size <= 24 else 40)
+        assert batch.n_chunks == max(1, math.ceil(batch.size / width))
+        assert sorted(_examples(batch)) == sorted(_examples(one.batch(step)))  # never truncated, nothing added
+    assert widths == {24, 40}
+    assert make_sampler("poisson", 12_000, 256, seed=1, num_chunk_widths=2).chunk_widths == (263, 294)

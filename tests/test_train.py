@@ -325,9 +325,11 @@ def test_noise_multiplier_zero_under_dp_is_refused_before_training(tmp_path):
 def test_final_json_splits_the_wall_time(tmp_path):
     final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=tiny_datasets())
     split = final["time_split_s"]
-    assert set(split) == {"compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints"}
-    assert all(v >= 0 for v in split.values()) and split["compile"] > 0
-    assert sum(split.values()) <= final["wall_time_s"] * 1.01
+    assert list(split) == ["compile", "init", "data", "train_steps", "evaluation", "accounting", "checkpoints",
+                           "other"]
+    assert all(v >= 0 for v in split.values()) and split["compile"] > 0 and split["train_steps"] > 0
+    # The phases cover the whole run, each second once (compile is subtracted from the phase it happened in).
+    assert sum(split.values()) == pytest.approx(final["wall_time_s"], rel=0.01, abs=0.01)
 
 
 # --- issue 14: the privacy audit at the end of a run ---------------------------------------------------------------
@@ -486,3 +488,19 @@ def test_demo_audit_lower_bound_stays_below_the_reported_epsilon_at_high_privacy
     for g in (0, 1):
         assert audit[f"epsilon_lower_bound_max_{g}"] > epsilon, "the audit could not have caught a violation"
         assert audit[f"epsilon_lower_bound_{g}"] <= epsilon, audit
+
+
+def test_two_chunk_widths_follow_the_same_trajectory(tmp_path):
+    from jaxdp import sampling
+
+    # 96 examples, q = 1/6: chunk widths (17, 25); the 6 steps' batches take both.
+    widths = sampling.chunk_widths(96, 16 / 96, 2)
+    sampler = sampling.PoissonSampler(96, 16 / 96, physical_batch_size=widths, seed=0)  # train.seed (reproducible)
+    assert len({sampler.batch(s).indices.shape[1] for s in range(6)}) == 2
+    params = {}
+    for n in (1, 2):
+        config = tiny_config(**{"train.num_chunk_widths": n, "dp.reproducible": True})
+        final = train.train_and_evaluate(config, tmp_path / str(n), datasets=tiny_datasets())
+        params[n] = final_params(tmp_path / str(n))
+        assert final["steps"] == 6
+    assert_trees_close(params[1], params[2], rtol=1e-4, atol=1e-5)
