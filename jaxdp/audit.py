@@ -10,8 +10,9 @@ Two different questions, answered by two different kinds of number:
   2023, arXiv:2305.08846). Since the reported ε is an *upper* bound for the same procedure, **a lower bound above
   the reported ε means a bug** in jaxdp's mechanism or its accounting (or, with probability at most 5%, bad luck).
   A lower bound far below the reported ε is expected and proves nothing: the attack here is weak (the loss of
-  natural training images under the final model), and one run with m canaries cannot show more than about
-  ``logit((1 - confidence) ** (1 / k))`` with k guesses (``max_epsilon_lower_bound``).
+  each canary, a training image with its label flipped by default, under the final model), and one run with m
+  canaries cannot show more than about ``logit((1 - confidence) ** (1 / k))`` with k guesses
+  (``max_epsilon_lower_bound``).
 
   Neighbouring relation: flipping one canary's coin must turn the training input into a neighbour in the sense
   of the reported ε. Under Poisson sampling (add-or-remove-one) a canary that is "out" is simply absent; under
@@ -30,8 +31,9 @@ Two different questions, answered by two different kinds of number:
   2022, argue it is the number that matters).
 
 Everything here is plain NumPy/SciPy on arrays the trainer hands over: per-example losses under the trained and
-the reference model, group ids, membership truth, and the canaries' coins. Group conventions follow
-``jaxdp.fairness`` (0 = female, the majority; 1 = male, the minority).
+the reference model, group ids, membership truth, and the canaries' coins. Groups are 0 and 1 as in
+``jaxdp.fairness`` (by default 0 = female, the majority, and 1 = male, the minority; the data's
+``group_attribute`` names them otherwise).
 """
 
 from __future__ import annotations
@@ -333,7 +335,7 @@ def one_run_audit(
             f"{group.shape}."
         )
     if not np.all(np.isin(group, GROUPS)):
-        raise ValueError(f"group must hold only {GROUPS} (0 = female, 1 = male).")
+        raise ValueError(f"group must hold only the group ids {GROUPS}.")
     result: dict[str, float | int] = {}
     for g in GROUPS:
         in_group = group == g
@@ -523,7 +525,7 @@ def membership_inference_metrics(
             f"{is_member.shape}."
         )
     if not np.all(np.isin(group, GROUPS)):
-        raise ValueError(f"group must hold only {GROUPS} (0 = female, 1 = male).")
+        raise ValueError(f"group must hold only the group ids {GROUPS}.")
     if is_member.dtype != bool:
         if not np.all(np.isin(is_member, (0, 1))):
             raise ValueError("is_member must be booleans or 0/1 (1 = trained on).")

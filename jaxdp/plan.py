@@ -17,7 +17,8 @@ whose agreement *is* the privacy guarantee, so that no training loop can pair th
 
 A non-private plan (``config.dp.enabled = False``) has the same interface: its ``grad_fn`` is the plain gradient
 sum (no clipping), its ``noise`` only divides by the batch size and ``record_step`` records nothing; the training
-loop never branches on privacy.
+step is the same function for both (the loop branches on privacy only for what it writes: epsilon, the secret,
+the diagnostics of clipping).
 
 Secret randomness
 -----------------

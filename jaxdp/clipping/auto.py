@@ -3,9 +3,8 @@
 :func:`resolve_strategy` traces ``loss_fn`` once on one example (no compile, no timing) and picks:
 
 * ``"bookkeeping"`` when every ``nn.Conv`` / ``nn.Dense`` call of the model is on its fast path
-  (:func:`jaxdp.clipping.fast_path_report`). Measured with ``launch/bench.py`` on this project's CPU: on the demo's
-  model (32x32, batch 256) 0.75-0.8x the non-private step against ``"vmap"``'s 0.38-0.46x; on ResNet18 at 64x64
-  and 128x128, batch 32, the fastest strategy too (README, "Performance").
+  (:func:`jaxdp.clipping.fast_path_report`): with ``launch/bench.py``, the fastest strategy on every model the
+  README's "Performance" section measures (the demo's model; ResNet18 at 64x64 and 128x128).
 * ``"vmap_matmul"`` otherwise, when the model has convolutions (small-map convolutions as matmuls; per-example
   gradients as in ``"vmap"``), and ``"vmap"`` for models without convolutions: a layer that falls back in
   ``"bookkeeping"`` is computed there by per-example ``vmap`` anyway, with the book-keeping passes on top.
