@@ -563,6 +563,8 @@ def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
     check_files(manual_dir, fix=fix)
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
     started = time.perf_counter()
+    _log(f"preparing the {what} files in {manual_dir} for tfds (once; a minute or two on a CPU) ...")
+    tfds.display_progress_bar(False)  # its download bars would show a "download" of local files; one line instead
     try:
         builder.download_and_prepare(download_dir=os.fspath(data_dir / "downloads"),
                                      download_config=download_config)
