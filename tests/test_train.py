@@ -330,6 +330,8 @@ def test_final_json_splits_the_wall_time(tmp_path):
     assert all(v >= 0 for v in split.values()) and split["compile"] > 0 and split["train_steps"] > 0
     # The phases cover the whole run, each second once (compile is subtracted from the phase it happened in).
     assert sum(split.values()) == pytest.approx(final["wall_time_s"], rel=0.01, abs=0.01)
+    # The default strategy "auto" is resolved before training and recorded with its reason.
+    assert final["clipping_strategy"] == "bookkeeping" and final["clipping_strategy_reason"].startswith("auto: ")
 
 
 # --- issue 14: the privacy audit at the end of a run ---------------------------------------------------------------
