@@ -1,4 +1,4 @@
-"""The mitigations at demo scale (configs/demo.py's setting): about 15 minutes on 2 CPU cores.
+"""The mitigations at demo scale (configs/demo.py's setting): about 6 minutes on 2 CPU cores.
 
 Plain DP-SGD and the three DP-fairness methods of jaxdp.methods (DPSGD-F, DPSGD-Global, DPSGD-Global-Adapt, each
 with its reference parameters) at high and medium privacy, at 70% and 99% female, with the non-private runs as the
@@ -6,10 +6,10 @@ baseline: 4 x 2 x 2 + 2 = 18 runs, on the demo's generated data, model, batch an
 DP-SGD and non-private runs carry configs/demo.py's run names (``--workdir results/demo`` reuses those six runs of a
 demo trained with this version).
 
-Why this grid: the demo's 12 runs take about 9 minutes on 2 cores, so about 18 fit in 15. The two levels are
-where the demo's DP runs are furthest from non-private training for the minority at 70% female (men lose 15.7
-points at high privacy and 8.1 at medium, 2.9 at low: README, "What the demo shows"), i.e. where a mitigation has
-most to recover; the two fractions are the ends of the demo's imbalance axis (3,600 and 120 men in training).
+Why this grid: the two levels are where the demo's DP runs are furthest from non-private training for the minority
+at 70% female (README, "What the demo shows": means of three seeds, men lose 17.4 points at high privacy and 8.5 at
+medium, 6.4 at low), i.e. where a mitigation has most to recover; the two fractions are the ends of the demo's
+imbalance axis (3,600 and 120 men in training).
 
 The reference parameters are the papers' and have not been tuned to this model: Global's Z = 100 lies far above
 the demo's per-example gradient norms (means of about 10-30 at clip 1), so Global scales every example by
