@@ -14,12 +14,13 @@ known, each layer's clipped gradient is one ordinary matmul ``sum_i P_i^T (c_i d
 intercepted layers (GroupNorm scales and biases, anything else) get ordinary per-example gradients by
 ``jax.vmap``, which is cheap for small parameter sets.
 
-Small layers: where a layer's per-example weight gradients for the whole chunk fit in ``max_stored_bytes``
-(default :data:`DEFAULT_MAX_STORED_BYTES`, 64 MiB) and the ghost form is not cheaper, they are formed once,
+Small layers: layers whose ghost form is not cheaper have their per-example weight gradients formed once, as
+long as those of all such layers of the chunk fit in ``max_stored_bytes`` together (default
+:data:`DEFAULT_MAX_STORED_BYTES`, 192 MiB, in call order),
 ``P_i^T dy_i`` for ~1 MiB of patches at a time (cache-sized; output channels first), and kept: the norms are
 those of the very vectors the clipped sum then adds (``sum_i c_i G_i``, one weighted sum, as in ``"vmap"``), and
-the patches are never formed a second time. This is most layers of small models (all of the demo's); it made the
-demo model's DP step 2.3x faster. Bias gradients (``sum_t dy_it``, ``[B, O]``) are always kept this way.
+the patches are never formed a second time. This is most layers of small models (all of the demo's model's
+layers). Bias gradients (``sum_t dy_it``, ``[B, O]``) are always kept this way.
 
 Memory: for the other layers, the patches ``P`` (``kh*kw`` times a layer's input) are formed from the kept layer
 inputs twice, for the norms and again for the clipped sum, each time for as many examples at a time as fit in
@@ -116,11 +117,11 @@ PyTree = Any
 # as many examples at a time as fit in this many bytes.
 DEFAULT_MAX_PATCH_BYTES = 16 * 2**20
 
-# A layer whose per-example weight gradients for the whole chunk fit in this many bytes (and that does not use
-# the ghost form) has them formed once: its norms are those of the very vectors its clipped sum adds, and the
-# clipped sum is one weighted sum of them, with no second pass over the patches (the small layers of the demo's
-# model: the benchmark measured this twice as fast as two passes). 0 turns it off.
-DEFAULT_MAX_STORED_BYTES = 64 * 2**20
+# Layers (in call order, those that do not use the ghost form) whose per-example weight gradients for the chunk
+# fit, all together, in this many bytes have them formed once: their norms are those of the very vectors their
+# clipped sums add, and each clipped sum is one weighted sum of them, with no second pass over the patches (the
+# small layers of the demo's model: the benchmark measured this twice as fast as two passes). 0 turns it off.
+DEFAULT_MAX_STORED_BYTES = 192 * 2**20
 
 # Patches for the stored per-example gradients are formed for as many examples at a time as fit in this many
 # bytes: small enough to stay in the CPU's cache (measured on the demo's 32x32 layers: 2.6x faster than forming
@@ -230,14 +231,14 @@ def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: 
     t, k, o = p.shape[1], p.shape[2], d.shape[2]
     if not _uses_ghost(t, k, o):
         return over_chunks(lambda a, b: _materialised_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
-                            reduce=False)
+                           reduce=False)
     parts = over_chunks(lambda a, b: _ghost_parts(*per_example_matrices(a, b, layer)), (x, dy), chunk,
-                         reduce=False)
+                        reduce=False)
     ghost, loose, abs_norm = parts[:, 0], parts[:, 1] > 0, parts[:, 2]
 
     def materialised():
         norms = over_chunks(lambda a, b: _materialised_norms(*per_example_matrices(a, b, layer)), (x, dy),
-                             fallback_chunk, reduce=False)
+                            fallback_chunk, reduce=False)
         return jnp.where(loose, norms + _gamma(t) * abs_norm, ghost)
 
     return lax.cond(jnp.any(loose), materialised, lambda: ghost) + _sum_error(t) * abs_norm
@@ -254,13 +255,13 @@ def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) 
     return over_chunks(part, (x, dy), chunk, reduce=False)
 
 
-def _stores_grads(batch: int, layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-                  max_stored_bytes: int) -> bool:
-    """Whether a layer's per-example weight gradients are formed once and kept (see DEFAULT_MAX_STORED_BYTES)."""
+def _stored_bytes(batch: int, layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int | None:
+    """Bytes of a layer's per-example weight gradients for the chunk, or None where the ghost form is cheaper
+    (those layers are never stored; see DEFAULT_MAX_STORED_BYTES)."""
     t = max(1, int(np.prod(out_shape[:-1])))
     k = in_shape[-1] * (layer.kernel_size[0] * layer.kernel_size[1] if layer.kind == "conv" else 1)
     o = out_shape[-1]
-    return not _uses_ghost(t, k, o) and 4 * batch * k * o <= max_stored_bytes
+    return None if _uses_ghost(t, k, o) else 4 * batch * k * o
 
 
 def _patch_bytes(x: jax.Array, layer: Layer, out_shape: tuple[int, ...], materialised: bool = False,
@@ -479,12 +480,14 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
     # never exist for the whole batch. Bias gradients (sums of dy over positions) are always kept: [B, O].
     batch = inputs.shape[0]
     sq = [None] * len(leaves)
-    stored, bias_grads = {}, {}
+    stored, bias_grads, stored_total = {}, {}, 0
     for j, g in zip(slow_ids, slow_grads, strict=True):
         sq[j] = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
     for n, i in enumerate(fast):
         layer, x, dy = plan.layers[i], layer_inputs[n], out_grads[n]
-        if _stores_grads(batch, layer, x.shape[1:], plan.out_shapes[i], max_stored_bytes):
+        size = _stored_bytes(batch, layer, x.shape[1:], plan.out_shapes[i])
+        if size is not None and stored_total + size <= max_stored_bytes:  # all kept layers within the budget
+            stored_total += size
             chunk = max(1, _STORED_PATCH_BYTES // _patch_bytes(x, layer, plan.out_shapes[i], patches_only=True))
             stored[i] = _stored_kernel_grads(x, dy, layer, chunk)
             sq[plan.kernel_leaf[i]] = jnp.sum(jnp.square(stored[i]), axis=(1, 2))
