@@ -114,7 +114,7 @@ def test_cli_resolves_flags_over_config_over_defaults(monkeypatch):
     plain, config, overridden = ({k: kw[k] for k in keys} for kw in calls)
     assert plain == dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64,
                          num_groups=32)  # as before --config existed: ResNet18, 64x64, batch 32, every strategy
-    assert config == dict(image_size=16, batch_size=32, strategies=["auto"], stage_sizes=(1, 1, 1, 1), width=8,
+    assert config == dict(image_size=16, batch_size=32, strategies=["vmap"], stage_sizes=(1, 1, 1, 1), width=8,
                           num_groups=4)  # configs/tiny.py
     assert overridden == {**config, "batch_size": 4, "stage_sizes": (1, 1), "strategies": ["vmap", "bookkeeping"]}
     assert (calls[1]["l2_clip_norm"], calls[1]["noise_multiplier"], calls[1]["learning_rate"]) == (5.0, 0.7, 1e-3)
@@ -122,12 +122,12 @@ def test_cli_resolves_flags_over_config_over_defaults(monkeypatch):
 
 
 def test_cli_benchmarks_a_config_with_todays_json(tmp_path, capsys):
-    # configs/tiny.py's settings, its model shrunk by flags so that the compiles stay short.
+    # configs/tiny.py's settings, its model shrunk by flags so that the compiles stay short; strategy "auto".
     out = tmp_path / "bench.json"
     cli = _load_launcher()
     result = cli.main(["--config", str(ROOT / "configs" / "tiny.py"), "--image-size", "8", "--batch-size", "2",
                        "--stage-sizes", "1", "--width", "4", "--rounds", "2", "--settle", "0", "--no-noise-only",
-                       "--json", str(out)])
+                       "--strategies", "auto", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     config = result["config"]
     assert (config["num_groups"], config["strategies"], config["l2_clip_norm"], config["noise_multiplier"],
