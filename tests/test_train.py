@@ -363,6 +363,20 @@ def test_audited_run_reports_mia_and_a_lower_bound_per_group_without_changing_it
     assert final["audit"]["settings"]["canaries_per_group"] == 16
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"audit.num_guess_in": 17}, r"num_guess_in=17 must be None or in \[0, config.audit.canaries_per_group=16\]"),
+    ({"audit.num_guess_out": -1}, r"config.audit.num_guess_out=-1 must be None or in \[0,"),
+    ({"dp.sampling": "fixed", "dp.accountant": "rdp"}, r"audit needs config.dp.sampling='poisson' \(got 'fixed'\)"),
+    ({"train.nonprivate_diagnostics": False}, r"nonprivate_diagnostics=False: the audit's results are statistics"),
+    ({"audit.mia_examples_per_group": 0, "audit.canaries_per_group": 0}, r"audits nothing"),
+])
+def test_impossible_audit_configs_are_refused_by_validation(overrides, message):
+    from jaxdp.config import validate_run_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_run_config(audit_config(**overrides))
+
+
 def test_audit_asking_for_more_held_out_examples_than_exist_is_refused_before_training(tmp_path):
     from jaxdp import data
 
