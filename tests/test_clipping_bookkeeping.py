@@ -97,6 +97,22 @@ def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, max_
     assert_same(out, ref)
 
 
+@pytest.mark.parametrize("max_stored_bytes", [0, bookkeeping.DEFAULT_MAX_STORED_BYTES])
+def test_removing_one_example_moves_the_conv_clipped_sum_by_at_most_c(max_stored_bytes):
+    # Both paths of the convolutions: per-example gradients kept (the default here) and formed twice (0).
+    params = perturbed(random_params(ConvNet(), normal(0, (1, 9, 9, 3)), seed=1))
+    x, y, bound = normal(7, (8, 9, 9, 3)) * 3, jnp.asarray(np.arange(8) % 3), 0.5
+    fn = jax.jit(jaxdp.clipped_grad(CONVNET_LOSS, bound, strategy="bookkeeping",
+                                    strategy_options={"max_stored_bytes": max_stored_bytes}))
+    full, norms = fn(params, x, y, jnp.ones(8, bool))
+    assert np.sum(np.asarray(norms) > bound) >= 4  # most examples are clipped: their removal moves the sum by C
+    for i in range(8):
+        removed, _ = fn(params, x, y, jnp.arange(8) != i)
+        moved = np.linalg.norm(flat(full) - flat(removed))
+        assert moved <= bound * (1 + 1e-5)
+        np.testing.assert_allclose(moved, min(bound, float(norms[i])), rtol=1e-4)
+
+
 def _kernel_sq_norms(p, d):
     """The squared norms the strategy's bounds start from: the ghost form where the layer uses it."""
     _, t, k = p.shape
