@@ -255,22 +255,25 @@ def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) 
     return over_chunks(part, (x, dy), chunk, reduce=False)
 
 
-def _stored_bytes(batch: int, layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int | None:
-    """Bytes of a layer's per-example weight gradients for the chunk, or None where the ghost form is cheaper
-    (those layers are never stored; see DEFAULT_MAX_STORED_BYTES)."""
+def _dims(x: jax.Array, layer: Layer, out_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(T, K, O)`` of one example's ``P_i`` ``[T, K]`` and ``D_i`` ``[T, O]`` for a layer with input ``x``."""
     t = max(1, int(np.prod(out_shape[:-1])))
-    k = in_shape[-1] * (layer.kernel_size[0] * layer.kernel_size[1] if layer.kind == "conv" else 1)
-    o = out_shape[-1]
-    return None if _uses_ghost(t, k, o) else 4 * batch * k * o
+    k = x.shape[-1] * (layer.kernel_size[0] * layer.kernel_size[1] if layer.kind == "conv" else 1)
+    return t, k, out_shape[-1]
+
+
+def _stored_bytes(x: jax.Array, layer: Layer, out_shape: tuple[int, ...]) -> int | None:
+    """Bytes of a layer's per-example weight gradients for the chunk ``x``, or None where the ghost form is
+    cheaper (those layers are never stored; see DEFAULT_MAX_STORED_BYTES)."""
+    t, k, o = _dims(x, layer, out_shape)
+    return None if _uses_ghost(t, k, o) else 4 * x.shape[0] * k * o
 
 
 def _patch_bytes(x: jax.Array, layer: Layer, out_shape: tuple[int, ...], materialised: bool = False,
                  patches_only: bool = False) -> int:
     """Bytes of one example's patches ``P_i`` plus (unless ``patches_only``) its Gram or (``materialised``)
     weight-gradient matrix."""
-    t = max(1, int(np.prod(out_shape[:-1])))
-    k = x.shape[-1] * (layer.kernel_size[0] * layer.kernel_size[1] if layer.kind == "conv" else 1)
-    o = out_shape[-1]
+    t, k, o = _dims(x, layer, out_shape)
     if patches_only:
         return 4 * t * k
     return 4 * (t * k + (t * t if _uses_ghost(t, k, o) and not materialised else k * o))
@@ -480,12 +483,12 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
     # never exist for the whole batch. Bias gradients (sums of dy over positions) are always kept: [B, O].
     batch = inputs.shape[0]
     sq = [None] * len(leaves)
-    stored, bias_grads, stored_total = {}, {}, 0
+    stored, bias_grads, stored_total, chunks = {}, {}, 0, {}
     for j, g in zip(slow_ids, slow_grads, strict=True):
         sq[j] = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
     for n, i in enumerate(fast):
         layer, x, dy = plan.layers[i], layer_inputs[n], out_grads[n]
-        size = _stored_bytes(batch, layer, x.shape[1:], plan.out_shapes[i])
+        size = _stored_bytes(x, layer, plan.out_shapes[i])
         if size is not None and stored_total + size <= max_stored_bytes:  # all kept layers within the budget
             stored_total += size
             chunk = max(1, _STORED_PATCH_BYTES // _patch_bytes(x, layer, plan.out_shapes[i], patches_only=True))
@@ -494,9 +497,9 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
         else:
             # Upper bounds of the norms of what the clipped-sum contractions below add per unit factor (see the
             # module docstring), so that no example contributes more than its factor allows.
-            chunk = max(1, max_patch_bytes // _patch_bytes(x, layer, plan.out_shapes[i]))
+            chunks[i] = max(1, max_patch_bytes // _patch_bytes(x, layer, plan.out_shapes[i]))
             fallback_chunk = max(1, max_patch_bytes // _patch_bytes(x, layer, plan.out_shapes[i], materialised=True))
-            bounds = _layer_kernel_norm_bounds(x, dy, layer, chunk, fallback_chunk)
+            bounds = _layer_kernel_norm_bounds(x, dy, layer, chunks[i], fallback_chunk)
             sq[plan.kernel_leaf[i]] = jnp.square(bounds)
         if layer.use_bias:
             bias_grads[i] = jnp.sum(dy.reshape(batch, -1, dy.shape[-1]), axis=1)
@@ -515,8 +518,7 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
             # Book-keeping: the clipped sum of the layer's per-example weight gradients as one matmul of patches
             # and per-example scaled output gradients, ``sum_i P_i^T (c_i dy_i)`` (chunk by chunk).
             scaled = dy * weights[k].reshape((-1,) + (1,) * (dy.ndim - 1))
-            chunk = max(1, max_patch_bytes // _patch_bytes(layer_inputs[n], layer, plan.out_shapes[i]))
-            clipped[k] = summed_kernel_grad(x, scaled, layer, chunk).reshape(leaves[k].shape)
+            clipped[k] = summed_kernel_grad(x, scaled, layer, chunks[i]).reshape(leaves[k].shape)
         if layer.use_bias:
             b = plan.bias_leaf[i]
             clipped[b] = core.weighted_sum(weights[b], bias_grads[i], live).reshape(leaves[b].shape)
