@@ -18,6 +18,7 @@ from jaxdp.models import (
     load_torchvision_checkpoint,
 )
 from jaxdp.models import torchvision as tv
+from jaxdp.models.pooling import max_pool
 from jaxdp.models.resnet import group_count
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, num_groups=4)
@@ -103,6 +104,33 @@ def test_bfloat16_compute_keeps_float32_logits(tiny_group_variables):
     assert logits.dtype == jnp.float32
     reference = jax.jit(ResNet(**TINY).apply)(tiny_group_variables, images)
     np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("geometry", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0))),
+                                      ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 2), (2, 1), ((1, 0), (0, 1)))])
+def test_max_pool_has_the_values_and_gradient_of_flax_max_pool_ties_included(geometry):
+    # The model's max pool (strided slices; the gradient to the first maximum of each window) must be bitwise
+    # nn.max_pool (reduce_window), forward and backward: on continuous inputs, after a ReLU (windows of tied
+    # zeros), on constant inputs (every window tied), in bfloat16, and per example under vmap as the DP
+    # strategies run it.
+    import flax.linen as nn
+
+    window, strides, padding = geometry
+    ref = lambda a: nn.max_pool(a, window, strides=strides, padding=padding)
+    ours = lambda a: max_pool(a, window, strides, padding)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 9, 8, 4)).astype(np.float32))
+    for a in (x, jnp.maximum(x, 0), jnp.ones_like(x), jnp.round(x), x.astype(jnp.bfloat16)):
+        np.testing.assert_array_equal(jax.jit(ours)(a), ref(a))
+        weights = jnp.asarray(rng.standard_normal(ref(a).shape)).astype(a.dtype)
+        grad = lambda f, w=weights: jax.grad(lambda b: jnp.sum((f(b) * w).astype(jnp.float32)))
+        np.testing.assert_array_equal(jax.jit(grad(ours))(a), grad(ref)(a))
+        per_example = lambda f: jax.vmap(
+            lambda b, w: jax.grad(lambda c: jnp.sum((f(c[None])[0] * w).astype(jnp.float32)))(b))
+        np.testing.assert_array_equal(jax.jit(per_example(ours))(a, weights), per_example(ref)(a, weights))
+    assert int(jnp.sum(jax.grad(lambda b: jnp.sum(ours(b)))(jnp.ones_like(x)) != 0)) > 0
+    with pytest.raises(ValueError, match=r"float\[N, H, W, C\]"):
+        max_pool(x[0], window, strides, padding)
 
 
 def test_group_count_rule_and_invalid_widths():

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdp.models.pooling import max_pool
+
 NORMS = ("group", "batch", "none")
 
 # torchvision's initialisation: Kaiming-normal (fan_out, ReLU gain) for convolutions; for the head,
@@ -180,8 +182,8 @@ class ResNet(nn.Module):
         x = _conv(self.width, 7, 2, 3, bias, self.dtype, "conv1")(x)
         x = _norm(self.norm, self.width, self.num_groups, self.dtype, "norm1")(x, train)
         x = nn.relu(x)
-        # Padding with -inf (Flax's max_pool) equals torch's MaxPool2d(3, 2, padding=1).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # torch's MaxPool2d(3, 2, padding=1): the values and gradient of nn.max_pool, without its slow gradient.
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for k, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 x = BasicBlock(
