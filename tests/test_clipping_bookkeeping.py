@@ -302,3 +302,31 @@ def test_kernel_norm_bounds_bound_the_summed_vector(shape, cancel):
     assert np.all(bounds >= np.linalg.norm(summed, axis=(1, 2)))
     if not cancel:
         assert np.all(bounds <= exact * (1 + 1e-4))
+
+
+def test_kept_gradients_of_nonfinite_or_overflowing_examples_add_nothing():
+    # Kept per-example gradients (a Dense layer: T=1, not the ghost form) are summed without masking the
+    # whole array again: an example whose squared norm is not finite must have its gradient zeroed while its
+    # norm stays non-finite. Example 1's gradient is finite (about 1e20) but its squared norm overflows; example
+    # 2 is NaN and padding; example 3 is NaN and live. Only example 0 may count, as under "vmap".
+    model = nn.Dense(1)
+    x = jnp.array([[0.5, -1.0, 2.0], [1e10, 1e10, 1e10], [jnp.nan, 0.0, 0.0], [0.0, jnp.nan, 1.0]])
+    y = jnp.zeros((4, 1))
+    mask = jnp.array([True, True, False, True])
+    params = {"params": model.init(jax.random.key(0), x[:1])["params"]}
+
+    def loss_fn(p, xb, yb):
+        return jnp.mean(jnp.square(model.apply(p, xb) - yb)) / 2
+
+    assert clipping.fast_path_report(loss_fn, params, x, y) == ["<root>: fast (dense)"]
+    kept, sq = bookkeeping._stored_kernel_grads(x[:, None], x[:, None] * 1e10, Layer((), "dense", False), 2)
+    assert np.isfinite(np.asarray(kept)).all() and not np.isfinite(np.asarray(sq)[1:]).any()
+    np.testing.assert_array_equal(np.asarray(kept)[1:], 0.0)
+    out = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0, strategy="bookkeeping"))(params, x, y, mask)
+    ref = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0))(params, x, y, mask)
+    only_first = jax.jit(jaxdp.clipped_grad(loss_fn, 1.0))(params, x, y, jnp.array([True, False, False, False]))
+    for got in (out, ref):
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(got[0]))
+        assert int(clipping.count_nonfinite(got[1], mask)) == 2
+        for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(only_first[0]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)

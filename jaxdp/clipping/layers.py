@@ -7,6 +7,7 @@ the ``"vmap_matmul"`` strategy (which runs small-map convolutions as matmuls).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,27 +143,33 @@ def per_example_matrices(x: jax.Array, dy: jax.Array, layer: Layer) -> tuple[jax
     return x.reshape(batch, -1, x.shape[-1]), dy.reshape(batch, -1, dy.shape[-1])
 
 
-def over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: bool) -> jax.Array:
+def over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: bool) -> Any:
     """``fn`` applied to consecutive chunks of ``chunk`` examples of ``arrays`` (sliced in place, one chunk
     alive at a time, by ``lax.fori_loop``; a shorter last chunk is one more call). ``reduce``: sum the
-    results; else concatenate them along the example axis."""
+    results; else concatenate them along the example axis. ``fn`` may return an array or a pytree of them."""
     batch = arrays[0].shape[0]
     full, rest = divmod(batch, chunk)
     tail = [a[full * chunk:] for a in arrays] if rest else None
+    tmap = jax.tree_util.tree_map
+
+    def join(parts):
+        if reduce:
+            return functools.reduce(lambda a, b: tmap(jnp.add, a, b), parts)
+        return tmap(lambda *leaves: jnp.concatenate(leaves), *parts)
+
     if full <= 1:
-        parts = ([fn(*[a[:chunk] for a in arrays])] if full else []) + ([fn(*tail)] if rest else [])
-        return sum(parts[1:], parts[0]) if reduce else jnp.concatenate(parts)
+        return join(([fn(*[a[:chunk] for a in arrays])] if full else []) + ([fn(*tail)] if rest else []))
     shape = jax.eval_shape(fn, *[a[:chunk] for a in arrays])
 
     def body(n, acc):
         out = fn(*[lax.dynamic_slice_in_dim(a, n * chunk, chunk) for a in arrays])
-        return acc + out if reduce else lax.dynamic_update_slice_in_dim(acc, out, n * chunk, 0)
+        if reduce:
+            return tmap(jnp.add, acc, out)
+        return tmap(lambda a, o: lax.dynamic_update_slice_in_dim(a, o, n * chunk, 0), acc, out)
 
-    init = jnp.zeros(shape.shape if reduce else (full * chunk,) + shape.shape[1:], shape.dtype)
+    init = tmap(lambda s: jnp.zeros(s.shape if reduce else (full * chunk,) + s.shape[1:], s.dtype), shape)
     result = lax.fori_loop(0, full, body, init)
-    if rest:
-        result = result + fn(*tail) if reduce else jnp.concatenate([result, fn(*tail)])
-    return result
+    return join([result, fn(*tail)]) if rest else result
 
 
 def summed_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
