@@ -29,12 +29,15 @@ How it is measured (every figure in the output is one of these):
 * ``examples_per_s``: batch size / the median wall time of the timed steps (each ended with
   ``block_until_ready`` / a synchronous torch step), after a warm-up step. Timed steps are taken in
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
-  hit all entries alike. Before each timed step the benchmark sleeps ``settle_s`` (default 1 s): XLA's and
+  hit all entries alike. In each round, an entry gets a pause of ``settle_s`` (default 1 s: XLA's and
   PyTorch's CPU thread pools keep spinning for a while after a step, and without the pause each entry
-  competes with the previous entry's idle threads (what that did to the numbers: README, "Performance").
+  competes with the previous entry's idle threads; what that did to the numbers: README, "Performance"),
+  then one untimed step (which measures the memory, below), then ``steps_per_round`` timed steps back to
+  back, as a training loop runs them. (Until this untimed step was added, every timed step came right after
+  the heap was trimmed for the memory measurement, so it also paid for faulting its temporaries back in.)
 * ``compile_s``: wall time of ``jit(step).lower(...).compile()`` (JAX only).
-* ``peak_memory_bytes``: the largest growth of the process's resident memory during one timed step, over
-  all timed steps: before each step free heap memory is returned to the OS (``malloc_trim``), the kernel's
+* ``peak_memory_bytes``: the largest growth of the process's resident memory during one step, over the
+  rounds' untimed steps: before each such step free heap memory is returned to the OS (``malloc_trim``), the kernel's
   peak-RSS counter is reset (``/proc/self/clear_refs``) and ``VmHWM - VmRSS(before)`` is read afterwards.
   So it counts the step's temporaries (activations, per-example quantities, patches), not the parameters
   and optimiser state that persist between steps (JAX donates them). Same method for JAX and torch; Linux
@@ -469,15 +472,18 @@ def run_benchmark(
         for entry in entries:
             if entry._run is None:
                 continue
+            time.sleep(settle_s)  # let the previous entry's thread pools go idle (module docstring)
+            # One untimed step measures the memory (from a trimmed heap) and brings the heap, caches and thread
+            # pools back to the state of a training loop; the timed steps then follow it back to back.
+            before = _start_peak_rss()
+            entry._run()
+            growth = _peak_rss_growth(before)
+            if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
+                entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
             for _ in range(steps_per_round):
-                time.sleep(settle_s)  # let the previous entry's thread pools go idle (module docstring)
-                before = _start_peak_rss()
                 start = time.perf_counter()
                 entry._run()
                 entry.step_s.append(time.perf_counter() - start)
-                growth = _peak_rss_growth(before)
-                if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
-                    entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
 
     for entry in entries:
         if entry.step_s:
