@@ -250,13 +250,26 @@ def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) 
     examples at a time. An example whose squared norm is not finite (NaN or inf in ``G_i``, or an overflow) has
     its ``G_i`` returned as zeros, so that a weighted sum with weight 0 for it is exact without masking the whole
     array again; its norm stays non-finite, which excludes it (:func:`core.leaf_weights`). Both are computed while
-    the chunk is in the cache."""
+    the chunk is in the cache.
 
-    def part(a, b):
+    Each chunk is computed as two independent halves: XLA's CPU runtime runs the iterations of the chunk loop
+    one after the other, each op on one thread, and the first layer's loop (whose output gradient comes last in
+    the backward pass) ran alone at the end of the step; with two independent chains per iteration it can use a
+    second thread (in-process timing of the demo's model: 0.73-0.80 -> 0.79-0.88 of the non-private gradient,
+    best of 12-16 interleaved repetitions)."""
+
+    def half(a, b):
         p, d = per_example_matrices(a, b, layer)
         g = jnp.einsum("bto,btk->bok", d, p, precision=_HIGHEST)
         sq = jnp.sum(jnp.square(g), axis=(1, 2))
         return core.batch_where(jnp.isfinite(sq), g), sq
+
+    def part(a, b):
+        h = a.shape[0] // 2
+        if h == 0:
+            return half(a, b)
+        (g1, sq1), (g2, sq2) = half(a[:h], b[:h]), half(a[h:], b[h:])
+        return jnp.concatenate([g1, g2]), jnp.concatenate([sq1, sq2])
 
     return over_chunks(part, (x, dy), chunk, reduce=False)
 
