@@ -124,8 +124,8 @@ DEFAULT_MAX_PATCH_BYTES = 16 * 2**20
 DEFAULT_MAX_STORED_BYTES = 192 * 2**20
 
 # Patches for the stored per-example gradients are formed for as many examples at a time as fit in this many
-# bytes: small enough to stay in the CPU's cache (measured on the demo's 32x32 layers: 2.6x faster than forming
-# them for the whole batch at once; 0.5 to 1 MiB was best).
+# bytes: small enough to stay in the CPU's cache (on the demo's layers, one-off timings found this much faster than
+# forming them for the whole batch at once, and 0.5 to 1 MiB the best size).
 _STORED_PATCH_BYTES = 2**20
 
 
@@ -246,7 +246,7 @@ def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: 
 
 def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) -> tuple[jax.Array, jax.Array]:
     """Every example's weight gradient, transposed, ``G_i = fl(D_i^T P_i)`` ``[B, O, K]`` (output channels first:
-    measured 1.5x faster than ``[B, K, O]`` on XLA's CPU backend), and its squared norm ``[B]``, for ``chunk``
+    faster than ``[B, K, O]`` on XLA's CPU backend in one-off timings), and its squared norm ``[B]``, for ``chunk``
     examples at a time. An example whose squared norm is not finite (NaN or inf in ``G_i``, or an overflow) has
     its ``G_i`` returned as zeros, so that a weighted sum with weight 0 for it is exact without masking the whole
     array again; its norm stays non-finite, which excludes it (:func:`core.leaf_weights`). Both are computed while
@@ -255,8 +255,7 @@ def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) 
     Each chunk is computed as two independent halves: XLA's CPU runtime runs the iterations of the chunk loop
     one after the other, each op on one thread, and the first layer's loop (whose output gradient comes last in
     the backward pass) ran alone at the end of the step; with two independent chains per iteration it can use a
-    second thread (in-process timing of the demo's model: 0.73-0.80 -> 0.79-0.88 of the non-private gradient,
-    best of 12-16 interleaved repetitions)."""
+    second thread (the README's performance section has the measured effect)."""
 
     def half(a, b):
         p, d = per_example_matrices(a, b, layer)

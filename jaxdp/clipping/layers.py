@@ -178,7 +178,7 @@ def summed_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> 
 
     def part(a, b):
         p, d = per_example_matrices(a, b, layer)
-        # Output channels first: measured 1.2-1.5x faster than "btk,bto->ko" on XLA's CPU backend.
+        # Output channels first: faster than "btk,bto->ko" on XLA's CPU backend in one-off timings.
         return jnp.einsum("bto,btk->ok", d, p, precision=lax.Precision.HIGHEST)
 
     return over_chunks(part, (x, g), chunk, reduce=True).T

@@ -61,8 +61,8 @@ def _backward(window, strides, padding, residuals, g):
     (x,) = residuals
     xp = _padded(x, padding)
     # Each output's gradient goes to the first maximal element of its window (argmax returns the first). As a
-    # reduction, the index is computed once; the select chain it replaces was fused into, and recomputed by,
-    # every term of the transpose below (measured 3x slower).
+    # reduction, the index is computed once; a select chain in its place was fused into, and recomputed by,
+    # every term of the transpose below (several times slower in one-off timings).
     first = jnp.argmax(jnp.stack(_windows(xp, window, strides)), axis=0)
     zero = jnp.zeros((), g.dtype)
     routed = [jnp.where(first == k, g, zero) for k in range(window[0] * window[1])]
@@ -76,7 +76,7 @@ def _transpose_windows(routed: list[jax.Array], window: tuple[int, int], strides
     """The transpose of :func:`_windows`: each slice's values added back where they came from, in a ``shape``
     array. Assembled stride phase by stride phase (``[N, H/sh, sh, W/sw, sw, C]``), where every slice is a
     contiguous block, so that XLA pads and adds whole blocks (the transpose JAX derives for strided slices
-    pads every slice in between its elements: measured twice as slow, and run on one thread)."""
+    pads every slice in between its elements, which was slower in one-off timings)."""
     (kh, kw), (sh, sw) = window, strides
     n, h, w, c = shape
     oh, ow = routed[0].shape[1:3]
