@@ -97,9 +97,16 @@ def test_bookkeeping_paths_match_vmap(convnet, max_pixels, max_patch_bytes, max_
     assert_same(out, ref)
 
 
-@pytest.mark.parametrize("max_stored_bytes", [0, bookkeeping.DEFAULT_MAX_STORED_BYTES])
-def test_removing_one_example_moves_the_conv_clipped_sum_by_at_most_c(max_stored_bytes):
-    # Both paths of the convolutions: per-example gradients kept (the default here) and formed twice (0).
+@pytest.mark.parametrize("max_stored_bytes, stored_patch_bytes",
+                         [(0, None), (bookkeeping.DEFAULT_MAX_STORED_BYTES, None),
+                          (bookkeeping.DEFAULT_MAX_STORED_BYTES, 8000)])
+def test_removing_one_example_moves_the_conv_clipped_sum_by_at_most_c(max_stored_bytes, stored_patch_bytes,
+                                                                     monkeypatch):
+    # Both paths of the convolutions: per-example gradients kept (the default here) and formed twice (0). With
+    # 8000-byte patch chunks the kept gradients go through the chunk loop (2 and 3 examples a chunk for the 3x3
+    # convolutions, with a shorter last chunk), each chunk as two halves.
+    if stored_patch_bytes is not None:
+        monkeypatch.setattr(bookkeeping, "_STORED_PATCH_BYTES", stored_patch_bytes)
     params = perturbed(random_params(ConvNet(), normal(0, (1, 9, 9, 3)), seed=1))
     x, y, bound = normal(7, (8, 9, 9, 3)) * 3, jnp.asarray(np.arange(8) % 3), 0.5
     fn = jax.jit(jaxdp.clipped_grad(CONVNET_LOSS, bound, strategy="bookkeeping",
