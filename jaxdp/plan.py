@@ -194,8 +194,8 @@ def make_plan(
       num_devices: data-parallel devices; chunks are padded to a multiple of it.
       public_size: the dataset size that sets the sampling rate q = batch_size / public_size (default
         ``dataset_size``). An audited run samples from its training set plus the canaries its secret coins
-        included, at the q of the training set alone, so that neither q, the step count nor epsilon depends on
-        the coins.
+        included, at the q of the training set alone, so that neither q, the step count, epsilon nor the chunk
+        widths (the compiled steps' shapes) depend on the coins.
       input_shape: one example's input shape (e.g. ``(32, 32, 3)``): resolves ``clipping_strategy="auto"`` now,
         so that the plan records which strategy runs (otherwise it is resolved when the step is traced).
     """
@@ -214,7 +214,7 @@ def make_plan(
     q = None if public_size is None or public_size == dataset_size else batch_size / public_size
     sampler = sampling.make_sampler(config.dp.sampling, dataset_size, batch_size, seed=sampler_seed,
                                     chunk_multiple=num_devices, sampling_prob=q,
-                                    num_chunk_widths=int(config.train.num_chunk_widths))
+                                    num_chunk_widths=int(config.train.num_chunk_widths), public_size=public_size)
     total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
     mutable = ["batch_stats"] if config.model.norm == "batch" else []
 

@@ -14,9 +14,10 @@ writes into ``workdir``:
   ``method_clip_norm_0/1`` (DPSGD-F's per-group bounds) or ``method_threshold`` (Global-Adapt's Z), as they are
   after the window's last step;
 - ``final.json`` — written last and atomically, so its presence means the run finished: final metrics, epsilon
-  under every accountant, steps, the method and its noise multipliers, the groups' names (``group_names``, after
-  ``config.data.group_attribute``), where the wall time went (``time_split_s``), and ``privacy_note`` when the
-  epsilon is not a guarantee (``config.dp.reproducible``);
+  under every accountant, steps, the padded widths its batches ran at (``chunk_widths``: public, a function of
+  the public training-set size and q), the method and its noise multipliers, the groups' names
+  (``group_names``, after ``config.data.group_attribute``), where the wall time went (``time_split_s``), and
+  ``privacy_note`` when the epsilon is not a guarantee (``config.dp.reproducible``);
 - ``checkpoints/`` — orbax checkpoints (parameters, optimiser and noise state, sampler position, privacy ledger,
   diagnostics, metric history, and the run's secret seed). Calling ``train_and_evaluate`` again on the same workdir
   resumes from the newest good checkpoint and ends exactly where an uninterrupted run ends. Checkpoints hold the
@@ -817,6 +818,7 @@ def train_and_evaluate(
         "steps": total,
         "sampling": plan.sampler.scheme,
         "sampling_prob": plan.sampler.sampling_prob,
+        "chunk_widths": list(plan.sampler.chunk_widths),
         "train_size": public_size,
         "test_size": int(len(test_set.label)),
         "devices": int(mesh.size),

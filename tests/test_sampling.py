@@ -159,6 +159,21 @@ def test_make_sampler_pads_chunks_to_the_device_count_and_names_unknown_schemes(
         make_sampler("uniform", 100, 10, seed=1)
 
 
+def test_chunk_widths_follow_the_public_size_not_a_secret_pool_size():
+    from jaxdp.sampling import make_sampler
+
+    # An audited run samples from its training set plus the canaries its secret coins let in, at the public q:
+    # the widths (the compiled steps' shapes, in final.json and the compilation cache) must not move with them.
+    public = make_sampler("poisson", 12_000, 256, seed=1, num_chunk_widths=2)
+    for included in (0, 7, 400):
+        pool = make_sampler("poisson", 12_000 + included, 256, seed=1, num_chunk_widths=2,
+                            sampling_prob=256 / 12_000, public_size=12_000)
+        assert pool.chunk_widths == public.chunk_widths and pool.sampling_prob == public.sampling_prob
+    assert make_sampler("poisson", 12_400, 256, seed=1, sampling_prob=256 / 12_000).physical_batch_size > \
+        public.physical_batch_size  # what the pool's own size would have given
+    assert make_sampler("fixed", 100, 8, seed=1).chunk_widths == (8,)
+
+
 def test_expected_slots_by_hand():
     from jaxdp.sampling import expected_slots
 

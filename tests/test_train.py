@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdp import train
+from jaxdp import sampling, train
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.config import base_config
 
@@ -334,6 +334,8 @@ def test_final_json_splits_the_wall_time(tmp_path):
     assert sum(split.values()) == pytest.approx(final["wall_time_s"], rel=0.01, abs=0.01)
     # The default strategy "auto" is resolved before training and recorded with its reason.
     assert final["clipping_strategy"] == "bookkeeping" and final["clipping_strategy_reason"].startswith("auto: ")
+    assert final["chunk_widths"] == list(sampling.chunk_widths(final["train_size"], final["sampling_prob"],
+                                                               multiple=final["devices"]))
 
 
 # --- issue 14: the privacy audit at the end of a run ---------------------------------------------------------------
@@ -354,6 +356,7 @@ def test_audited_run_reports_mia_and_a_lower_bound_per_group_without_changing_it
     # The canaries that joined training change neither q, the steps nor epsilon (they depend on secret coins).
     assert final["steps"] == plain["steps"] and final["sampling_prob"] == plain["sampling_prob"]
     assert final["epsilon"] == plain["epsilon"] and final["train_size"] == len(train_split.label)
+    assert final["chunk_widths"] == plain["chunk_widths"]  # the compiled steps' shapes do not show the coins either
     audit = final["audit"]["nonprivate"]
     for g in (0, 1):
         assert audit[f"mia_members_{g}"] == audit[f"mia_nonmembers_{g}"] == 8
