@@ -30,7 +30,8 @@ Privacy: the mechanism — sampler, clipped gradient and its sensitivity, noise,
 The step functions are module-level (as in the Flax ImageNet example): :func:`accumulate_step` adds one chunk's
 clipped gradient sum and the exact counts the method releases (a Poisson batch larger than the chunk width takes
 several chunks, never a truncation), :func:`update_step` adds the noise once, releases the method's noisy counts
-and applies the optimiser, :func:`eval_step` predicts.
+and applies the optimiser; :func:`train_step`, the one compiled training program, is the two on a chunk (the
+update kept only on a step's last chunk), and :func:`eval_step` predicts.
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ def update_step(state: TrainState, acc: Accumulator, model_state: Any, step: jax
     if return_update:
         return new_state, zeros, (acc.grad_sum, noised)
     return new_state, zeros
+
+
+def train_step(state: TrainState, acc: Accumulator, stats: dict, chunk: Chunk, step: jax.Array, last: jax.Array, *,
+               plan: DPPlan, mesh: Any, flip_key: jax.Array | None, diagnostics: bool,
+               optimizer: optax.GradientTransformation, return_update: bool = False) -> tuple:
+    """One chunk of a step: :func:`accumulate_step`, then, if ``last`` (the step's last chunk; a step whose Poisson
+    batch fits one chunk, nearly every step, is one call), :func:`update_step`; else ``state`` and the new ``acc``
+    are kept as they are, for the next chunk.
+
+    One program for both cases (``last`` is an argument, not a constant): a run compiles its gradient once, and
+    the noise and the optimiser run as soon as their inputs are ready, in the gradient's shadow. On an earlier
+    chunk the update is computed and discarded, nothing of it leaves the program (the pair below is zeros), and
+    the noise it drew is drawn again, the same, on the last chunk: the noise state only advances with a kept
+    update. (Two outputs carrying the same noise on different sums would cancel it.) Returns
+    ``(state, acc, stats)``, plus, with ``return_update``, the pair ``(clipped sum, noised gradient)`` of the step
+    (zeros on an earlier chunk).
+    """
+    acc, stats, model_state = accumulate_step(state, acc, stats, chunk, step, plan=plan, mesh=mesh,
+                                              flip_key=flip_key, diagnostics=diagnostics)
+    updated, zeros, *update = update_step(state, acc, model_state, step, plan=plan, optimizer=optimizer,
+                                          return_update=return_update)
+    keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(last, new, old))
+    update = [keep(pair, jax.tree_util.tree_map(jnp.zeros_like, pair)) for pair in update]
+    return (keep(updated, state), keep(zeros, acc), stats, *update)
 
 
 def eval_step(state: TrainState, images: jax.Array, *, model: Any) -> jax.Array:
@@ -384,21 +409,25 @@ class _Clock:
         return {"compile": compile_s, **self._phases, "other": max(0.0, other)}
 
 
-def _misalignment_step(misaligned: dict, update: Callable, state: TrainState, acc: Accumulator, model_state: Any,
-                       chunks: list[Chunk], step: int, zeros_like: Callable) -> tuple[TrainState, Accumulator, dict]:
-    """A step's update that also measures its misalignment (:func:`misalignment_cosines`): the sample's group
-    sums and the batch's unclipped sum at the parameters the step's gradient was computed at, then the update,
-    which hands back the step's clipped sum and noised gradient."""
-    sample: _MisalignmentSample = misaligned["sample"]
+def _misalignment_sums(misaligned: dict, state: TrainState, chunks: list[Chunk], step: int,
+                       zeros_like: Callable) -> tuple[list[Any], Any]:
+    """The first half of a step's misalignment (:func:`misalignment_cosines`), before the step's update: the
+    sample's group sums and the batch's unclipped sum at the parameters the step's gradient is computed at."""
     sum_step = misaligned["unclipped_sum"]
-    group_sums = sample.group_sums(sum_step, state, zeros_like, step)
+    group_sums = misaligned["sample"].group_sums(sum_step, state, zeros_like, step)
     unclipped = zeros_like(state.params)
     for chunk in chunks:
         unclipped = sum_step(state, unclipped, chunk, np.int32(step))
-    state, acc, (clipped, noised) = update(state, acc, model_state, np.int32(step))
+    return group_sums, unclipped
+
+
+def _misalignment(misaligned: dict, sums: tuple[list[Any], Any], update: tuple[Any, Any]) -> dict:
+    """The cosines from :func:`_misalignment_sums` and the step's ``(clipped sum, noised gradient)``."""
+    sample: _MisalignmentSample = misaligned["sample"]
+    (group_sums, unclipped), (clipped, noised) = sums, update
     cosines = misaligned["cosines"](group_sums, jnp.asarray(sample.counts), jnp.asarray(sample.weights),
                                     {"unclipped": unclipped, "clipped": clipped, "noised": noised})
-    return state, acc, {k: float(v) for k, v in jax.device_get(cosines).items()}
+    return {k: float(v) for k, v in jax.device_get(cosines).items()}
 
 
 def _evaluate(predict, state, mesh, test, batch_size: int) -> dict:
@@ -711,10 +740,8 @@ def train_and_evaluate(
         write_jsonl(workdir / "history.jsonl", history)
 
     flip_key = jax.random.fold_in(jax.random.key(int(config.train.seed)), 2) if config.train.random_flip else None
-    accumulate = jax.jit(functools.partial(accumulate_step, plan=plan, mesh=mesh, flip_key=flip_key,
-                                           diagnostics=diagnostics), donate_argnums=(1, 2))
-    # Gradient misalignment, once per evaluation window (private runs with non-private diagnostics). The update
-    # then always hands back the step's clipped sum and noised gradient: one compiled update, not two.
+    # Gradient misalignment, once per evaluation window (private runs with non-private diagnostics). The step
+    # then always hands back its clipped sum and noised gradient: one compiled step, not two.
     misaligned = None
     if diagnostics and plan.private and int(config.train.misalignment_examples_per_group) > 0:
         misaligned = dict(
@@ -723,8 +750,9 @@ def train_and_evaluate(
                                   donate_argnums=(1,)),
             cosines=jax.jit(misalignment_cosines),
         )
-    update = jax.jit(functools.partial(update_step, plan=plan, optimizer=optimizer,
-                                       return_update=misaligned is not None), donate_argnums=(0, 1))
+    step_fn = jax.jit(functools.partial(train_step, plan=plan, mesh=mesh, flip_key=flip_key, diagnostics=diagnostics,
+                                        optimizer=optimizer, return_update=misaligned is not None),
+                      donate_argnums=(0, 1, 2))
     predict = jax.jit(functools.partial(eval_step, model=model))
     zeros_like = jax.jit(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p), out_shardings=parallel.replicated(mesh))
     acc = Accumulator(zeros_like(state.params),
@@ -750,24 +778,23 @@ def train_and_evaluate(
             chunks = next_chunks
             done = step + 1
             evaluating = done % eval_every == 0 or done == total
+            measuring = misaligned is not None and evaluating
+            if measuring:
+                with clock.phase("evaluation"):
+                    sums = _misalignment_sums(misaligned, state, chunks, step, zeros_like)
             with clock.phase("train_steps"):
-                model_state = state.model_state
-                for chunk in chunks:
-                    acc, stats, model_state = accumulate(state, acc, stats, chunk, np.int32(step))
-                if misaligned is None:
-                    state, acc = update(state, acc, model_state, np.int32(step))
-                elif not evaluating:
-                    state, acc, _ = update(state, acc, model_state, np.int32(step))
+                for i, chunk in enumerate(chunks):  # more than one: a Poisson batch wider than the chunk width
+                    state, acc, stats, *update = step_fn(state, acc, stats, chunk, np.int32(step),
+                                                         np.bool_(i == len(chunks) - 1))
             # The steps above run asynchronously: the host selects and gathers the next step's batch meanwhile,
             # then waits, so that each step's device time is counted in train_steps.
             with clock.phase("data"):
                 next_chunks = prepare(done)
             with clock.phase("train_steps"):
                 jax.block_until_ready((state, acc))
-            if misaligned is not None and evaluating:
+            if measuring:
                 with clock.phase("evaluation"):
-                    state, acc, misalignment = _misalignment_step(misaligned, update, state, acc, model_state,
-                                                                  chunks, step, zeros_like)
+                    misalignment = _misalignment(misaligned, sums, update[0])
             plan.record_step(ledger)
             if evaluating:
                 row: dict[str, Any] = {"step": done, "epoch": done / plan.sampler.steps_per_epoch,

@@ -64,6 +64,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -129,7 +130,8 @@ def _method_of(name: str, l2_clip_norm: float, batch_size: int) -> methods.Metho
 def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *, stage_sizes, width: int,
                  num_groups: int, l2_clip_norm: float, noise_multiplier: float, learning_rate: float,
                  seed: int, max_pixels: int, include_noise_only: bool,
-                 method_names: Sequence[str] = ()) -> list[Entry]:
+                 method_names: Sequence[str] = (), nonprivate: Sequence[str] = ("flax conv", "matmul conv"),
+                 secure_noise: bool = False) -> list[Entry]:
     model = ResNet18(num_classes=2, stage_sizes=stage_sizes, width=width, num_groups=num_groups)
     rng = np.random.default_rng(seed)
     images = jnp.asarray(rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32))
@@ -174,12 +176,14 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
             entry.error = f"{type(error).__name__}: {error}"
         entries.append(entry)
 
-    def nonprivate(loss):
+    def plain(loss):
         return lambda: (optax.adam(learning_rate), lambda p, x, y, m: jax.grad(loss)(p, x, y))
 
     def make_noise(legacy: bool):
-        noise = _legacy_dp_noise if legacy else jaxdp.dp_noise
-        return noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
+        if legacy:
+            return _legacy_dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1))
+        return jaxdp.dp_noise(noise_multiplier, l2_clip_norm, batch_size, jax.random.key(seed + 1),
+                              secure=secure_noise)
 
     def private(strategy, legacy=False):
         def build():
@@ -202,7 +206,8 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
             grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm, strategy=strategy, clip_rule=method.clip_rule)
             sensitivity = (l2_clip_norm if method.noise_sensitivity(method.init_state()) is None
                            else float(method.noise_sensitivity(method.init_state())))
-            noise = jaxdp.dp_noise(noise_multiplier, sensitivity, batch_size, jax.random.key(seed + 1))
+            noise = jaxdp.dp_noise(noise_multiplier, sensitivity, batch_size, jax.random.key(seed + 1),
+                                   secure=secure_noise)
             adam = optax.adam(learning_rate)
             release_key = jax.random.fold_in(jax.random.key(seed + 1), 1)
 
@@ -241,8 +246,10 @@ def _jax_entries(image_size: int, batch_size: int, strategies: Sequence[str], *,
             entry.error = f"{type(error).__name__}: {error}"
         entries.append(entry)
 
-    add("jax nonprivate (flax conv)", False, nonprivate(loss_fn))
-    add("jax nonprivate (matmul conv)", False, nonprivate(clipping.matmul_convs(loss_fn, max_pixels)))
+    if "flax conv" in nonprivate:
+        add("jax nonprivate (flax conv)", False, plain(loss_fn))
+    if "matmul conv" in nonprivate:
+        add("jax nonprivate (matmul conv)", False, plain(clipping.matmul_convs(loss_fn, max_pixels)))
     for strategy in strategies:
         if strategy == "auto":  # the name says what ran
             strategy = clipping.resolve_strategy(loss_fn, init_params, images, labels)[0]
@@ -511,15 +518,7 @@ def run_benchmark(
         if entry.examples_per_s and baseline is not None and baseline.examples_per_s:
             entry.vs_dpsgd = entry.examples_per_s / baseline.examples_per_s
 
-    environment = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "cpu": platform.processor() or platform.machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "memory_method": ("rss growth per step" if jax.default_backend() == "cpu"
-                          else "xla memory_analysis temp+argument+output-alias (jax); rss growth (torch)"),
-    }
+    environment = _environment()
     if compare_opacus:
         import opacus
         import torch
@@ -534,6 +533,154 @@ def run_benchmark(
     config["stage_sizes"] = list(config["stage_sizes"])
     results = [{k: v for k, v in dataclasses.asdict(e).items() if not k.startswith("_")} for e in entries]
     return {"config": config, "environment": environment, "results": results}
+
+
+def _environment() -> dict[str, Any]:
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "memory_method": ("rss growth per step" if jax.default_backend() == "cpu"
+                          else "xla memory_analysis temp+argument+output-alias (jax); rss growth (torch)"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training loop around the step, against the step.
+
+
+def loop_run_config(config: Any, run: str | None = None) -> tuple[Any, str]:
+    """The run the loop benchmark trains, and its name: ``config`` itself (its sweep ignored), or with ``run``
+    (a regular expression) the first run of ``config``'s sweep (:func:`jaxdp_study.grid.expand`) whose name
+    matches. Raises ValueError naming the runs when none matches."""
+    import re
+
+    from jaxdp_study import grid
+
+    if run is None:
+        config = ml_collections.ConfigDict(config.to_dict())
+        if "sweep" in config:
+            del config["sweep"]
+        return config, str(config.get("name", "run"))
+    runs = grid.expand(config)
+    match = next((r for r in runs if re.search(run, r.name)), None)
+    if match is None:
+        raise ValueError(f"run {run!r} matches none of the config's runs: {', '.join(r.name for r in runs)}")
+    return match.config, match.name
+
+
+def _loop_step_entry(run_config: Any, final: dict, seed: int) -> Entry:
+    """The benchmark's step for what ``final`` (a run's ``final.json``) says ran: its clipping strategy and
+    method (plain DP-SGD: ``jax dp <strategy>``) or, without DP, the non-private matmul-conv step that
+    :func:`jaxdp.plan.make_plan` uses; at the run's widest chunk width, with its noise."""
+    settings = settings_from_config(run_config)
+    private = final["method"] is not None
+    strategy, method = final["clipping_strategy"], final["method"]
+    if private and final["noise_multiplier"] is not None:
+        settings["noise_multiplier"] = float(final["noise_multiplier"])
+    width = int(final["chunk_widths"][-1])
+    entries = _jax_entries(
+        settings["image_size"], width, [strategy] if private else [], stage_sizes=settings["stage_sizes"],
+        width=settings["width"], num_groups=settings["num_groups"], l2_clip_norm=settings["l2_clip_norm"],
+        noise_multiplier=settings["noise_multiplier"], learning_rate=settings["learning_rate"], seed=seed,
+        max_pixels=clipping.DEFAULT_MATMUL_MAX_PIXELS, include_noise_only=False,
+        method_names=[method] if private and method != methods.METHODS[0] else [],
+        nonprivate=() if private else ("matmul conv",), secure_noise=bool(run_config.dp.secure_noise))
+    entry = entries[-1]
+    if entry.error:
+        raise RuntimeError(f"the benchmark's step for this run failed to build: {entry.error}")
+    return entry
+
+
+def run_loop_benchmark(config: Any, *, run: str | None = None, epochs: float | None = None, rounds: int = 3,
+                       steps_per_round: int = 10, settle_s: float = 1.0, seed: int = 0,
+                       datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """How much slower a training run's steps are than the benchmark's step for the same config, side by side.
+
+    Each round trains the run (:func:`loop_run_config`; ``epochs`` overrides ``config.train.epochs``) from
+    scratch in a temporary directory with :func:`jaxdp.train.train_and_evaluate` — its own data (or
+    ``datasets``), sampling, flips, diagnostics, evaluations and checkpoints — and then times the benchmark's
+    step for what the run's ``final.json`` says ran (:func:`_loop_step_entry`: its strategy and method, at its
+    widest chunk width) as :func:`run_benchmark` does: ``settle_s`` pause, one untimed step, ``steps_per_round``
+    timed steps back to back. Each round's pair is close in time, so the machine's drifts hit both alike.
+
+    Per round: ``run_step_s`` = the run's ``time_split_s.train_steps / steps`` (its steps, compiles excluded;
+    a Poisson batch wider than the chunk counts as its several chunks), ``run_all_s`` = everything but
+    compiling, initialising and loading data, per step (adds evaluation, checkpoints, accounting and the rest),
+    ``bench_step_s`` = the median timed step; ``ratio`` = ``run_step_s / bench_step_s``,
+    ``ratio_all`` = ``run_all_s / bench_step_s``. ``summary`` holds their medians over the rounds.
+
+    The runs' outputs are deleted with the directory; only timings are returned. Before any training, raises
+    ValueError for a config the benchmark cannot build or a run that is not runnable, and
+    :class:`jaxdp.data.DataUnavailable` (which says which files to put where) when the run's data is missing
+    (:func:`jaxdp.train.check_runnable`).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from jaxdp import train
+
+    if rounds < 1 or steps_per_round < 1 or not settle_s >= 0 or (epochs is not None and not epochs > 0):
+        raise ValueError(f"Need rounds >= 1, steps_per_round >= 1, settle_s >= 0, epochs > 0; got rounds={rounds}, "
+                         f"steps_per_round={steps_per_round}, settle_s={settle_s}, epochs={epochs}.")
+    run_config, name = loop_run_config(config, run)
+    if epochs is not None:
+        run_config.train.epochs = float(epochs)
+    run_config.train.progress = False
+    settings_from_config(run_config)  # refuses a model the benchmark cannot build, before any training
+    if datasets is None:
+        train.check_runnable(run_config)
+    entry, rows, final = None, [], {}
+    with tempfile.TemporaryDirectory(prefix="jaxdp-loop-bench-") as tmp:
+        for r in range(rounds):
+            final = train.train_and_evaluate(run_config, Path(tmp) / f"round{r}", datasets=datasets)
+            if entry is None:
+                entry = _loop_step_entry(run_config, final, seed)
+            time.sleep(settle_s)
+            entry._run()
+            times = []
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                entry._run()
+                times.append(time.perf_counter() - start)
+            split, steps = final["time_split_s"], final["steps"]
+            bench_s = statistics.median(times)
+            run_s = split["train_steps"] / steps
+            run_all = (split["train_steps"] + split["evaluation"] + split["checkpoints"] + split["accounting"]
+                       + split["other"]) / steps
+            rows.append({"round": r, "run_steps": steps, "run_step_s": run_s, "run_all_s": run_all,
+                         "bench_step_s": bench_s, "ratio": run_s / bench_s, "ratio_all": run_all / bench_s,
+                         "run_time_split_s": split})
+    summary = {key: statistics.median(row[key] for row in rows)
+               for key in ("run_step_s", "run_all_s", "bench_step_s", "ratio", "ratio_all")}
+    return {
+        "config": {"run": name, "epochs": float(run_config.train.epochs), "rounds": rounds,
+                   "steps_per_round": steps_per_round, "settle_s": settle_s, "seed": seed,
+                   "image_size": int(run_config.data.image_size), "chunk_widths": final["chunk_widths"],
+                   "clipping_strategy": final["clipping_strategy"], "method": final["method"],
+                   "bench_entry": entry.name, "bench_compile_s": entry.compile_s},
+        "environment": _environment(),
+        "rounds": rows,
+        "summary": summary,
+    }
+
+
+def format_loop_table(result: dict[str, Any]) -> str:
+    """A markdown table of a :func:`run_loop_benchmark` result."""
+    config = result["config"]
+    lines = [
+        f"{config['run']}: the run's steps against the benchmark's '{config['bench_entry']}' at width "
+        f"{config['chunk_widths'][-1]}, {result['environment']['device']}, {result['environment']['date']}",
+        "",
+        "| round | run ms/step | run ms/step with eval+ckpt | bench ms/step | ratio | ratio with eval+ckpt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in [*result["rounds"], {"round": "median", **result["summary"]}]:
+        lines.append(f"| {row['round']} | {1000 * row['run_step_s']:.1f} | {1000 * row['run_all_s']:.1f} | "
+                     f"{1000 * row['bench_step_s']:.1f} | {row['ratio']:.2f} | {row['ratio_all']:.2f} |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's str
     python launch/bench.py --config configs/demo.py           # the model, image size, batch and clipping of a config
     python launch/bench.py --config configs/demo.py --strategies vmap,bookkeeping   # flags override the config
     python launch/bench.py --config configs/demo.py --methods all    # + DPSGD-F, Global, Global-Adapt steps
+    python launch/bench.py --config configs/demo.py --loop --run medium-ff0.9   # a run's steps vs the step
 
 What is measured and how: see jaxdp_study/bench.py. On a GPU:
 
@@ -46,7 +47,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"also time PyTorch + Opacus, interleaved (needs `{bench.TORCH_INSTALL}`)")
     parser.add_argument("--opacus-modes", default=",".join(bench.OPACUS_MODES))
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over all entries (median is reported)")
-    parser.add_argument("--steps-per-round", type=int, default=1)
+    parser.add_argument("--steps-per-round", type=int, default=None, help="default 1 (10 with --loop)")
+    parser.add_argument("--loop", action="store_true",
+                        help="with --config: train the config's run (or --run's) in each round and compare its "
+                             "steps with the benchmark's step for what it ran, side by side "
+                             "(jaxdp_study.bench.run_loop_benchmark)")
+    parser.add_argument("--run", default=None,
+                        help="with --loop: regular expression picking a run of the config's sweep (e.g. "
+                             "medium-ff0.9); default: the config itself")
+    parser.add_argument("--epochs", type=float, default=None, help="with --loop: override config.train.epochs")
     parser.add_argument("--stage-sizes", type=_ints, default=None,
                         help="BasicBlocks per stage (default 2,2,2,2: ResNet18)")
     parser.add_argument("--width", type=int, default=None, help=f"default {DEFAULTS['width']}")
@@ -62,6 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "go idle (see jaxdp_study/bench.py)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
     args = parser.parse_args(argv)
+    if args.loop:
+        return _loop(parser, args)
+    if args.run is not None or args.epochs is not None:
+        parser.exit(2, "error: --run and --epochs apply to --loop only\n")
+    args.steps_per_round = 1 if args.steps_per_round is None else args.steps_per_round
 
     try:
         settings = dict(DEFAULTS)
@@ -83,6 +97,28 @@ def main(argv: list[str] | None = None) -> dict:
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return result
+
+
+def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    if args.config is None:
+        parser.exit(2, "error: --loop needs --config (the experiment whose run is trained)\n")
+    step_flags = ("image_size", "batch_size", "strategies", "methods", "compare_opacus", "stage_sizes", "width",
+                  "num_groups", "max_pixels", "no_noise_only")
+    given = [f"--{k.replace('_', '-')}" for k in step_flags if getattr(args, k) not in (None, False, "")]
+    if given:
+        parser.exit(2, f"error: {', '.join(given)} do not apply to --loop: the step benchmarked is the one the run "
+                       "ran (its model, strategy, method and chunk width)\n")
+    try:
+        result = bench.run_loop_benchmark(
+            grid.load_config(args.config), run=args.run, epochs=args.epochs, rounds=args.rounds,
+            steps_per_round=10 if args.steps_per_round is None else args.steps_per_round, settle_s=args.settle)
+    except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: jaxdp.data.DataUnavailable
+        parser.exit(2, f"error: {error}\n")
+    print(bench.format_loop_table(result))
     if args.json:
         bench.write_json(result, args.json)
         print(f"wrote {args.json}")

@@ -166,3 +166,62 @@ def test_method_entries_follow_their_strategy_and_compare_with_its_dp_sgd_step()
     assert "| vs DP-SGD |" in bench.format_table(result)
     with pytest.raises(ValueError, match="Unknown methods"):
         bench.run_benchmark(methods=["dpsgd"], **TINY)
+
+
+# --- the training loop around the step (issue 15, item 4) -------------------------------------------------------
+
+
+def test_loop_benchmark_pairs_each_run_with_the_step_it_ran(tmp_path, monkeypatch):
+    from test_train import tiny_config, tiny_datasets
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # to see that the runs' directories are deleted
+    config = tiny_config(**{"train.epochs": 0.5, "dp.clipping_strategy": "auto"})
+    result = bench.run_loop_benchmark(config, rounds=2, steps_per_round=2, settle_s=0.0, datasets=tiny_datasets())
+    assert list(tmp_path.iterdir()) == []
+    assert sorted(result) == ["config", "environment", "rounds", "summary"]
+    setup = result["config"]
+    assert (setup["bench_entry"], setup["clipping_strategy"], setup["method"]) == (
+        "jax dp bookkeeping", "bookkeeping", "dpsgd")
+    assert setup["chunk_widths"][-1] >= 16 and setup["epochs"] == 0.5 and setup["bench_compile_s"] > 0
+    for row in result["rounds"]:
+        split = row["run_time_split_s"]
+        assert row["run_steps"] == 3 and row["run_step_s"] == pytest.approx(split["train_steps"] / 3)
+        assert row["run_all_s"] >= row["run_step_s"] > 0 and row["bench_step_s"] > 0
+        assert row["ratio"] == pytest.approx(row["run_step_s"] / row["bench_step_s"])
+        assert row["ratio_all"] == pytest.approx(row["run_all_s"] / row["bench_step_s"])
+    assert result["summary"]["ratio"] == pytest.approx(sum(r["ratio"] for r in result["rounds"]) / 2)
+    assert "| median |" in bench.format_loop_table(result)
+
+    # Without DP the run's step is the non-private matmul-conv step; a DP-fairness method's is the method's step.
+    plain = bench.run_loop_benchmark(tiny_config(**{"train.epochs": 0.5, "dp.enabled": False}), rounds=1,
+                                     steps_per_round=1, settle_s=0.0, datasets=tiny_datasets())
+    assert plain["config"]["bench_entry"] == "jax nonprivate (matmul conv)" and plain["config"]["method"] is None
+    fair = tiny_config(**{"dp.method": "dpsgd_f"})
+    final = {"method": "dpsgd_f", "clipping_strategy": "vmap", "noise_multiplier": 0.5, "chunk_widths": [8, 16]}
+    assert bench._loop_step_entry(fair, final, seed=0).name == "jax dp vmap dpsgd_f"
+
+
+def test_loop_benchmark_picks_a_run_of_the_sweep_and_refuses_what_it_cannot_do(tmp_path, capsys):
+    demo = grid.load_config(str(ROOT / "configs" / "demo.py"))
+    config, name = bench.loop_run_config(demo, "medium-ff0.9")
+    assert name == "medium-ff0.9-clip1-seed0" and config.data.female_fraction == 0.9
+    assert config.dp.noise_multiplier == 0.7 and not config.sweep
+    assert bench.loop_run_config(demo)[1] == "demo"
+    with pytest.raises(ValueError, match="'nope' matches none of the config's runs: high-ff0.7-clip1-seed0, "):
+        bench.loop_run_config(demo, "nope")
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        bench.run_loop_benchmark(demo, rounds=0)
+    celeba = grid.load_config(str(ROOT / "configs" / "medium.py"))
+    celeba.data.data_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):  # before any training
+        bench.run_loop_benchmark(celeba, run="ff0.9")
+    assert not any(tmp_path.iterdir())
+    cli = _load_launcher()
+    for argv, message in (
+        (["--loop"], "--loop needs --config"),
+        (["--loop", "--config", "configs/demo.py", "--batch-size", "8"], "--batch-size do not apply to --loop"),
+        (["--config", "configs/demo.py", "--run", "medium"], "--run and --epochs apply to --loop only"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -364,15 +364,16 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
     batch = p.sampler.batch(3)
     chunks = [train._chunk(mesh, train_set, batch.indices[i], batch.mask[i]) for i in range(batch.n_chunks)]
     acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros(0))
-    accumulate = jax.jit(functools.partial(train.accumulate_step, plan=p, mesh=mesh, flip_key=flip_key,
-                                           diagnostics=False))
-    for chunk in chunks:
-        acc, _, model_state = accumulate(state, acc, {}, chunk, jnp.int32(3))
-    update = jax.jit(functools.partial(train.update_step, plan=p, optimizer=optimizer, return_update=True))
+    step = jax.jit(functools.partial(train.train_step, plan=p, mesh=mesh, flip_key=flip_key, diagnostics=False,
+                                     optimizer=optimizer, return_update=True))
     misaligned = dict(sample=sample, cosines=jax.jit(train.misalignment_cosines),
                       unclipped_sum=jax.jit(functools.partial(train.unclipped_sum_step, plan=p, flip_key=flip_key)))
     zeros = jax.jit(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t))
-    _, _, cosines = train._misalignment_step(misaligned, update, state, acc, model_state, chunks, 3, zeros)
+    sums = train._misalignment_sums(misaligned, state, chunks, 3, zeros)  # before the step's update, as the loop
+    current = state
+    for i, chunk in enumerate(chunks):
+        current, acc, _, update = step(current, acc, {}, chunk, jnp.int32(3), jnp.bool_(i == len(chunks) - 1))
+    cosines = train._misalignment(misaligned, sums, update)
 
     def one(params, x, y):
         return plan.cross_entropy(model.apply({"params": params}, x[None], train=True), y[None])[0]

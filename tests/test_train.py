@@ -525,3 +525,24 @@ def test_two_chunk_widths_follow_the_same_trajectory(tmp_path):
         params[n] = final_params(tmp_path / str(n))
         assert final["steps"] == 6
     assert_trees_close(params[1], params[2], rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_split_over_several_chunks_takes_the_same_step_as_one_chunk(tmp_path, monkeypatch):
+    from jaxdp import sampling
+
+    # Chunks of 6: every batch (about 16 examples) takes 2-4 chunks through the one compiled train_step, whose
+    # update counts only on the last; the run must follow the one-chunk run, misalignment measurements included
+    # (they use the step's whole clipped sum and its one noise draw).
+    config = tiny_config(**{"train.epochs": 1.0, "dp.reproducible": True, "train.num_devices": 1})
+    one = train.train_and_evaluate(config, tmp_path / "one", datasets=tiny_datasets())
+    monkeypatch.setattr(sampling, "default_physical_batch_size", lambda n, q, overflow_prob=0.01: 6)
+    split = train.train_and_evaluate(config, tmp_path / "split", datasets=tiny_datasets())
+    assert split["chunk_widths"] == [6] and one["chunk_widths"][0] > 16
+    assert split["steps"] == one["steps"] == 6 and split["epsilon"] == one["epsilon"]
+    assert_trees_close(final_params(tmp_path / "one"), final_params(tmp_path / "split"), rtol=1e-4, atol=1e-5)
+    rows = [[json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+            for name in ("one", "split")]
+    for a, b in zip(*rows, strict=True):
+        assert a["nonprivate_train_examples_0"] == b["nonprivate_train_examples_0"]
+        for key in ("nonprivate_cos_clipped_0", "nonprivate_cos_noised_1", "nonprivate_cos_unclipped_all", "accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
