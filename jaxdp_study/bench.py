@@ -24,6 +24,9 @@ images. Entries:
   (``hooks``, ``ghost`` = fast gradient clipping, ``functorch``, ``ew``), the same architecture written in
   PyTorch (torchvision's resnet18 layout, GroupNorm replacing BatchNorm), batch, loss and optimiser.
 
+:func:`run_loop_benchmark` (``launch/bench.py --config CONFIG --loop``) measures the rest of a run against this
+step: it trains a config's run in each round and times the step of what the run ran right after it.
+
 How it is measured (every figure in the output is one of these):
 
 * ``examples_per_s``: batch size / the median wall time of the timed steps (each ended with

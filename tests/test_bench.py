@@ -175,13 +175,12 @@ def test_loop_benchmark_pairs_each_run_with_the_step_it_ran(tmp_path, monkeypatc
     from test_train import tiny_config, tiny_datasets
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # to see that the runs' directories are deleted
-    config = tiny_config(**{"train.epochs": 0.5, "dp.clipping_strategy": "auto"})
+    config = tiny_config(**{"train.epochs": 0.5})  # strategy "vmap": the quickest to compile
     result = bench.run_loop_benchmark(config, rounds=2, steps_per_round=2, settle_s=0.0, datasets=tiny_datasets())
     assert list(tmp_path.iterdir()) == []
     assert sorted(result) == ["config", "environment", "rounds", "summary"]
     setup = result["config"]
-    assert (setup["bench_entry"], setup["clipping_strategy"], setup["method"]) == (
-        "jax dp bookkeeping", "bookkeeping", "dpsgd")
+    assert (setup["bench_entry"], setup["clipping_strategy"], setup["method"]) == ("jax dp vmap", "vmap", "dpsgd")
     assert setup["chunk_widths"][-1] >= 16 and setup["epochs"] == 0.5 and setup["bench_compile_s"] > 0
     for row in result["rounds"]:
         split = row["run_time_split_s"]
@@ -193,12 +192,11 @@ def test_loop_benchmark_pairs_each_run_with_the_step_it_ran(tmp_path, monkeypatc
     assert "| median |" in bench.format_loop_table(result)
 
     # Without DP the run's step is the non-private matmul-conv step; a DP-fairness method's is the method's step.
-    plain = bench.run_loop_benchmark(tiny_config(**{"train.epochs": 0.5, "dp.enabled": False}), rounds=1,
-                                     steps_per_round=1, settle_s=0.0, datasets=tiny_datasets())
-    assert plain["config"]["bench_entry"] == "jax nonprivate (matmul conv)" and plain["config"]["method"] is None
-    fair = tiny_config(**{"dp.method": "dpsgd_f"})
-    final = {"method": "dpsgd_f", "clipping_strategy": "vmap", "noise_multiplier": 0.5, "chunk_widths": [8, 16]}
-    assert bench._loop_step_entry(fair, final, seed=0).name == "jax dp vmap dpsgd_f"
+    plain = {"method": None, "clipping_strategy": None, "noise_multiplier": None, "chunk_widths": [4]}
+    entry = bench._loop_step_entry(tiny_config(**{"dp.enabled": False}), plain, seed=0)
+    assert entry.name == "jax nonprivate (matmul conv)" and not entry.private
+    fair = {"method": "dpsgd_f", "clipping_strategy": "vmap", "noise_multiplier": 0.5, "chunk_widths": [2, 4]}
+    assert bench._loop_step_entry(tiny_config(**{"dp.method": "dpsgd_f"}), fair, seed=0).name == "jax dp vmap dpsgd_f"
 
 
 def test_loop_benchmark_picks_a_run_of_the_sweep_and_refuses_what_it_cannot_do(tmp_path, capsys):
