@@ -48,8 +48,8 @@ Guarantees (add or remove one example; Poisson sampling with rate q):
   batch size (the reference code divides by the realised batch size, which is private under Poisson sampling).
   One step: ``PoissonSampled(q, Gaussian((z^-2 + sigma_b^-2)^-1/2))``.
 
-Every count's noise comes from the run's secret noise stream (:class:`jaxdp.plan.DPPlan`'s ``release_key``, a
-separate ``fold_in`` of the secret noise key) through the tail-correct :func:`jaxdp.noise.gaussian`. The
+Every count's noise comes from the run's secret noise stream (:meth:`jaxdp.plan.DPPlan.release`: a separate
+``fold_in`` of the secret noise key) through the tail-correct :func:`jaxdp.noise.gaussian`. The
 sensitivity of each clip rule is tested empirically on every clipping strategy (``tests/test_methods.py``).
 """
 

@@ -11,9 +11,10 @@ whose agreement *is* the privacy guarantee, so that no training loop can pair th
 * ``record_step`` — the privacy event each step adds to a :class:`jaxdp.accounting.PrivacyLedger`, read from the
   same sampler and noise multiplier;
 * ``method`` — the DP-SGD variant (:mod:`jaxdp.methods`: DPSGD-F, global clipping, ...): its clip rule is the
-  clipping of ``grad_fn``, its per-step releases are noised by :meth:`DPPlan.release` from the secret
-  ``release_key`` and recorded by ``record_step``, its state changes the gradient noise's scale through
-  :meth:`DPPlan.noise_sensitivity`. Plain DP-SGD is the method ``"dpsgd"``, which releases nothing else.
+  clipping of ``grad_fn``, its per-step releases are noised by :meth:`DPPlan.release` from the secret noise
+  key (a ``fold_in`` of it, taken from the noise state) and recorded by ``record_step``, its state changes the
+  gradient noise's scale through :meth:`DPPlan.noise_sensitivity`. Plain DP-SGD is the method ``"dpsgd"``,
+  which releases nothing else.
 
 A non-private plan (``config.dp.enabled = False``) has the same interface: its ``grad_fn`` is the plain gradient
 sum (no clipping), its ``noise`` only divides by the batch size and ``record_step`` records nothing; the training
@@ -109,7 +110,6 @@ class DPPlan:
       total_steps: steps the run takes.
       reproducible: sampling and noise come from the public ``train.seed`` (see the module docstring).
       method: the DP-SGD variant (:mod:`jaxdp.methods`; ``DPSGD`` without DP).
-      release_key: the secret key of the method's count noise (None when the method releases nothing else).
       unclipped_grad_fn: ``(params, model_state, inputs, labels, mask) -> sum of the real examples' unclipped
         gradients`` (diagnostics only: no privacy).
       clipping_strategy: the clipping strategy that runs (``"auto"`` resolved when the input shape was given to
@@ -126,7 +126,6 @@ class DPPlan:
     total_steps: int
     reproducible: bool
     method: methods.Method = methods.DPSGD()
-    release_key: jax.Array | None = None
     unclipped_grad_fn: Callable[..., Any] | None = None
     clipping_strategy: str | None = None
     clipping_strategy_reason: str | None = None
@@ -155,12 +154,20 @@ class DPPlan:
             return jnp.zeros((0,), jnp.float32)
         return self.method.counts(norms, mask, groups, method_state)
 
-    def release(self, method_state: Any, counts: jax.Array, step: jax.Array) -> Any:
-        """Noises a step's counts (``N(0, sigma^2)`` each, tail-correct, from the secret ``release_key`` and the
-        step) and returns the method's next state. The identity for methods that release nothing else."""
-        if self.release_key is None:
+    def release(self, method_state: Any, counts: jax.Array, step: jax.Array, noise_state: Any) -> Any:
+        """Noises a step's counts (``N(0, sigma^2)`` each, tail-correct) and returns the method's next state; the
+        identity for methods that release nothing else (and without DP).
+
+        The count noise is keyed by ``fold_in(fold_in(noise key, _RELEASE_FOLD), step)``, with the secret noise
+        key read from ``noise_state`` (the :func:`jaxdp.dp_noise` state, ``DPNoiseState.key``) — an argument of
+        the compiled step, like the rest of the state, never a constant of it: a key closed over by a jitted
+        function is compiled into the program, and so into the persistent compilation cache on disk.
+        """
+        if not self.private or self.method.num_counts == 0:
             return method_state
-        return methods.release(self.method, method_state, counts, jax.random.fold_in(self.release_key, step))
+        noise_key = jax.random.wrap_key_data(noise_state.key, impl="rbg")
+        key = jax.random.fold_in(jax.random.fold_in(noise_key, _RELEASE_FOLD), step)
+        return methods.release(self.method, method_state, counts, key)
 
     def noise_sensitivity(self, method_state: Any) -> jax.Array | None:
         """This step's sensitivity for the gradient noise when the method's state sets it (DPSGD-F: max_k C_k),
@@ -278,9 +285,8 @@ def make_plan(
     else:
         sensitivity = clipping.sensitivity(l2_clip_norm)
     tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key, secure=bool(config.dp.secure_noise))
-    release_key = jax.random.fold_in(noise_key, _RELEASE_FOLD) if method.num_counts else None
     return DPPlan(True, sampler, clipped_grads, sensitivity, noise_multiplier, tx, float(batch_size), total_steps,
-                  reproducible, method=method, release_key=release_key, unclipped_grad_fn=unclipped_grads,
+                  reproducible, method=method, unclipped_grad_fn=unclipped_grads,
                   clipping_strategy=strategy, clipping_strategy_reason=reason)
 
 

@@ -188,7 +188,7 @@ def update_step(state: TrainState, acc: Accumulator, model_state: Any, step: jax
     noised, noise_state = plan.noise.update(acc.grad_sum, noise_state, state.params, **extra)
     updates, optimizer_state = optimizer.update(noised, optimizer_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    method_state = plan.release(state.method_state, acc.counts, step)
+    method_state = plan.release(state.method_state, acc.counts, step, noise_state)
     new_state = TrainState(params=params, model_state=model_state, opt_state=(noise_state, optimizer_state),
                            method_state=method_state)
     zeros = Accumulator(jax.tree_util.tree_map(jnp.zeros_like, acc.grad_sum), jnp.zeros_like(acc.counts))

@@ -243,7 +243,7 @@ def test_target_epsilon_is_met_by_the_composition():
         plan.make_plan(costly, _Model(), 1000, secret=None)
 
 
-def test_count_noise_is_gaussian_from_the_secret_release_key():
+def test_count_noise_is_gaussian_from_the_secret_noise_key():
     c = _config("dpsgd_global_adapt")
     c.dp.reproducible = False
     p = plan.make_plan(c, _Model(), 1000, secret=2**100 + 7)
@@ -251,17 +251,20 @@ def test_count_noise_is_gaussian_from_the_secret_release_key():
     m = p.method
     steps = jnp.arange(4000)
     state = m.init_state()
-    release = jax.jit(jax.vmap(lambda t: p.release(state, jnp.zeros(1), t)["threshold"]))
-    other = jax.jit(jax.vmap(lambda t: q.release(state, jnp.zeros(1), t)["threshold"]))
+    # The secret key comes from the noise state, an argument of the compiled function (never a constant of it).
+    release = jax.jit(jax.vmap(lambda t, n: p.release(state, jnp.zeros(1), t, n)["threshold"], in_axes=(0, None)))
+    other = jax.jit(jax.vmap(lambda t, n: q.release(state, jnp.zeros(1), t, n)["threshold"], in_axes=(0, None)))
     # Z' = Z exp(-eta + sigma N / B): recover N.
-    draws = (np.log(np.asarray(release(steps)) / m.initial_threshold) + m.threshold_learning_rate) * \
+    thresholds = np.asarray(release(steps, p.noise.init(None)))
+    draws = (np.log(thresholds / m.initial_threshold) + m.threshold_learning_rate) * \
         m.expected_batch_size / m.count_noise_multiplier
     assert abs(draws.mean()) < 0.06 and abs(draws.std() - 1) < 0.04
     assert abs(np.corrcoef(draws[1:], draws[:-1])[0, 1]) < 0.06  # fresh noise every step
-    other_draws = np.log(np.asarray(other(steps)) / m.initial_threshold)
+    other_draws = np.log(np.asarray(other(steps, q.noise.init(None))) / m.initial_threshold)
     assert abs(np.corrcoef(draws, other_draws)[0, 1]) < 0.06  # another secret, other noise
-    # The release key is a fold of the secret noise key, not the gradient noise itself.
-    assert p.release_key is not None and plan.make_plan(_config("dpsgd"), _Model(), 1000, secret=1).release_key is None
+    # Plain DP-SGD releases nothing else: its release is the identity.
+    dpsgd = plan.make_plan(_config("dpsgd"), _Model(), 1000, secret=1)
+    assert dpsgd.release({"x": 1}, jnp.zeros(0), 0, dpsgd.noise.init(None)) == {"x": 1}
 
 
 # --- training with a method -----------------------------------------------------------------------------------------

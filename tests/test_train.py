@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -546,3 +547,40 @@ def test_a_batch_split_over_several_chunks_takes_the_same_step_as_one_chunk(tmp_
         assert a["nonprivate_train_examples_0"] == b["nonprivate_train_examples_0"]
         for key in ("nonprivate_cos_clipped_0", "nonprivate_cos_noised_1", "nonprivate_cos_unclipped_all", "accuracy"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("method", ["dpsgd", "dpsgd_f", "dpsgd_global_adapt"])
+def test_the_compiled_step_holds_no_secret(method):
+    # A value closed over by a jitted function is compiled into the program as a constant, and so written to the
+    # persistent compilation cache (<workdir>/.xla_cache): every secret (the noise and count-noise keys) must be
+    # an argument. Two secrets must give the very same program, and no word of the secret keys may appear in it.
+    import functools
+
+    import optax
+
+    from jaxdp import models, parallel
+    from jaxdp.plan import make_plan
+
+    config = tiny_config(**{"dp.method": method})
+    train_set, _ = tiny_datasets()
+    mesh = parallel.make_mesh(1)
+    model = models.create_model(config.model, private=True)
+    variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
+    texts, words = [], []
+    for secret in (2**100 + 7, 2**100 + 8):
+        plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=1,
+                         input_shape=tuple(train_set.images.shape[1:]))
+        optimizer = train.make_optimizer(config)
+        state = train.TrainState.create(variables, optax.chain(plan.noise, optimizer), plan.init_method_state())
+        acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params),
+                                jnp.zeros((plan.method.num_counts,), jnp.float32))
+        batch = plan.sampler.batch(0)
+        chunk = train._chunk(mesh, train_set, batch.indices[0], batch.mask[0])
+        step = jax.jit(functools.partial(train.train_step, plan=plan, mesh=mesh, flip_key=None, diagnostics=True,
+                                         optimizer=optimizer, return_update=True))
+        texts.append(step.lower(state, acc, train._zero_stats(True), chunk, np.int32(0), np.bool_(True)).as_text())
+        noise_key = state.opt_state[0].key
+        count_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(noise_key, impl="rbg"), 1))
+        words += [int(w) for w in np.concatenate([np.ravel(noise_key), np.ravel(count_key)])]
+    assert texts[0] == texts[1]
+    assert not [w for w in words if str(w) in texts[0]]
