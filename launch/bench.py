@@ -96,10 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
-    print(bench.format_table(result))
-    if args.json:
-        bench.write_json(result, args.json)
-        print(f"wrote {args.json}")
+    return _report(result, bench.format_table(result), args.json)
+
+
+def _report(result: dict, table: str, json_path: str | None) -> dict:
+    print(table)
+    if json_path:
+        bench.write_json(result, json_path)
+        print(f"wrote {json_path}")
     return result
 
 
@@ -118,11 +122,7 @@ def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             steps_per_round=10 if args.steps_per_round is None else args.steps_per_round, settle_s=args.settle)
     except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: jaxdp.data.DataUnavailable
         parser.exit(2, f"error: {error}\n")
-    print(bench.format_loop_table(result))
-    if args.json:
-        bench.write_json(result, args.json)
-        print(f"wrote {args.json}")
-    return result
+    return _report(result, bench.format_loop_table(result), args.json)
 
 
 if __name__ == "__main__":
