@@ -316,7 +316,8 @@ def release(method: Method, state: PyTree, counts: jax.Array, key: jax.Array) ->
     the method's next state; the identity for methods that release nothing else."""
     if method.num_counts == 0:
         return state
-    noisy = counts + method.count_noise_multiplier * noise.gaussian(key, counts.shape)
+    # The std as a float32 never below sigma (a float64 constant rounded to nearest could fall below it).
+    noisy = counts + noise.stddev_at_least(method.count_noise_multiplier) * noise.gaussian(key, counts.shape)
     return method.update(state, noisy)
 
 

@@ -272,6 +272,26 @@ class DPNoiseState(NamedTuple):
     count: jax.Array
 
 
+# A noise standard deviation must never fall below the one the accountant was told (z * C): rounding it to the
+# nearest float32 may lose up to a relative 2^-24. Constants are computed in float64 and rounded up; a std
+# computed in float32 from traced values (a per-step sensitivity) is scaled by 1 + 2^-16 first, more than the
+# roundings before it (the conversion of z, the squares, sums and square root of the sensitivity, the product:
+# each at most 2^-24, and far fewer than 256 of them) can take away.
+_TRACED_STDDEV_MARGIN = 1.0 + 2.0**-16
+
+
+def stddev_at_least(value: float) -> np.float32:
+    """The smallest float32 that is >= ``value`` (a float64 >= 0, slightly enlarged, by ``1 + 2^-40``, to cover
+    the rounding of the float64 product that gave it): a noise standard deviation never below the accounted one.
+
+    >>> float(stddev_at_least(0.7)) > 0.7 > float(np.float32(0.7))
+    True
+    """
+    value = float(value) * (1.0 + 2.0**-40)
+    rounded = np.float32(value)
+    return rounded if float(rounded) >= value else np.nextafter(rounded, np.float32(np.inf))
+
+
 def _traced_sensitivity(l2_clip_norm) -> jax.Array:
     leaves = jax.tree_util.tree_leaves(l2_clip_norm)
     if not leaves:
@@ -290,7 +310,10 @@ def dp_noise(
     """Adds ``N(0, (noise_multiplier * C)^2)`` to each coordinate of a clipped sum, then divides by the batch size.
 
     The noise comes from :func:`gaussian` (tails correct beyond 9 standard deviations): one draw per step for
-    all leaves, keyed by ``key`` and the step count kept in the state.
+    all leaves, keyed by ``key`` and the step count kept in the state. The standard deviation it is scaled by is
+    a float32 never below ``noise_multiplier * C`` (:func:`stddev_at_least`; a per-step ``l2_clip_norm`` is
+    scaled by ``1 + 2^-16`` to outweigh the float32 roundings of computing it): more noise than accounted for
+    is safe, less would not be.
 
     **The key must be secret** (see the module docstring): whoever knows it can regenerate the noise, and known
     noise makes training deterministic, so replaying it under two neighbouring datasets tells them apart
@@ -343,7 +366,7 @@ def dp_noise(
         raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier}.")
     if int(expected_batch_size) != expected_batch_size or expected_batch_size < 1:
         raise ValueError(f"expected_batch_size must be an integer >= 1; got {expected_batch_size!r}.")
-    default_stddev = noise_multiplier * sensitivity(l2_clip_norm)
+    default_stddev = stddev_at_least(noise_multiplier * sensitivity(l2_clip_norm))
     scale = 1.0 / float(expected_batch_size)
     key_words = _key_words(key)
 
@@ -357,7 +380,7 @@ def dp_noise(
         if l2_clip_norm is None:
             stddev = default_stddev
         else:
-            stddev = noise_multiplier * _traced_sensitivity(l2_clip_norm)
+            stddev = (noise_multiplier * _traced_sensitivity(l2_clip_norm)) * np.float32(_TRACED_STDDEV_MARGIN)
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         # One draw for all leaves (each coordinate its own counter), fresh at every step.
         z = _draw(_derive(state.key, state.count, _STEP), sum(g.size for g in leaves), secure=secure)
