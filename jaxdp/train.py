@@ -780,8 +780,8 @@ def train_and_evaluate(
             evaluating = done % eval_every == 0 or done == total
             measuring = misaligned is not None and evaluating
             if measuring:
-                with clock.phase("evaluation"):
-                    sums = _misalignment_sums(misaligned, state, chunks, step, zeros_like)
+                with clock.phase("evaluation"):  # waited for here, so that its time is not the step's
+                    sums = jax.block_until_ready(_misalignment_sums(misaligned, state, chunks, step, zeros_like))
             with clock.phase("train_steps"):
                 for i, chunk in enumerate(chunks):  # more than one: a Poisson batch wider than the chunk width
                     state, acc, stats, *update = step_fn(state, acc, stats, chunk, np.int32(step),
