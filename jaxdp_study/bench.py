@@ -480,20 +480,8 @@ def run_benchmark(
 
     for _ in range(rounds):
         for entry in entries:
-            if entry._run is None:
-                continue
-            time.sleep(settle_s)  # let the previous entry's thread pools go idle (module docstring)
-            # One untimed step measures the memory (from a trimmed heap) and brings the heap, caches and thread
-            # pools back to the state of a training loop; the timed steps then follow it back to back.
-            before = _start_peak_rss()
-            entry._run()
-            growth = _peak_rss_growth(before)
-            if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
-                entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
-            for _ in range(steps_per_round):
-                start = time.perf_counter()
-                entry._run()
-                entry.step_s.append(time.perf_counter() - start)
+            if entry._run is not None:
+                entry.step_s += _timed_round(entry, steps_per_round, settle_s)
 
     for entry in entries:
         if entry.step_s:
@@ -536,6 +524,25 @@ def run_benchmark(
     config["stage_sizes"] = list(config["stage_sizes"])
     results = [{k: v for k, v in dataclasses.asdict(e).items() if not k.startswith("_")} for e in entries]
     return {"config": config, "environment": environment, "results": results}
+
+
+def _timed_round(entry: Entry, steps: int, settle_s: float) -> list[float]:
+    """One round of ``entry`` (module docstring): a pause of ``settle_s``, one untimed step that measures the
+    memory, then ``steps`` timed steps back to back; returns their wall times."""
+    time.sleep(settle_s)  # let the previous entry's thread pools go idle (module docstring)
+    # The untimed step measures the memory (from a trimmed heap) and brings the heap, caches and thread pools back
+    # to the state of a training loop; the timed steps then follow it back to back.
+    before = _start_peak_rss()
+    entry._run()
+    growth = _peak_rss_growth(before)
+    if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
+        entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        entry._run()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _environment() -> dict[str, Any]:
@@ -641,15 +648,8 @@ def run_loop_benchmark(config: Any, *, run: str | None = None, epochs: float | N
             final = train.train_and_evaluate(run_config, Path(tmp) / f"round{r}", datasets=datasets)
             if entry is None:
                 entry = _loop_step_entry(run_config, final, seed)
-            time.sleep(settle_s)
-            entry._run()
-            times = []
-            for _ in range(steps_per_round):
-                start = time.perf_counter()
-                entry._run()
-                times.append(time.perf_counter() - start)
+            bench_s = statistics.median(_timed_round(entry, steps_per_round, settle_s))
             split, steps = final["time_split_s"], final["steps"]
-            bench_s = statistics.median(times)
             run_s = split["train_steps"] / steps
             run_all = (split["train_steps"] + split["evaluation"] + split["checkpoints"] + split["accounting"]
                        + split["other"]) / steps
