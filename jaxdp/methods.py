@@ -97,6 +97,8 @@ class Method(Protocol):
 
     name: str
     clip_rule: Any  # a jaxdp.clipping.ClipRule, or None for min(1, C / norm)
+    sensitivity: float  # the L2 bound on one example's contribution to the clipped sum (the largest, for DPSGD-F)
+    uses_groups: bool  # whether each example's group id changes what the method does (its clip args or counts)
     extra_noise_multipliers: tuple[float, ...]
     count_noise_multiplier: float | None
     num_counts: int
@@ -113,6 +115,7 @@ class Method(Protocol):
 class _NoRelease:
     """Methods that release nothing but the noised gradient."""
 
+    uses_groups = False
     count_noise_multiplier = None
     num_counts = 0
     extra_noise_multipliers: tuple[float, ...] = ()
@@ -141,6 +144,11 @@ class DPSGD(_NoRelease):
     l2_clip_norm: float = math.inf
     name = "dpsgd"
     clip_rule = None
+
+    @property
+    def sensitivity(self) -> float:
+        """The bound on one example's contribution to the clipped sum: ``C``."""
+        return float(self.l2_clip_norm)
 
     def clip_args(self, state, groups) -> None:
         return None
@@ -172,6 +180,7 @@ class DPSGDF:
     num_groups: int = NUM_GROUPS
     name = "dpsgd_f"
     clip_rule = GroupBoundRule()
+    uses_groups = True
 
     @property
     def extra_noise_multipliers(self) -> tuple[float, ...]:
@@ -180,6 +189,12 @@ class DPSGDF:
     @property
     def num_counts(self) -> int:
         return 2 * self.num_groups
+
+    @property
+    def sensitivity(self) -> float:
+        """The largest bound the clipped sum can have: ``max_k C_k <= (1 + K) C0``; each step's own bound is
+        :meth:`noise_sensitivity`."""
+        return float((1 + self.num_groups) * self.base_clip_norm)
 
     def init_state(self) -> PyTree:
         return {"counts": jnp.zeros((self.num_counts,), jnp.float32)}
@@ -250,6 +265,11 @@ class DPSGDGlobal(_NoRelease):
     name = "dpsgd_global"
 
     @property
+    def sensitivity(self) -> float:
+        """``C``: every kept example is scaled to at most ``(C / Z) Z``."""
+        return float(self.l2_clip_norm)
+
+    @property
     def clip_rule(self) -> GlobalRule:
         return GlobalRule(self.l2_clip_norm, self.threshold)
 
@@ -277,6 +297,12 @@ class DPSGDGlobalAdapt:
     expected_batch_size: float
     name = "dpsgd_global_adapt"
     num_counts = 1
+    uses_groups = False
+
+    @property
+    def sensitivity(self) -> float:
+        """``C``: below ``Z`` examples are scaled by ``C / Z``, above it clipped to ``C``."""
+        return float(self.l2_clip_norm)
 
     @property
     def clip_rule(self) -> GlobalRule:
@@ -385,18 +411,33 @@ def check_config(dp_config: Any) -> list[str]:
     return errors
 
 
+def from_params(name: str, l2_clip_norm: float, params: Mapping[str, float | None],
+                expected_batch_size: float) -> Method:
+    """The method ``name`` with ``params`` (missing or None: the reference values of :data:`PARAMETERS`).
+
+    ``expected_batch_size`` is the *public* normaliser of DPSGD-Global-Adapt's count (``q`` times the public
+    training-set size), never a realised or secret-dependent size.
+    """
+    if name not in METHODS:
+        raise ValueError(f"method={name!r} is not a method; choose one of {', '.join(map(repr, METHODS))}.")
+    unknown = sorted(set(params) - set(PARAMETERS[name]))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a parameter of method {name!r}; its parameters are "
+                         f"{', '.join(map(repr, PARAMETERS[name])) or 'none'}.")
+    p = {key: float(l2_clip_norm if default is None else default) if params.get(key) is None
+         else float(params[key]) for key, default in PARAMETERS[name].items()}
+    c = float(l2_clip_norm)
+    if name == "dpsgd":
+        return DPSGD(c)
+    if name == "dpsgd_f":
+        return DPSGDF(p["base_clip_norm"], p["count_noise_multiplier"])
+    if name == "dpsgd_global":
+        return DPSGDGlobal(c, p["threshold"])
+    return DPSGDGlobalAdapt(c, p["initial_threshold"], p["count_noise_multiplier"], p["threshold_learning_rate"],
+                            p["count_threshold_factor"], float(expected_batch_size))
+
+
 def from_config(dp_config: Any, expected_batch_size: float) -> Method:
     """The method of a validated ``config.dp`` (:func:`jaxdp.config.validate_run_config`)."""
     method = str(dp_config.get("method", "dpsgd"))
-    p = resolved_parameters(dp_config)
-    c = float(dp_config.l2_clip_norm)
-    if method == "dpsgd":
-        return DPSGD(c)
-    if method == "dpsgd_f":
-        return DPSGDF(p["base_clip_norm"], p["count_noise_multiplier"])
-    if method == "dpsgd_global":
-        return DPSGDGlobal(c, p["threshold"])
-    if method == "dpsgd_global_adapt":
-        return DPSGDGlobalAdapt(c, p["initial_threshold"], p["count_noise_multiplier"], p["threshold_learning_rate"],
-                                p["count_threshold_factor"], float(expected_batch_size))
-    raise ValueError(f"config.dp.method={method!r} is not a method; choose one of {', '.join(map(repr, METHODS))}.")
+    return from_params(method, float(dp_config.l2_clip_norm), resolved_parameters(dp_config), expected_batch_size)

@@ -90,6 +90,18 @@ def shard_batch(mesh: Mesh, array: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def shard_chunks(mesh: Mesh, array: np.ndarray) -> jax.Array:
+    """Places a host array ``[n_chunks, width, ...]`` (a step's chunks) onto the mesh, each chunk's examples (the
+    second axis) split across the devices; the width must be a multiple of the device count."""
+    if array.shape[1] % mesh.size:
+        raise ValueError(
+            f"The chunk width ({array.shape[1]}) must be a multiple of the number of devices ({mesh.size}); pad it "
+            "(the samplers' physical_batch_size does this)."
+        )
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def replicate(mesh: Mesh, tree):
     """Places a pytree of values (equal on every process) on every device of the mesh."""
     sharding = replicated(mesh)

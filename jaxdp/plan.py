@@ -1,51 +1,86 @@
-"""The DP plan: everything DP-SGD does to a batch, built once from the config.
+"""The DP plan: your loss, your model, your data — and everything DP-SGD does to a batch, built once.
 
-A :class:`DPPlan` is the analogue of jax_privacy's ``DPExecutionPlan``. It holds, side by side, the four pieces
+A :class:`DPPlan` is the analogue of jax_privacy's ``DPExecutionPlan``. It is built by :func:`make_plan` from a
+typed, frozen :class:`DPConfig` (the privacy settings: clip bound, noise multiplier or target epsilon, delta,
+sampling, accountant, method), an :class:`ExecutionConfig` (settings that change only speed and memory), **your
+loss function**, the dataset size, the batch size and your optax optimiser. It holds, side by side, the pieces
 whose agreement *is* the privacy guarantee, so that no training loop can pair them wrongly:
 
 * ``sampler`` — which examples each step sees (:mod:`jaxdp.sampling`), seeded from the run's secret;
-* ``grad_fn`` — the per-example clipped gradient sum of a chunk (:func:`jaxdp.clipped_grad`), and
-  ``sensitivity``, the L2 bound on one example's contribution to that sum that the clipping guarantees;
-* ``noise`` — the optax transformation that adds ``N(0, (z * sensitivity)^2)`` to the summed gradient and divides
+* ``clipped_grad`` — the per-example clipped gradient sum of a chunk (:func:`jaxdp.clipped_grad`), which carries
+  ``sensitivity``: the L2 bound on one example's contribution that its clipping (or the method's) guarantees;
+* ``noise`` — the optax transformation adding ``N(0, (z * sensitivity)^2)`` to the summed gradient and dividing
   by the public expected batch size (:func:`jaxdp.dp_noise`), keyed from the run's secret;
-* ``record_step`` — the privacy event each step adds to a :class:`jaxdp.accounting.PrivacyLedger`, read from the
-  same sampler and noise multiplier;
-* ``method`` — the DP-SGD variant (:mod:`jaxdp.methods`: DPSGD-F, global clipping, ...): its clip rule is the
-  clipping of ``grad_fn``, its per-step releases are noised by :meth:`DPPlan.release` from the secret noise
-  key (a ``fold_in`` of it, taken from the noise state) and recorded by ``record_step``, its state changes the
-  gradient noise's scale through :meth:`DPPlan.noise_sensitivity`. Plain DP-SGD is the method ``"dpsgd"``,
-  which releases nothing else.
+* ``method`` — the DP-SGD variant (:mod:`jaxdp.methods`): its clip rule is ``clipped_grad``'s, its per-step
+  releases are noised from the secret noise key and accounted with the gradient's;
+* :meth:`DPPlan.record_step` / :meth:`DPPlan.epsilon` — the privacy events of the steps, read from the same
+  sampler and noise multipliers.
 
-A non-private plan (``config.dp.enabled = False``) has the same interface: its ``grad_fn`` is the plain gradient
-sum (no clipping), its ``noise`` only divides by the batch size and ``record_step`` records nothing; the training
-step is the same function for both (the loop branches on privacy only for what it writes: epsilon, the secret,
-the diagnostics of clipping).
+The loss function
+-----------------
+``loss_fn(params, batch) -> per-example losses``: ``batch`` is any pytree of arrays whose leading axis is the
+example axis (e.g. ``{"x": images, "y": labels}``), and the result is a vector with one loss per example
+(``float[B]``). Under DP each example's gradient is computed with ``loss_fn`` applied to that example alone, as a
+batch of one, so examples must not interact (no BatchNorm on batch statistics). A non-private plan may carry a
+model state (BatchNorm's statistics): ``make_plan(None, loss_fn, ..., has_model_state=True)`` with
+``loss_fn(params, batch, model_state) -> (per-example losses, new model state)``.
+
+The training step
+-----------------
+``state, out = plan.train_step(state, batch, mask, groups=None)`` is one step of DP-SGD as one compiled program:
+``batch`` holds a step's examples as ``[n_chunks, width, ...]`` (:meth:`DPPlan.gather` builds it from your arrays
+and :meth:`DPPlan.batch`), ``mask`` is ``bool[n_chunks, width]`` (False for padding). Inside, the chunks' clipped
+sums are accumulated (``lax.scan``; a Poisson batch wider than a chunk is never truncated), noise is added once,
+the method releases its counts, and the optimiser updates the parameters. ``plan.train_step`` is jitted (the
+state is donated); call it as it is, or inside your own ``jax.jit``. A non-private plan has the same interface
+(``clipped_grad`` is the plain gradient sum, ``noise`` only divides by the batch size, nothing is recorded).
+
+Example::
+
+    import jax, jax.numpy as jnp, optax, jaxdp
+
+    def loss_fn(params, batch):
+        logits = batch["x"] @ params["w"] + params["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    dp = jaxdp.DPConfig(l2_clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
+    plan = jaxdp.make_plan(dp, loss_fn, dataset_size=len(x), batch_size=64, epochs=10,
+                           optimizer=optax.adam(1e-3))
+    state = plan.init(params)
+    for step in range(plan.num_steps):
+        batch, mask = plan.gather({"x": x, "y": y}, plan.batch(step))
+        state, out = plan.train_step(state, batch, mask)
+    print(plan.epsilon())
 
 Secret randomness
 -----------------
 The randomness that protects privacy — which examples are sampled, and the Gaussian noise — comes from a secret
-128-bit seed (:func:`jaxdp.noise.secret_seed`, the operating system's entropy) drawn when a run first starts
-(:func:`new_run_secret`). The training loop stores it only in the run's checkpoints, so that a resumed run continues
-exactly; it is never written to ``config.json``, ``history.jsonl``, ``final.json``, logs or run names. The
-config's ``train.seed`` seeds only what may be public: the initial parameters, the random flips and the data subset.
-With ``config.dp.reproducible = True`` sampling and noise are derived from ``train.seed`` instead (for tests and
-exact replication); then anyone who knows the config can regenerate every batch and every noise draw, and the
-reported epsilon is no guarantee against them (:data:`REPRODUCIBLE_NOTE` says so in the run's outputs).
+128-bit seed (:func:`jaxdp.noise.secret_seed`, the operating system's entropy): :func:`make_plan` draws one unless
+you pass ``secret=`` (e.g. restored from your checkpoint, so that a resumed run continues exactly; the study's
+loop keeps it only in its checkpoints). ``plan.secret`` holds it; it is never part of ``repr(plan)``. With
+``DPConfig(reproducible=True)`` sampling and noise are derived from the public ``public_seed`` instead (tests,
+exact replication); then anyone who knows that seed can regenerate every batch and every noise draw, and the
+reported epsilon is no guarantee against them (:data:`REPRODUCIBLE_NOTE`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+import math
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from jaxdp import accounting, clipping, methods, noise, sampling
+from jaxdp import accounting, clipping, methods, noise, parallel, sampling
+
+PyTree = Any
+LossFn = Callable[..., Any]
 
 REPRODUCIBLE_NOTE = (
     "dp.reproducible=True: batch sampling and noise were derived from the public train.seed, so this epsilon is "
@@ -58,14 +93,8 @@ _SAMPLER_STREAM, _NOISE_STREAM, AUDIT_STREAM = 0, 1, 2
 _RELEASE_FOLD = 1
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy."""
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 with mean 0.5 / std 0.5 normalisation, as the paper."""
-    return (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
+# --------------------------------------------------------------------------------------------------------------
+# Secrets.
 
 
 def new_run_secret() -> int:
@@ -89,67 +118,390 @@ def child_seed(secret: int, stream: int) -> int:
     return sum(int(w) << (32 * i) for i, w in enumerate(words))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class DPPlan:
-    """The mechanism of one training run (see the module docstring). Hashable by identity, so it can be a
-    static argument of jitted step functions.
+# --------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = True,
+            hi_open: bool = True, optional: bool = False) -> float | None:
+    """``value`` as a float after checking it is a real number in the stated range (errors name the field)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"DPConfig.{name}={value!r} must be a number; got {type(value).__name__}.")
+    value = float(value)
+    bad = not math.isfinite(value)
+    bad |= lo is not None and (value <= lo if lo_open else value < lo)
+    bad |= hi is not None and (value >= hi if hi_open else value > hi)
+    if bad:
+        low = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        high = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+        allowed = " and ".join(p for p in (low, high) if p) or "finite"
+        raise ValueError(f"DPConfig.{name}={value!r} must be a finite number {allowed}.")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}; choose one of {', '.join(map(repr, allowed))}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """The privacy settings of a run: everything the guarantee depends on, validated on construction.
 
     Attributes:
-      private: whether the plan is DP-SGD (False: plain training through the same interface).
-      sampler: the batch sampler (:class:`jaxdp.sampling.PoissonSampler` or :class:`~jaxdp.sampling.ShuffledSampler`).
-      grad_fn: ``grad_fn(params, model_state, inputs, labels, mask, clip_args) -> (grad_sum, norms, losses,
-        model_state)`` for one chunk of examples: ``grad_sum`` the (clipped, under DP) sum over the real examples,
-        ``norms`` each example's pre-clip gradient norm (NaN without DP), ``losses`` each example's loss;
-        ``clip_args`` the method's per-example arguments (:meth:`DPPlan.clip_args`).
-      sensitivity: the L2 bound on one example's contribution to ``grad_sum`` (None without DP); for a method
-        whose bound changes with its state (DPSGD-F), the largest it can be, and each step's own bound is
-        :meth:`noise_sensitivity`.
-      noise_multiplier: z (None without DP): the noise std on the sum is ``z * sensitivity``.
-      noise: the first link of the optimiser chain: noise and division by ``expected_batch_size``.
-      expected_batch_size: the public normaliser of the summed gradient.
-      total_steps: steps the run takes.
-      reproducible: sampling and noise come from the public ``train.seed`` (see the module docstring).
-      method: the DP-SGD variant (:mod:`jaxdp.methods`; ``DPSGD`` without DP).
-      unclipped_grad_fn: ``(params, model_state, inputs, labels, mask) -> sum of the real examples' unclipped
-        gradients`` (diagnostics only: no privacy).
-      clipping_strategy: the clipping strategy that runs (``"auto"`` resolved when the input shape was given to
-        :func:`make_plan`), and why it was picked; None without DP.
+      l2_clip_norm: C, the bound on each example's gradient norm (required: there is no default bound).
+      delta: the delta of the reported (epsilon, delta); use ``< 1 / dataset_size``.
+      noise_multiplier: z; the noise std on the clipped sum is ``z * sensitivity``. Give exactly one of this and
+        ``target_epsilon``.
+      target_epsilon: calibrate z so that the run's epsilon (at ``delta``, under ``accountant``) is at most this.
+      sampling: ``"poisson"`` (what the accountants assume; add-or-remove-one neighbours) or ``"fixed"``
+        (shuffled fixed-size batches, accounted as sampling without replacement; see :mod:`jaxdp.accounting`).
+      accountant: ``"pld"``, ``"rdp"`` or ``"rdp_classic"``: what :meth:`DPPlan.epsilon` and calibration use.
+      method: ``"dpsgd"`` or a DP-fairness method of :mod:`jaxdp.methods`; ``method_params`` its parameters (None
+        or missing: the reference values of :data:`jaxdp.methods.PARAMETERS`).
+      secure_noise: Opacus-style secure Gaussian sampling (:func:`jaxdp.dp_noise`'s ``secure``).
+      reproducible: derive sampling and noise from the public ``public_seed`` of :func:`make_plan` instead of a
+        secret (tests, exact replication): the epsilon is then no guarantee (:data:`REPRODUCIBLE_NOTE`).
     """
 
-    private: bool
+    l2_clip_norm: float
+    delta: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    sampling: str = "poisson"
+    accountant: str = "pld"
+    method: str = "dpsgd"
+    method_params: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    secure_noise: bool = False
+    reproducible: bool = False
+
+    def __post_init__(self) -> None:
+        clipping.validate_clip_norm(self.l2_clip_norm)
+        if not clipping.core.is_flat(self.l2_clip_norm) and self.method != "dpsgd":
+            raise ValueError(f"DPConfig.method={self.method!r} takes one flat l2_clip_norm, not per-layer bounds.")
+        _number("delta", self.delta, lo=0.0, hi=1.0)
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "DPConfig needs exactly one of noise_multiplier (z > 0) and target_epsilon (calibrates z); got "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}.")
+        _number("noise_multiplier", self.noise_multiplier, lo=0.0, optional=True)
+        _number("target_epsilon", self.target_epsilon, lo=0.0, optional=True)
+        _choice("DPConfig.sampling", self.sampling, accounting.SAMPLING_SCHEMES)
+        _choice("DPConfig.accountant", self.accountant, accounting.ACCOUNTANTS)
+        if self.sampling == "fixed" and self.accountant == "pld":
+            raise ValueError("DPConfig.accountant='pld' cannot count sampling='fixed' (dp-accounting's PLD "
+                             "accountant has no event for sampling without replacement); use accountant='rdp'.")
+        _choice("DPConfig.method", self.method, methods.METHODS)
+        for name in ("secure_noise", "reproducible"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"DPConfig.{name}={getattr(self, name)!r} must be True or False.")
+        params = dict(self.method_params or {})
+        # Validates names and ranges with the methods' own checks (one owner for what a parameter allows).
+        errors = methods.check_config(_MethodSection(self.method, float(jax.tree_util.tree_leaves(
+            self.l2_clip_norm)[0]), params))
+        if errors:
+            raise ValueError(" ".join(e.replace("config.dp.", "DPConfig.") for e in errors))
+        object.__setattr__(self, "method_params", types.MappingProxyType(params))
+
+
+class _MethodSection(dict):
+    """``config.dp``-shaped view of a DPConfig's method settings, for :func:`jaxdp.methods.check_config`."""
+
+    def __init__(self, method: str, l2_clip_norm: float, params: Mapping[str, Any]) -> None:
+        super().__init__(method=method, enabled=True, l2_clip_norm=l2_clip_norm, **{method: dict(params)})
+        self.l2_clip_norm = l2_clip_norm
+        self.enabled = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """Settings that change speed and memory only, never what is released (beyond float summation order).
+
+    Attributes:
+      clipping_strategy: ``"auto"`` (the fastest exact strategy for the model, :func:`jaxdp.clipping.
+        resolve_strategy`) or one of :func:`jaxdp.clipping.available_strategies`.
+      microbatch_size: per-example gradients of this many examples at a time (bounds memory; None: the chunk).
+      physical_batch_size: the chunk width a step's batch is padded to (None: :func:`jaxdp.sampling.
+        default_physical_batch_size`, which a Poisson batch exceeds with probability about 1%: it then takes
+        several chunks, never a truncation).
+      num_chunk_widths: 1, or 2 for a narrower second width (less padding, one more compiled step).
+      strategy_options: keyword options of the clipping strategy.
+    """
+
+    clipping_strategy: str = "auto"
+    microbatch_size: int | None = None
+    physical_batch_size: int | None = None
+    num_chunk_widths: int = 1
+    strategy_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice("ExecutionConfig.clipping_strategy", self.clipping_strategy, clipping.available_strategies())
+        for name in ("microbatch_size", "physical_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                      or value < 1):
+                raise ValueError(f"ExecutionConfig.{name}={value!r} must be None or an integer >= 1.")
+        if self.num_chunk_widths not in (1, 2):
+            raise ValueError(f"ExecutionConfig.num_chunk_widths={self.num_chunk_widths!r} must be 1 or 2.")
+        object.__setattr__(self, "strategy_options", types.MappingProxyType(dict(self.strategy_options or {})))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State and outputs.
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a training step changes: the model's parameters and state, the optimiser's state (a pair: the plan's
+    noise transformation's state, holding the secret noise key and its step count, and the optimiser's), and the
+    DP method's state (:mod:`jaxdp.methods`: DPSGD-F's last released counts, Global-Adapt's threshold; empty for
+    DP-SGD). Checkpoint all of it to resume exactly; it holds the secret noise key (keep it private)."""
+
+    params: Any
+    model_state: Any
+    opt_state: Any
+    method_state: Any = flax.struct.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, variables: dict, tx: optax.GradientTransformation, method_state: Any = None) -> TrainState:
+        """From Flax ``variables`` (``params`` plus any collections) and the whole chain ``tx``."""
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return cls(params=params, model_state=model_state, opt_state=tx.init(params),
+                   method_state={} if method_state is None else method_state)
+
+
+class StepOutput(NamedTuple):
+    """What :meth:`DPPlan.train_step` returns besides the new state, each ``[n_chunks, width]`` like ``mask``.
+
+    ``losses``: each example's loss (padding entries are meaningless); ``norms``: each example's pre-clip gradient
+    norm (NaN without DP). Both are statistics of the training data computed without noise: not covered by epsilon.
+    ``update`` (with ``return_update=True``): the pair ``(clipped sum, noised gradient)`` of the step.
+    """
+
+    losses: jax.Array
+    norms: jax.Array
+    update: tuple[Any, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPPlan:
+    """The mechanism of one training run (see the module docstring); build it with :func:`make_plan`. Hashable by
+    identity, so it can be a static argument of jitted functions.
+
+    Attributes:
+      dp: the :class:`DPConfig` (None for a non-private plan); ``execution`` the :class:`ExecutionConfig`.
+      private: whether the plan is DP-SGD.
+      sampler: the batch sampler (:class:`jaxdp.sampling.PoissonSampler` or :class:`~jaxdp.sampling.
+        ShuffledSampler`).
+      clipped_grad: ``clipped_grad(params, batch, None, mask, clip_args) -> (sum, norms, losses)`` for one chunk:
+        the (clipped, under DP) sum over the real examples; ``clipped_grad.sensitivity`` its bound (None without DP).
+      noise_multiplier: z (calibrated when ``dp.target_epsilon`` was given; None without DP).
+      noise: the first link of the optimiser chain: noise and division by ``expected_batch_size``.
+      optimizer: your optax optimiser, applied after the noise.
+      expected_batch_size: the public normaliser of the summed gradient.
+      num_steps: the steps the run takes (from ``epochs`` or ``steps``).
+      method: the DP-SGD variant (:mod:`jaxdp.methods`; ``DPSGD`` without DP).
+      secret: the run's secret seed (None for a reproducible or non-private plan). Never printed.
+    """
+
+    dp: DPConfig | None
+    execution: ExecutionConfig
     sampler: Any
-    grad_fn: Callable[..., tuple]
-    sensitivity: float | None
+    clipped_grad: Any
     noise_multiplier: float | None
     noise: optax.GradientTransformation
+    optimizer: optax.GradientTransformation
     expected_batch_size: float
-    total_steps: int
-    reproducible: bool
-    method: methods.Method = methods.DPSGD()
-    unclipped_grad_fn: Callable[..., Any] | None = None
-    clipping_strategy: str | None = None
-    clipping_strategy_reason: str | None = None
+    num_steps: int
+    method: methods.Method
+    loss_fn: LossFn
+    has_model_state: bool = False
+    mesh: Any = None
+    secret: int | None = dataclasses.field(default=None, repr=False)
 
-    def record_step(self, ledger: accounting.PrivacyLedger) -> None:
-        """Adds one step's privacy event (the sampler's scheme and rate, the gradient's noise multiplier and those
-        of the method's other releases on the same batch) to ``ledger``."""
-        if self.private:
-            ledger.record(self.sampler, self.noise_multiplier,
-                          extra_noise_multipliers=self.method.extra_noise_multipliers)
+    def __post_init__(self) -> None:
+        step = jax.jit(self._train_step, donate_argnums=(0,), static_argnames=("return_update",))
+        object.__setattr__(self, "train_step", step)
 
-    # The method's part of a step (jit-friendly; the training loop calls these, never the method directly).
+    # -- what the plan is ------------------------------------------------------------------------------------
+
+    @property
+    def private(self) -> bool:
+        return self.dp is not None
+
+    @property
+    def sensitivity(self) -> float | None:
+        """The L2 bound on one example's contribution to a step's clipped sum (the largest, for DPSGD-F)."""
+        return self.clipped_grad.sensitivity if self.private else None
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_steps
+
+    @property
+    def reproducible(self) -> bool:
+        return bool(self.private and self.dp.reproducible)
+
+    @property
+    def privacy_note(self) -> str | None:
+        """What the reported epsilon does not cover, for the run's outputs (None when it is a guarantee)."""
+        return REPRODUCIBLE_NOTE if self.reproducible else None
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        """``optax.chain(noise, optimizer)``: the transformation whose state ``TrainState.opt_state`` holds."""
+        return optax.chain(self.noise, self.optimizer)
+
+    def __repr__(self) -> str:
+        return (f"DPPlan(dp={self.dp!r}, sampler={self.sampler!r}, noise_multiplier={self.noise_multiplier!r}, "
+                f"num_steps={self.num_steps}, method={self.method.name!r})")
+
+    def resolve_strategy(self, params: PyTree, example_batch: PyTree) -> tuple[str, str]:
+        """``(strategy, reason)``: the clipping strategy that runs for batches like ``example_batch`` (``"auto"``
+        resolved by :func:`jaxdp.clipping.resolve_strategy`); ``(None, ...)`` without DP."""
+        if not self.private:
+            return None, "non-private: plain gradient sum"
+        strategy = self.execution.clipping_strategy
+        if strategy != "auto":
+            return strategy, "set in the execution config"
+        name, reason = clipping.resolve_strategy(_mean_loss(self.loss_fn), params, example_batch, None)
+        return name, f"auto: {reason}"
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def init(self, params: PyTree, model_state: PyTree = None) -> TrainState:
+        """The state before the first step: your parameters (and, for ``has_model_state``, the model state), the
+        noise's state (the secret key) and the optimiser's, and the method's initial state."""
+        if model_state is None:
+            model_state = {}
+        if model_state and not self.has_model_state:
+            raise ValueError("init(params, model_state) got a model state, but the plan was built without "
+                             "has_model_state=True (and a loss_fn(params, batch, model_state)).")
+        # Copies: train_step donates the state, which must not delete the caller's own arrays.
+        params, model_state = jax.tree_util.tree_map(jnp.array, (params, model_state))
+        return TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params),
+                          method_state=self.init_method_state())
 
     def init_method_state(self) -> Any:
         """The method's state before the first step (per-group bounds, a threshold; ``{}`` for DP-SGD)."""
         return self.method.init_state()
+
+    # -- batches ----------------------------------------------------------------------------------------------
+
+    def batch(self, step: int) -> sampling.Batch:
+        """Which examples step ``step`` (0-based) takes: indices and mask, ``[n_chunks, width]`` (a pure function
+        of the secret and the step)."""
+        return self.sampler.batch(step)
+
+    @staticmethod
+    def gather(data: PyTree, batch: sampling.Batch) -> tuple[PyTree, np.ndarray]:
+        """``(examples, mask)``: every leaf of ``data`` (arrays with the example axis first, on the host) indexed by
+        ``batch.indices``, so ``[n_chunks, width, ...]``; padding entries are example 0, masked out."""
+        taken = jax.tree_util.tree_map(lambda a: np.asarray(a)[batch.indices], data)
+        return taken, batch.mask
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    def _train_step(self, state: TrainState, batch: PyTree, mask: jax.Array, groups: jax.Array | None = None, *,
+                    return_update: bool = False) -> tuple[TrainState, StepOutput]:
+        """One DP-SGD step (see the module docstring); jitted as ``train_step``."""
+        mask, groups, batch = _chunked_inputs(batch, mask, groups, self.method)
+        zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
+                 jnp.zeros((self.method.num_counts if self.private else 0,), jnp.float32))
+
+        def chunk(carry, inputs):
+            grad_sum, counts, model_state = carry
+            x, m, g = inputs
+            chunk_sum, norms, losses, model_state = self.chunk_grads(state.params, model_state, x, m, g,
+                                                                     state.method_state)
+            counts = counts + self.release_counts(norms, m, g, state.method_state)
+            return (jax.tree_util.tree_map(jnp.add, grad_sum, chunk_sum), counts, model_state), (norms, losses)
+
+        carry = (*zeros, state.model_state)
+        if mask.shape[0] == 1:  # nearly every Poisson step: no loop
+            carry, (norms, losses) = chunk(carry, jax.tree_util.tree_map(lambda a: a[0], (batch, mask, groups)))
+            norms, losses = norms[None], losses[None]
+        else:
+            carry, (norms, losses) = jax.lax.scan(chunk, carry, (batch, mask, groups))
+        grad_sum, counts, model_state = carry
+        state, noised = self.apply_update(state, grad_sum, counts, model_state)
+        return state, StepOutput(losses, norms, (grad_sum, noised) if return_update else None)
+
+    def chunk_grads(self, params: PyTree, model_state: PyTree, batch: PyTree, mask: jax.Array, groups: jax.Array,
+                    method_state: PyTree) -> tuple[PyTree, jax.Array, jax.Array, PyTree]:
+        """One chunk's ``(gradient sum, norms, losses, model_state)``: clipped under DP, split over the mesh's
+        devices when there is a mesh (each clips its share; the shares are added with one ``psum``)."""
+        clip_args = self.clip_args(method_state, groups)
+        if self.mesh is None:
+            return self._local_grads(params, model_state, batch, mask, clip_args)
+
+        def local(params, model_state, batch, mask, clip_args):
+            grad_sum, norms, losses, model_state = self._local_grads(params, model_state, batch, mask, clip_args)
+            grad_sum = jax.lax.psum(grad_sum, parallel.DATA_AXIS)
+            model_state = jax.lax.pmean(model_state, parallel.DATA_AXIS)
+            return grad_sum, norms, losses, model_state
+
+        data, rep = jax.sharding.PartitionSpec(parallel.DATA_AXIS), jax.sharding.PartitionSpec()
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(rep, rep, data, data, data),
+                             out_specs=(rep, data, data, rep), check_vma=False)(
+            params, model_state, batch, mask, clip_args)
+
+    def _local_grads(self, params, model_state, batch, mask, clip_args):
+        if self.private:
+            grad_sum, norms, losses = self.clipped_grad(params, batch, None, mask, clip_args)
+            return grad_sum, norms, losses, model_state
+        grad_sum, (losses, model_state) = self.plain_grads(params, model_state, batch, mask)
+        return grad_sum, jnp.full(mask.shape, jnp.nan, jnp.float32), losses, model_state
+
+    def plain_grads(self, params: PyTree, model_state: PyTree, batch: PyTree, mask: jax.Array):
+        """``(sum of the real examples' unclipped gradients, (losses, model_state))``: the non-private gradient,
+        and the misalignment diagnostics' reference (no privacy)."""
+
+        # Small-map convolutions as patch matmuls (clipping.matmul_convs): the same gradient to float tolerance,
+        # faster on CPU than XLA's convolution (launch/bench.py measures it).
+        @clipping.matmul_convs
+        def summed_loss(p):
+            if self.has_model_state:
+                losses, new_state = self.loss_fn(p, batch, model_state)
+            else:
+                losses, new_state = self.loss_fn(p, batch), model_state
+            losses = _per_example(losses, mask.shape[0])
+            return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, new_state)
+
+        return jax.grad(summed_loss, has_aux=True)(params)
+
+    def apply_update(self, state: TrainState, grad_sum: PyTree, counts: jax.Array,
+                     model_state: PyTree) -> tuple[TrainState, PyTree]:
+        """Noise (once per step, scaled to the method's sensitivity), division by the expected batch size, the
+        method's release of its noisy counts, and the optimiser; returns the new state and the noised gradient."""
+        noise_state, optimizer_state = state.opt_state
+        sensitivity = self.noise_sensitivity(state.method_state)
+        extra = {} if sensitivity is None else {"l2_clip_norm": sensitivity}
+        noised, new_noise_state = self.noise.update(grad_sum, noise_state, state.params, **extra)
+        updates, optimizer_state = self.optimizer.update(noised, optimizer_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        method_state = state.method_state
+        if self.private:
+            method_state = self.release(state.method_state, counts, noise_state.count, noise_state)
+        return TrainState(params=params, model_state=model_state, opt_state=(new_noise_state, optimizer_state),
+                          method_state=method_state), noised
+
+    # -- the method's part of a step ----------------------------------------------------------------------------
 
     def clip_args(self, method_state: Any, groups: jax.Array) -> Any:
         """Per-example arguments of the method's clip rule for a chunk with group ids ``groups``."""
         return self.method.clip_args(method_state, groups) if self.private else None
 
     def release_counts(self, norms: jax.Array, mask: jax.Array, groups: jax.Array, method_state: Any) -> jax.Array:
-        """The exact counts of one chunk that the method releases (float32, possibly empty): add them over the
-        step's chunks, then :meth:`release` once."""
+        """The exact counts of one chunk that the method releases (float32, possibly empty)."""
         if not self.private:
             return jnp.zeros((0,), jnp.float32)
         return self.method.counts(norms, mask, groups, method_state)
@@ -159,9 +511,9 @@ class DPPlan:
         identity for methods that release nothing else (and without DP).
 
         The count noise is keyed by ``fold_in(fold_in(noise key, _RELEASE_FOLD), step)``, with the secret noise
-        key read from ``noise_state`` (the :func:`jaxdp.dp_noise` state, ``DPNoiseState.key``) — an argument of
-        the compiled step, like the rest of the state, never a constant of it: a key closed over by a jitted
-        function is compiled into the program, and so into the persistent compilation cache on disk.
+        key read from ``noise_state`` (the :func:`jaxdp.dp_noise` state) — an argument of the compiled step, never
+        a constant of it: a key closed over by a jitted function is compiled into the program, and so into the
+        persistent compilation cache on disk.
         """
         if not self.private or self.method.num_counts == 0:
             return method_state
@@ -174,134 +526,211 @@ class DPPlan:
         else None (the plan's ``sensitivity``)."""
         return self.method.noise_sensitivity(method_state) if self.private else None
 
+    # -- accounting -------------------------------------------------------------------------------------------
+
     @property
-    def privacy_note(self) -> str | None:
-        """What the reported epsilon does not cover, for the run's outputs (None when it is a guarantee)."""
-        return REPRODUCIBLE_NOTE if self.private and self.reproducible else None
+    def extra_noise_multipliers(self) -> tuple[float, ...]:
+        return tuple(self.method.extra_noise_multipliers) if self.private else ()
+
+    def record_step(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> None:
+        """Adds ``steps`` steps' privacy events (the sampler's scheme and rate, the gradient's noise multiplier and
+        those of the method's other releases on the same batch) to ``ledger``; nothing without DP."""
+        if self.private:
+            ledger.record(self.sampler, self.noise_multiplier, steps=steps,
+                          extra_noise_multipliers=self.extra_noise_multipliers)
+
+    def epsilon(self, steps: int | None = None, *, delta: float | None = None,
+                accountant: str | None = None) -> float | None:
+        """The epsilon after ``steps`` steps (default: all ``num_steps``), at ``dp.delta`` under
+        ``dp.accountant`` unless given; None without DP."""
+        if not self.private:
+            return None
+        ledger = accounting.PrivacyLedger()
+        steps = self.num_steps if steps is None else steps
+        if steps:
+            self.record_step(ledger, steps)
+        return float(ledger.epsilon(self.dp.delta if delta is None else delta,
+                                    accountant=accountant or self.dp.accountant))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building a plan.
+
+
+def _per_example(losses: Any, batch: int) -> jax.Array:
+    losses = jnp.asarray(losses)
+    if losses.shape != (batch,):
+        raise ValueError(f"loss_fn must return one loss per example, shape ({batch},); got shape {losses.shape}. "
+                         "Return the per-example losses (e.g. optax.softmax_cross_entropy_with_integer_labels), "
+                         "not their mean.")
+    return losses
+
+
+def _mean_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree, Any], jax.Array]:
+    """The ``(params, inputs, labels) -> mean loss`` form :func:`jaxdp.clipped_grad` takes (labels unused: the
+    whole example is the ``batch`` pytree)."""
+
+    def mean_loss(params, batch, _labels=None):
+        leaves = jax.tree_util.tree_leaves(batch)
+        return jnp.mean(_per_example(loss_fn(params, batch), leaves[0].shape[0]))
+
+    return mean_loss
+
+
+def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> tuple[jax.Array, jax.Array, PyTree]:
+    """``(mask, groups, batch)`` with a leading chunk axis, after checking their shapes agree."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_ or mask.ndim not in (1, 2):
+        raise ValueError(f"mask must be bool[n_chunks, width] (or bool[width] for one chunk): True for real "
+                         f"examples, False for padding; got {mask.dtype}{list(mask.shape)}.")
+    one_chunk = mask.ndim == 1
+    if one_chunk:
+        mask = mask[None]
+        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], batch)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        if tuple(jnp.shape(leaf)[:2]) != mask.shape:
+            raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; every leaf must "
+                             f"start with the mask's shape {tuple(mask.shape[1 if one_chunk else 0:])} "
+                             "(chunks, then examples).")
+    if groups is None:
+        if method.uses_groups:
+            raise ValueError(f"method {method.name!r} needs each example's group: pass groups= "
+                             "(int32, the mask's shape) to train_step.")
+        groups = jnp.zeros(mask.shape, jnp.int32)
+    else:
+        groups = jnp.asarray(groups)
+        groups = groups[None] if one_chunk else groups
+        if groups.shape != mask.shape or not jnp.issubdtype(groups.dtype, jnp.integer):
+            raise ValueError(f"groups must be integers of the mask's shape {tuple(mask.shape)}; got "
+                             f"{groups.dtype}{list(groups.shape)}.")
+        groups = groups.astype(jnp.int32)
+    return mask, groups, batch
+
+
+def _num_steps(epochs: float | None, steps: int | None, steps_per_epoch: int) -> int:
+    if (epochs is None) == (steps is None):
+        raise ValueError(f"make_plan needs exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}.")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+        return int(steps)
+    if isinstance(epochs, bool) or not isinstance(epochs, int | float | np.number) or not (
+            math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs={epochs!r} must be a finite number > 0.")
+    return max(1, int(round(float(epochs) * steps_per_epoch)))
+
+
+def _check_sizes(dataset_size: Any, batch_size: Any, public_size: Any) -> None:
+    for name, value in (("dataset_size", dataset_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+    size = dataset_size if public_size is None else public_size
+    if batch_size > size:
+        raise ValueError(f"batch_size={batch_size} is larger than the training set ({size} examples); use a "
+                         f"batch_size <= {size}.")
 
 
 def make_plan(
-    config: ml_collections.ConfigDict,
-    model: Any,
-    dataset_size: int,
+    dp: DPConfig | None,
+    loss_fn: LossFn,
     *,
-    secret: int | None,
-    num_devices: int = 1,
+    dataset_size: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    epochs: float | None = None,
+    steps: int | None = None,
+    execution: ExecutionConfig | None = None,
+    sampling_scheme: str = "poisson",
+    public_seed: int = 0,
+    secret: int | None = None,
+    mesh: Any = None,
     public_size: int | None = None,
-    input_shape: tuple[int, ...] | None = None,
+    has_model_state: bool = False,
 ) -> DPPlan:
-    """Builds the plan of a run from its config.
+    """Builds the plan of a run (see the module docstring).
 
     Args:
-      config: a validated run config (:mod:`jaxdp.config`).
-      model: the Flax model (applied as ``model.apply({"params": params, **model_state}, x, train=...)``).
-      dataset_size: number of training examples (public, see the README's threat model).
-      secret: the run's secret (:func:`new_run_secret`, restored from a checkpoint on resume); ignored, and may
-        be None, when ``config.dp.reproducible`` (sampling and noise then come from ``config.train.seed``).
-      num_devices: data-parallel devices; chunks are padded to a multiple of it.
-      public_size: the dataset size that sets the sampling rate q = batch_size / public_size (default
-        ``dataset_size``). An audited run samples from its training set plus the canaries its secret coins
-        included, at the q of the training set alone, so that neither q, the step count, epsilon nor the chunk
-        widths (the compiled steps' shapes) depend on the coins.
-      input_shape: one example's input shape (e.g. ``(32, 32, 3)``): resolves ``clipping_strategy="auto"`` now,
-        so that the plan records which strategy runs (otherwise it is resolved when the step is traced).
+      dp: the privacy settings, or None for non-private training through the same interface.
+      loss_fn: ``loss_fn(params, batch) -> per-example losses`` (with ``has_model_state``, non-private only:
+        ``loss_fn(params, batch, model_state) -> (losses, new model state)``).
+      dataset_size: the number of training examples (public, see the threat model).
+      batch_size: the expected batch size under Poisson sampling (q = batch_size / dataset_size), the exact one
+        for fixed-size batches; the public normaliser of the summed gradient.
+      optimizer: the optax optimiser applied to the noised average gradient (post-processing).
+      epochs / steps: the run's length (exactly one): epochs of ``round(1 / q)`` steps each, or steps.
+      execution: performance-only settings (:class:`ExecutionConfig`).
+      sampling_scheme: the batches of a non-private plan (``dp.sampling`` sets them under DP).
+      public_seed: seeds a non-private plan's batches, and a ``reproducible`` plan's batches and noise.
+      secret: the run's secret (e.g. restored from a checkpoint); None draws a fresh one
+        (:func:`new_run_secret`) for a private, non-reproducible plan.
+      mesh: a 1-D device mesh (:func:`jaxdp.parallel.make_mesh`) to split each chunk over (data parallelism);
+        chunks are padded to a multiple of its size.
+      public_size: the dataset size that sets q = batch_size / public_size and the chunk widths (default
+        ``dataset_size``): a run whose pool holds examples whose number must stay secret (an audit's canaries)
+        keeps the q, steps, epsilon and compiled shapes of its public training set.
+      has_model_state: the loss carries a model state (BatchNorm statistics); refused under DP.
     """
-    private = bool(config.dp.enabled)
-    reproducible = bool(config.dp.reproducible)
-    if reproducible or not private:
-        # Non-private runs have nothing to protect: their batches follow train.seed, reproducibly.
-        sampler_seed = int(config.train.seed)
-        noise_key = jax.random.fold_in(jax.random.key(int(config.train.seed)), 1)
-    else:
-        if secret is None:
-            raise ValueError("A private, non-reproducible plan needs the run's secret (jaxdp.plan.new_run_secret()).")
+    execution = execution or ExecutionConfig()
+    _check_sizes(dataset_size, batch_size, public_size)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); got "
+                        f"{type(optimizer).__name__}.")
+    if dp is not None and not isinstance(dp, DPConfig):
+        raise TypeError(f"dp must be a jaxdp.DPConfig or None (non-private); got {type(dp).__name__}.")
+    if dp is not None and has_model_state:
+        raise ValueError("has_model_state=True under DP: a model state updated from the batch (BatchNorm on batch "
+                         "statistics) makes each example's gradient depend on the others, which voids the "
+                         "per-example sensitivity bound; use GroupNorm/LayerNorm, or train without DP.")
+    private, reproducible = dp is not None, dp is not None and dp.reproducible
+    if private and not reproducible:
+        secret = new_run_secret() if secret is None else secret
         sampler_seed = child_seed(secret, _SAMPLER_STREAM)
         noise_key = noise.key_from_seed(child_seed(secret, _NOISE_STREAM))
-    batch_size = int(config.train.batch_size)
+    else:  # non-private runs have nothing to protect: their batches follow the public seed, reproducibly
+        secret = None
+        sampler_seed = int(public_seed)
+        noise_key = jax.random.fold_in(jax.random.key(int(public_seed)), 1)
+    num_devices = 1 if mesh is None else int(mesh.size)
     q = None if public_size is None or public_size == dataset_size else batch_size / public_size
-    sampler = sampling.make_sampler(config.dp.sampling, dataset_size, batch_size, seed=sampler_seed,
-                                    chunk_multiple=num_devices, sampling_prob=q,
-                                    num_chunk_widths=int(config.train.num_chunk_widths), public_size=public_size)
-    total_steps = max(1, int(round(float(config.train.epochs) * sampler.steps_per_epoch)))
-    mutable = ["batch_stats"] if config.model.norm == "batch" else []
-
-    def apply(params, model_state, x, train):
-        variables = {"params": params, **model_state}
-        if mutable and train:
-            return model.apply(variables, x, train=True, mutable=mutable)
-        return model.apply(variables, x, train=train), model_state
-
-    def plain_grads_and_state(params, model_state, x, y, mask):
-        # Small-map convolutions as patch matmuls (clipping.matmul_convs): the same gradient to float tolerance,
-        # 1.2x (the demo's model) to 6.4x (ResNet18, 64x64, batch 256) faster on CPU than XLA's convolution.
-        @clipping.matmul_convs
-        def summed_loss(p):
-            logits, new_state = apply(p, model_state, x, True)
-            losses = cross_entropy(logits, y)
-            return jnp.sum(jnp.where(mask, losses, 0.0)), (losses, new_state)
-
-        return jax.grad(summed_loss, has_aux=True)(params)
-
-    def unclipped_grads(params, model_state, x, y, mask):
-        return plain_grads_and_state(params, model_state, x, y, mask)[0]
-
+    sampler = sampling.make_sampler(dp.sampling if private else sampling_scheme, dataset_size, batch_size,
+                                    seed=sampler_seed, chunk_multiple=num_devices, sampling_prob=q,
+                                    num_chunk_widths=execution.num_chunk_widths, public_size=public_size,
+                                    physical_batch_size=execution.physical_batch_size)
+    num_steps = _num_steps(epochs, steps, sampler.steps_per_epoch)
+    common = dict(dp=dp, execution=execution, sampler=sampler, optimizer=optimizer,
+                  expected_batch_size=float(batch_size), num_steps=num_steps, loss_fn=loss_fn,
+                  has_model_state=has_model_state, mesh=mesh, secret=secret)
     if not private:
+        return DPPlan(clipped_grad=None, noise_multiplier=None, noise=optax.scale(1.0 / batch_size),
+                      method=methods.DPSGD(), **common)
 
-        def plain_grads(params, model_state, x, y, mask, clip_args=None):
-            grad_sum, (losses, new_state) = plain_grads_and_state(params, model_state, x, y, mask)
-            return grad_sum, jnp.full(mask.shape, jnp.nan, jnp.float32), losses, new_state
-
-        return DPPlan(False, sampler, plain_grads, None, None, optax.scale(1.0 / batch_size), float(batch_size),
-                      total_steps, reproducible, unclipped_grad_fn=unclipped_grads)
-
-    method = methods.from_config(config.dp, sampler.expected_batch_size)
-    noise_multiplier = float(config.dp.noise_multiplier)
-    if config.dp.target_epsilon is not None:
-        noise_multiplier = _calibrate(config, sampler, total_steps, public_size or dataset_size,
+    # The public expected batch size (never the pool's, which may hold secret canaries).
+    method = methods.from_params(dp.method, float(jax.tree_util.tree_leaves(dp.l2_clip_norm)[0]),
+                                 dp.method_params, float(batch_size))
+    noise_multiplier = dp.noise_multiplier
+    if dp.target_epsilon is not None:
+        noise_multiplier = _calibrate(dp, sampler, num_steps, public_size or dataset_size,
                                       method.extra_noise_multipliers)
-    l2_clip_norm = float(config.dp.l2_clip_norm)
-
-    def mean_loss(params, x, y):  # the loss_fn of clipped_grad: examples are independent (BatchNorm is refused)
-        logits, _ = apply(params, {}, x, True)
-        return jnp.mean(cross_entropy(logits, y))
-
-    strategy, reason = str(config.dp.clipping_strategy), "set in config.dp.clipping_strategy"
-    if strategy == "auto" and input_shape is not None:
-        inputs = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), inputs)["params"]
-        strategy, reason = clipping.resolve_strategy(mean_loss, params, inputs,
-                                                     jax.ShapeDtypeStruct((1,), jnp.int32))
-        reason = f"auto: {reason}"
-    clipped = clipping.clipped_grad(mean_loss, l2_clip_norm=l2_clip_norm, microbatch_size=config.dp.microbatch_size,
-                                    strategy=strategy, return_loss=True, clip_rule=method.clip_rule)
-
-    def clipped_grads(params, model_state, x, y, mask, clip_args=None):
-        grad_sum, norms, losses = clipped(params, x, y, mask, clip_args)
-        return grad_sum, norms, losses, model_state
-
-    if isinstance(method, methods.DPSGDF):
-        # Each step's noise is scaled to that step's max_k C_k (DPPlan.noise_sensitivity); this is its largest value.
-        sensitivity = (1 + method.num_groups) * method.base_clip_norm
-    else:
-        sensitivity = clipping.sensitivity(l2_clip_norm)
-    tx = noise.dp_noise(noise_multiplier, sensitivity, batch_size, noise_key, secure=bool(config.dp.secure_noise))
-    return DPPlan(True, sampler, clipped_grads, sensitivity, noise_multiplier, tx, float(batch_size), total_steps,
-                  reproducible, method=method, unclipped_grad_fn=unclipped_grads,
-                  clipping_strategy=strategy, clipping_strategy_reason=reason)
+    sensitivity = method.sensitivity if method.clip_rule is not None else None
+    clipped = clipping.clipped_grad(_mean_loss(loss_fn), l2_clip_norm=dp.l2_clip_norm,
+                                    microbatch_size=execution.microbatch_size, strategy=execution.clipping_strategy,
+                                    return_loss=True, clip_rule=method.clip_rule, rule_sensitivity=sensitivity,
+                                    strategy_options=execution.strategy_options)
+    tx = noise.dp_noise(noise_multiplier, clipped.sensitivity, batch_size, noise_key, secure=dp.secure_noise)
+    return DPPlan(clipped_grad=clipped, noise_multiplier=float(noise_multiplier), noise=tx, method=method, **common)
 
 
-def _calibrate(config: ml_collections.ConfigDict, sampler: Any, total_steps: int, dataset_size: int,
+def _calibrate(dp: DPConfig, sampler: Any, num_steps: int, dataset_size: int,
                extra_noise_multipliers: tuple[float, ...]) -> float:
-    """The gradient noise multiplier z meeting ``config.dp.target_epsilon`` for steps that also release the method's
+    """The gradient noise multiplier z meeting ``dp.target_epsilon`` for steps that also release the method's
     counts: the combined multiplier (z^-2 + sum sigma^-2)^-1/2 is calibrated, then solved for z."""
-    target = float(config.dp.target_epsilon)
-    z_eff = accounting.calibrate_noise(target, sampler.sampling_prob, total_steps, float(config.dp.delta),
-                                       accountant=config.dp.accountant, sampling=sampler.scheme,
-                                       dataset_size=dataset_size)
+    target = float(dp.target_epsilon)
+    z_eff = accounting.calibrate_noise(target, sampler.sampling_prob, num_steps, float(dp.delta),
+                                       accountant=dp.accountant, sampling=sampler.scheme, dataset_size=dataset_size)
     rest = z_eff**-2 - sum(s**-2 for s in extra_noise_multipliers)
     if rest <= 0:
         raise ValueError(
-            f"config.dp.target_epsilon={target} cannot be met: the method's own releases (noise multipliers "
+            f"target_epsilon={target} cannot be met: the method's own releases (noise multipliers "
             f"{list(extra_noise_multipliers)}) already spend more than it allows with no gradient at all; raise the "
             f"target, or the method's count_noise_multiplier.")
     # A hair more noise than the exact solution, so that rounding never puts the combined epsilon above the target.

@@ -327,7 +327,8 @@ SAMPLERS = {cls.scheme: cls for cls in (PoissonSampler, ShuffledSampler)}
 
 
 def make_sampler(scheme: str, dataset_size: int, batch_size: int, *, seed: int, chunk_multiple: int = 1,
-                 sampling_prob: float | None = None, num_chunk_widths: int = 1, public_size: int | None = None):
+                 sampling_prob: float | None = None, num_chunk_widths: int = 1, public_size: int | None = None,
+                 physical_batch_size: int | None = None):
     """The sampler of ``scheme`` ("poisson": expected batch ``batch_size``; "fixed": exactly ``batch_size``),
     with chunks a multiple of ``chunk_multiple`` wide (the number of data-parallel devices); a Poisson sampler's
     ``num_chunk_widths`` widths are :func:`chunk_widths` (fixed-size batches take one width).
@@ -338,13 +339,18 @@ def make_sampler(scheme: str, dataset_size: int, batch_size: int, *, seed: int, 
     examples) is then the size the chunk widths are computed from: the widths are the shapes of the compiled
     steps, so they show in timing, in the compilation cache's keys and in ``final.json``, and must not depend on
     a secret count. (Batches wider than the widest chunk still take several chunks, never a truncation.)
+    ``physical_batch_size`` (Poisson only) sets the chunk width instead (rounded up to a multiple of
+    ``chunk_multiple``; one width).
     """
     if scheme not in SAMPLERS:
         raise ValueError(f"sampling scheme {scheme!r} is unknown; choose one of {tuple(SAMPLERS)}.")
     if scheme == PoissonSampler.scheme:
         q = batch_size / dataset_size if sampling_prob is None else sampling_prob
-        widths = chunk_widths(dataset_size if public_size is None else public_size, q, num_chunk_widths,
-                              multiple=chunk_multiple)
+        if physical_batch_size is not None:
+            widths = (-(-int(physical_batch_size) // chunk_multiple) * chunk_multiple,)
+        else:
+            widths = chunk_widths(dataset_size if public_size is None else public_size, q, num_chunk_widths,
+                                  multiple=chunk_multiple)
         return PoissonSampler(dataset_size, q, physical_batch_size=widths, seed=seed)
     if sampling_prob is not None:
         raise ValueError("sampling_prob is for Poisson sampling; fixed-size batches take exactly batch_size.")

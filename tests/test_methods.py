@@ -7,12 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from clipping_testlib import cross_entropy_loss, flat, normal, perturbed
 
 import jaxdp
-from jaxdp import accounting, clipping, methods, plan, train
+from jaxdp import accounting, clipping, diagnostics, methods, steps
 from jaxdp.config import base_config, resolve, validate_run_config
 from jaxdp.models import random_params
 from jaxdp_study import grid
@@ -216,7 +215,7 @@ def _config(method, **dp):
 def test_the_ledger_records_each_methods_releases_with_the_gradient():
     eps = {}
     for method in methods.METHODS:
-        p = plan.make_plan(_config(method), _Model(), 1000, secret=None)
+        p = steps.plan_from_config(_config(method), _Model(), 1000, secret=None)
         ledger = accounting.PrivacyLedger()
         for _ in range(p.total_steps):
             p.record_step(ledger)
@@ -229,41 +228,41 @@ def test_the_ledger_records_each_methods_releases_with_the_gradient():
 
 def test_target_epsilon_is_met_by_the_composition():
     c = _config("dpsgd_f", target_epsilon=2.0, accountant="rdp")
-    p = plan.make_plan(c, _Model(), 1000, secret=None)
+    p = steps.plan_from_config(c, _Model(), 1000, secret=None)
     ledger = accounting.PrivacyLedger()
     p.record_step(ledger)
     ledger.record(p.sampler, p.noise_multiplier, steps=p.total_steps - 1, extra_noise_multipliers=(10.0,))
     assert ledger.steps == p.total_steps and len(ledger.entries) == 1
     assert 1.99 < ledger.epsilon(1e-6, "rdp") <= 2.0
-    plain = plan.make_plan(_config("dpsgd", target_epsilon=2.0, accountant="rdp"), _Model(), 1000, secret=None)
+    plain = steps.plan_from_config(_config("dpsgd", target_epsilon=2.0, accountant="rdp"), _Model(), 1000, secret=None)
     assert p.noise_multiplier > plain.noise_multiplier  # the counts' share of the budget costs gradient noise
     costly = _config("dpsgd_f", target_epsilon=2.0, accountant="rdp")
     costly.dp.dpsgd_f.count_noise_multiplier = 0.3
     with pytest.raises(ValueError, match="cannot be met: the method's own releases"):
-        plan.make_plan(costly, _Model(), 1000, secret=None)
+        steps.plan_from_config(costly, _Model(), 1000, secret=None)
 
 
 def test_count_noise_is_gaussian_from_the_secret_noise_key():
     c = _config("dpsgd_global_adapt")
     c.dp.reproducible = False
-    p = plan.make_plan(c, _Model(), 1000, secret=2**100 + 7)
-    q = plan.make_plan(c, _Model(), 1000, secret=2**100 + 8)
+    p = steps.plan_from_config(c, _Model(), 1000, secret=2**100 + 7)
+    q = steps.plan_from_config(c, _Model(), 1000, secret=2**100 + 8)
     m = p.method
-    steps = jnp.arange(4000)
+    step_ids = jnp.arange(4000)
     state = m.init_state()
     # The secret key comes from the noise state, an argument of the compiled function (never a constant of it).
     release = jax.jit(jax.vmap(lambda t, n: p.release(state, jnp.zeros(1), t, n)["threshold"], in_axes=(0, None)))
     other = jax.jit(jax.vmap(lambda t, n: q.release(state, jnp.zeros(1), t, n)["threshold"], in_axes=(0, None)))
     # Z' = Z exp(-eta + sigma N / B): recover N.
-    thresholds = np.asarray(release(steps, p.noise.init(None)))
+    thresholds = np.asarray(release(step_ids, p.noise.init(None)))
     draws = (np.log(thresholds / m.initial_threshold) + m.threshold_learning_rate) * \
         m.expected_batch_size / m.count_noise_multiplier
     assert abs(draws.mean()) < 0.06 and abs(draws.std() - 1) < 0.04
     assert abs(np.corrcoef(draws[1:], draws[:-1])[0, 1]) < 0.06  # fresh noise every step
-    other_draws = np.log(np.asarray(other(steps, q.noise.init(None))) / m.initial_threshold)
+    other_draws = np.log(np.asarray(other(step_ids, q.noise.init(None))) / m.initial_threshold)
     assert abs(np.corrcoef(draws, other_draws)[0, 1]) < 0.06  # another secret, other noise
     # Plain DP-SGD releases nothing else: its release is the identity.
-    dpsgd = plan.make_plan(_config("dpsgd"), _Model(), 1000, secret=1)
+    dpsgd = steps.plan_from_config(_config("dpsgd"), _Model(), 1000, secret=1)
     assert dpsgd.release({"x": 1}, jnp.zeros(0), 0, dpsgd.noise.init(None)) == {"x": 1}
 
 
@@ -281,26 +280,32 @@ def test_counts_are_exact_over_chunks_and_devices():
     model = models.create_model(config.model, private=True)
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
     idx = np.arange(24)
-    p = plan.make_plan(config, model, len(train_set.label), secret=None)
-    chunk = train._chunk(parallel.make_mesh(1), train_set, idx, np.ones(24, bool))
-    norms_of = jax.jit(lambda params, c, p=p: p.grad_fn(params, {}, train.normalize_images(c.images), c.labels,
-                                                         c.mask, p.clip_args(p.init_method_state(), c.groups))[1])
-    norms = np.asarray(norms_of(variables["params"], chunk))
+    p = steps.plan_from_config(config, model, len(train_set.label), secret=None)
+    mesh1 = parallel.make_mesh(1)
+    one = steps.step_batch(mesh1, train_set, idx[None], np.ones((1, 24), bool))
+    norms_of = jax.jit(lambda params, b, p=p: p.clipped_grad(
+        params, {"inputs": steps.normalize_inputs(b.inputs[0]), "labels": b.labels[0]}, None, b.mask[0],
+        p.clip_args(p.init_method_state(), b.groups[0]))[1])
+    norms = np.asarray(norms_of(variables["params"], one))
     c0 = float(np.median(norms))  # C0 between the norms: both counts of a group are used
     config.dp.dpsgd_f.base_clip_norm = c0
     reference = None
     for devices, width in ((1, 24), (1, 12), (2, 12)):
         mesh = parallel.make_mesh(devices)
-        p = plan.make_plan(config, model, len(train_set.label), secret=None, num_devices=devices)
-        state = parallel.replicate(mesh, train.TrainState.create(variables, optax.chain(p.noise),
-                                                                 p.init_method_state()))
-        acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros(4))
-        step = jax.jit(lambda s, a, c, p=p, mesh=mesh: train.accumulate_step(s, a, {}, c, jnp.int32(0), plan=p,
-                                                                              mesh=mesh, flip_key=None,
-                                                                              diagnostics=False)[0])
-        for start in range(0, 24, width):
-            acc = step(state, acc, train._chunk(mesh, train_set, idx[start:start + width], np.ones(width, bool)))
-        counts = np.asarray(acc.counts)
+        p = steps.plan_from_config(config, model, len(train_set.label), secret=None, mesh=mesh)
+        state = parallel.replicate(mesh, p.init(variables["params"]))
+
+        def step_counts(s, b, p=p):  # the counts the step releases, summed over its chunks and devices
+            x = {"inputs": steps.normalize_inputs(b.inputs), "labels": b.labels}
+            total = jnp.zeros(4)
+            for c in range(b.mask.shape[0]):
+                _, chunk_norms, _, _ = p.chunk_grads(s.params, s.model_state, jax.tree_util.tree_map(
+                    lambda a, c=c: a[c], x), b.mask[c], b.groups[c], s.method_state)
+                total = total + p.release_counts(chunk_norms, b.mask[c], b.groups[c], s.method_state)
+            return total
+
+        chunks = steps.step_batch(mesh, train_set, idx.reshape(-1, width), np.ones((24 // width, width), bool))
+        counts = np.asarray(jax.jit(step_counts)(state, chunks))
         if reference is None:
             groups = train_set.group[idx]
             above = [np.sum((groups == k) & (norms > c0)) for k in (0, 1)]
@@ -313,13 +318,13 @@ def test_counts_are_exact_over_chunks_and_devices():
 def test_misalignment_cosines_by_hand():
     g0, g1 = {"w": jnp.array([2.0, 0.0])}, {"w": jnp.array([0.0, 3.0])}  # sums of 2 and 3 examples
     directions = {"clipped": {"w": jnp.array([1.0, 1.0])}, "noised": {"w": jnp.array([-1.0, 0.0])}}
-    out = train.misalignment_cosines([g0, g1], jnp.array([2.0, 3.0]), jnp.array([0.75, 0.25]), directions)
+    out = diagnostics.misalignment_cosines([g0, g1], jnp.array([2.0, 3.0]), jnp.array([0.75, 0.25]), directions)
     # Means (1, 0) and (0, 1); overall 0.75 (1, 0) + 0.25 (0, 1) = (0.75, 0.25).
     assert float(out["cos_clipped_0"]) == pytest.approx(1 / math.sqrt(2))
     assert float(out["cos_clipped_1"]) == pytest.approx(1 / math.sqrt(2))
     assert float(out["cos_clipped_all"]) == pytest.approx(1.0 / (math.sqrt(0.625) * math.sqrt(2)))
     assert float(out["cos_noised_0"]) == pytest.approx(-1.0) and float(out["cos_noised_1"]) == pytest.approx(0.0)
-    empty = train.misalignment_cosines([g0, g1], jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), directions)
+    empty = diagnostics.misalignment_cosines([g0, g1], jnp.array([2.0, 0.0]), jnp.array([1.0, 0.0]), directions)
     assert math.isnan(float(empty["cos_clipped_1"])) and float(empty["cos_clipped_all"]) == pytest.approx(
         1 / math.sqrt(2))
 
@@ -359,36 +364,31 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
     model = models.create_model(config.model, private=True)
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
     mesh = parallel.make_mesh(1)
-    p = plan.make_plan(config, model, len(train_set.label), secret=None)
-    optimizer = train.make_optimizer(config)
-    state = parallel.replicate(mesh, train.TrainState.create(variables, optax.chain(p.noise, optimizer), {}))
+    p = steps.plan_from_config(config, model, len(train_set.label), secret=None)
+    state = parallel.replicate(mesh, p.init(variables["params"]))
     flip_key = jax.random.fold_in(jax.random.key(0), 2)
-    sample = train._MisalignmentSample(config, train_set, mesh, p.sampler.physical_batch_size)
+    sample = diagnostics.MisalignmentSample(config, train_set, mesh, p.sampler.physical_batch_size)
     batch = p.sampler.batch(3)
-    chunks = [train._chunk(mesh, train_set, batch.indices[i], batch.mask[i]) for i in range(batch.n_chunks)]
-    acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros(0))
-    step = jax.jit(functools.partial(train.train_step, plan=p, mesh=mesh, flip_key=flip_key, diagnostics=False,
-                                     optimizer=optimizer, return_update=True))
-    misaligned = dict(sample=sample, cosines=jax.jit(train.misalignment_cosines),
-                      unclipped_sum=jax.jit(functools.partial(train.unclipped_sum_step, plan=p, flip_key=flip_key)))
-    zeros = jax.jit(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t))
-    sums = train._misalignment_sums(misaligned, state, chunks, 3, zeros)  # before the step's update, as the loop
-    current = state
-    for i, chunk in enumerate(chunks):
-        current, acc, _, update = step(current, acc, {}, chunk, jnp.int32(3), jnp.bool_(i == len(chunks) - 1))
-    cosines = train._misalignment(misaligned, sums, update)
+    chunks = steps.step_batch(mesh, train_set, batch.indices, batch.mask)
+    step = jax.jit(functools.partial(steps.train_step, plan=p, flip_key=flip_key, diagnostics_on=False,
+                                     return_update=True))
+    unclipped_sum = jax.jit(functools.partial(steps.unclipped_sum_step, plan=p, flip_key=flip_key))
+    sums = sample.sums(unclipped_sum, state, chunks, 3)  # before the step's update, as the loop
+    _, _, update = step(state, {}, chunks, jnp.int32(3))
+    cosines = sample.cosines(jax.jit(diagnostics.misalignment_cosines), sums, update)
 
     def one(params, x, y):
-        return plan.cross_entropy(model.apply({"params": params}, x[None], train=True), y[None])[0]
+        return steps.cross_entropy(model.apply({"params": params}, x[None], train=True), y[None])[0]
 
     per_example = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))
 
-    def grads(chunk_list):
+    def grads(b):
+        x = steps.model_inputs(b, jnp.int32(3), flip_key)
         rows, mask = [], []
-        for chunk in chunk_list:
-            g = per_example(state.params, train.chunk_inputs(chunk, jnp.int32(3), flip_key), chunk.labels)
-            rows += [flat(jax.tree_util.tree_map(lambda a, i=i: a[i], g)) for i in range(len(chunk.labels))]
-            mask += list(np.asarray(chunk.mask))
+        for c in range(b.mask.shape[0]):
+            g = per_example(state.params, x[c], b.labels[c])
+            rows += [flat(jax.tree_util.tree_map(lambda a, i=i: a[i], g)) for i in range(b.mask.shape[1])]
+            mask += list(np.asarray(b.mask[c]))
         return np.array(rows), np.array(mask)
 
     g, mask = grads(chunks)
@@ -396,7 +396,7 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
     clipped = (g * (mask * np.minimum(1, 1.0 / np.linalg.norm(g, axis=1)))[:, None]).sum(0)  # C = 1
     means = []
     for k in (0, 1):
-        gk, mk = grads(sample.chunks[k])
+        gk, mk = grads(sample.batches[k])
         means.append((gk * mk[:, None]).sum(0) / mk.sum())
     overall = sample.weights[0] * means[0] + sample.weights[1] * means[1]
 

@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -556,10 +555,7 @@ def test_the_compiled_step_holds_no_secret(method):
     # an argument. Two secrets must give the very same program, and no word of the secret keys may appear in it.
     import functools
 
-    import optax
-
-    from jaxdp import models, parallel
-    from jaxdp.plan import make_plan
+    from jaxdp import diagnostics, models, parallel, steps
 
     config = tiny_config(**{"dp.method": method})
     train_set, _ = tiny_datasets()
@@ -568,17 +564,13 @@ def test_the_compiled_step_holds_no_secret(method):
     variables = models.init_variables(model, jax.random.key(0, impl="rbg"))
     texts, words = [], []
     for secret in (2**100 + 7, 2**100 + 8):
-        plan = make_plan(config, model, len(train_set.label), secret=secret, num_devices=1,
-                         input_shape=tuple(train_set.images.shape[1:]))
-        optimizer = train.make_optimizer(config)
-        state = train.TrainState.create(variables, optax.chain(plan.noise, optimizer), plan.init_method_state())
-        acc = train.Accumulator(jax.tree_util.tree_map(jnp.zeros_like, state.params),
-                                jnp.zeros((plan.method.num_counts,), jnp.float32))
+        plan = steps.plan_from_config(config, model, len(train_set.label), secret=secret, mesh=mesh)
+        state = plan.init(variables["params"])
         batch = plan.sampler.batch(0)
-        chunk = train._chunk(mesh, train_set, batch.indices[0], batch.mask[0])
-        step = jax.jit(functools.partial(train.train_step, plan=plan, mesh=mesh, flip_key=None, diagnostics=True,
-                                         optimizer=optimizer, return_update=True))
-        texts.append(step.lower(state, acc, train._zero_stats(True), chunk, np.int32(0), np.bool_(True)).as_text())
+        chunks = steps.step_batch(mesh, train_set, batch.indices, batch.mask)
+        step = jax.jit(functools.partial(steps.train_step, plan=plan, flip_key=None, diagnostics_on=True,
+                                         return_update=True))
+        texts.append(step.lower(state, diagnostics.zero_stats(True), chunks, np.int32(0)).as_text())
         noise_key = state.opt_state[0].key
         count_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(noise_key, impl="rbg"), 1))
         words += [int(w) for w in np.concatenate([np.ravel(noise_key), np.ravel(count_key)])]

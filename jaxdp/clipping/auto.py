@@ -35,6 +35,8 @@ def resolve_strategy(loss_fn: core.LossFn, params: PyTree, inputs: Any, labels: 
     specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
     layers = bookkeeping.fast_path_layers(loss_fn, specs, inputs, labels)
     slow = [f"{'/'.join(layer.path) or '<root>'} ({why})" for layer, why in layers if why is not None]
+    if not layers:  # e.g. a Flax NNX or plain-JAX model: nothing to book-keep, every gradient would be vmap'd
+        return "vmap", "no flax.linen Conv/Dense layer to book-keep (per-example gradients by vmap)"
     if not slow:
         return "bookkeeping", "every Conv/Dense layer is on the book-keeping fast path"
     name = "vmap_matmul" if any(layer.kind == "conv" for layer, _ in layers) else "vmap"

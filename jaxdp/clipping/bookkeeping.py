@@ -87,6 +87,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -389,7 +390,9 @@ def _make_plan(loss_fn: core.LossFn, params: PyTree, inputs: jax.Array, labels: 
             return loss_fn(jax.tree_util.tree_unflatten(treedef, real), x, y)
 
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    one = lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype)  # arrays or shape specs
+    # Arrays or shape specs, or pytrees of them (a batch may be any pytree with the example axis first).
+    one = functools.partial(jax.tree_util.tree_map,
+                            lambda a: jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype))
     specs = [spec(leaf) for leaf in leaves]
     # A fresh function object each time, so that no cached trace skips the interceptor.
     jaxpr = jax.make_jaxpr(lambda *a: traced(*a))(specs, specs, one(inputs), one(labels)).jaxpr
@@ -485,7 +488,7 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
             return out + taps[fast.index(i)]
 
         with nn.intercept_methods(_interceptor(plan, on_layer)):
-            loss = loss_fn(jax.tree_util.tree_unflatten(treedef, merged), x[None], y[None])
+            loss = loss_fn(jax.tree_util.tree_unflatten(treedef, merged), core.one_example(x), core.one_example(y))
         return loss, kept_inputs
 
     slow_params = [leaves[j] for j in slow_ids]
@@ -499,7 +502,7 @@ def _bookkeeping_chunk(loss_fn: core.LossFn, l2_clip_norm: float | PyTree, clip_
     # patches are formed twice (for its norms, then for its clipped sum), each time for as many examples at a
     # time as fit in max_patch_bytes: they never live from the norms to the clipped sum, and a large layer's
     # never exist for the whole batch. Bias gradients (sums of dy over positions) are always kept: [B, O].
-    batch = inputs.shape[0]
+    batch = mask.shape[0]
     sq = [None] * len(leaves)
     stored, bias_grads, stored_total, chunks = {}, {}, 0, {}
     for j, g in zip(slow_ids, slow_grads, strict=True):

@@ -14,6 +14,7 @@ caller's :class:`ClipRule`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -100,6 +101,9 @@ def validate_clip_norm(l2_clip_norm: float | PyTree) -> None:
     if not leaves:
         raise ValueError("l2_clip_norm is an empty pytree; give a positive number or a tree of them.")
     for c in leaves:
+        if isinstance(c, str | bytes | bool) or not isinstance(c, int | float | np.number | np.ndarray | jax.Array):
+            raise TypeError(f"l2_clip_norm must be a number > 0 (or a pytree of them); got {c!r} of type "
+                            f"{type(c).__name__}.")
         value = float(c)
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"l2_clip_norm must be a finite number > 0 (or a pytree of them); got {value}.")
@@ -204,11 +208,21 @@ def clip_and_sum(per_example_grads: PyTree, mask: jax.Array, l2_clip_norm: float
 # Microbatching and the public builder.
 
 
+def one_example(batch: PyTree) -> PyTree:
+    """Example ``i`` of a batch as a batch of one: every leaf gets a leading axis of 1 (``None`` stays ``None``).
+
+    Inside ``jax.vmap`` over the example axis, this is how each strategy hands ``loss_fn`` one example: inputs and
+    labels may be arrays or any pytrees of arrays (e.g. ``{"x": features, "weight": w}``) whose leading axis is the
+    example axis.
+    """
+    return jax.tree_util.tree_map(lambda a: a[None], batch)
+
+
 def microbatched(chunk_fn: ChunkFn, size: int, params: PyTree, inputs: jax.Array, labels: jax.Array,
                  mask: jax.Array, clip_args: PyTree = None):
     """Runs ``chunk_fn`` over consecutive chunks of ``size`` examples with ``lax.scan``, summing the clipped sums.
 
-    ``inputs``, ``labels``, ``mask`` and every leaf of ``clip_args`` are sliced alike. A batch that is not a
+    Every leaf of ``inputs``, ``labels``, ``mask`` and ``clip_args`` is sliced alike. A batch that is not a
     multiple of ``size`` is padded with masked examples, which contribute nothing. Peak memory holds one
     chunk's per-example quantities instead of the whole batch's.
     """
@@ -221,7 +235,7 @@ def microbatched(chunk_fn: ChunkFn, size: int, params: PyTree, inputs: jax.Array
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) if pad else a
         return a.reshape((num_chunks, size) + a.shape[1:])
 
-    xs = (split(inputs), split(labels), split(mask), jax.tree_util.tree_map(split, clip_args))
+    xs = jax.tree_util.tree_map(split, (inputs, labels, mask, clip_args))
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def body(total, chunk):
@@ -239,24 +253,67 @@ def _check_clip_args(clip_args: PyTree, batch: int) -> None:
                              f"leaf of shape {jnp.shape(leaf)}.")
 
 
+class ClippedGrad:
+    """The per-example clipped gradient sum of :func:`clipped_grad`, carrying its own sensitivity.
+
+    ``grad_fn(params, inputs, labels, mask, clip_args=None)`` computes the clipped sum (see :func:`clipped_grad` for
+    what it returns); ``grad_fn.sensitivity`` is the L2 bound on how far adding or removing one example can move
+    that sum (the clip norm for flat clipping, ``sqrt(sum_l C_l^2)`` for per-layer bounds, the bound the caller
+    declared for a clip rule). Hand it to the noise, so that the clip norm is given once:
+    ``jaxdp.dp_noise(noise_multiplier, grad_fn.sensitivity, batch_size, key)``.
+    """
+
+    def __init__(self, fn: Callable[..., tuple], sensitivity: float, l2_clip_norm: float | PyTree,
+                 strategy: str) -> None:
+        self._fn = fn
+        self.sensitivity = float(sensitivity)
+        self.l2_clip_norm = l2_clip_norm
+        self.strategy = strategy
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, params: PyTree, inputs: Any, labels: Any, mask: jax.Array, clip_args: PyTree = None):
+        return self._fn(params, inputs, labels, mask, clip_args)
+
+    def __repr__(self) -> str:
+        return f"ClippedGrad(strategy={self.strategy!r}, sensitivity={self.sensitivity})"
+
+
+def _check_mask(mask: Any, inputs: Any) -> int:
+    """The batch size, after checking that ``mask`` is a boolean vector with one entry per example."""
+    shape, dtype = jnp.shape(mask), getattr(mask, "dtype", None)
+    leaves = jax.tree_util.tree_leaves(inputs)
+    expected = f"bool[{jnp.shape(leaves[0])[0]}] (one entry per example of inputs)" if leaves and jnp.ndim(
+        leaves[0]) else "a bool vector with one entry per example"
+    if len(shape) != 1 or dtype is None or jnp.dtype(dtype) != jnp.bool_:
+        raise ValueError(f"mask must be {expected}: True for real examples, False for padding; got "
+                         f"{jnp.dtype(dtype) if dtype is not None else type(mask).__name__}{list(shape)}.")
+    for leaf in leaves:
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != shape[0]:
+            raise ValueError(f"mask has {shape[0]} entries but an inputs leaf has shape {jnp.shape(leaf)}: the "
+                             "leading axis of every input must be the example axis, as long as the mask.")
+    return int(shape[0])
+
+
 def clipped_grad(
     loss_fn: LossFn,
-    l2_clip_norm: float | PyTree = 5.0,
+    l2_clip_norm: float | PyTree,
     microbatch_size: int | None = None,
     *,
     strategy: str = "vmap",
     return_loss: bool = False,
     clip_rule: ClipRule | None = None,
+    rule_sensitivity: float | None = None,
     strategy_options: Mapping[str, Any] | None = None,
-) -> Callable[..., tuple]:
+) -> ClippedGrad:
     """Builds ``grad_fn(params, inputs, labels, mask, clip_args=None) -> (clipped_sum, per_example_norms)``.
 
     Args:
       loss_fn: ``loss_fn(params, inputs, labels) -> scalar``, the mean loss over the examples it is given.
-        It must treat examples independently (see :mod:`jaxdp.clipping`).
+        It must treat examples independently (see :mod:`jaxdp.clipping`). ``inputs`` and ``labels`` may be
+        arrays or pytrees of arrays whose leading axis is the example axis (``labels`` may be ``None``).
       l2_clip_norm: the bound ``C`` on each example's whole (flattened) gradient, or a pytree of bounds that
         is a prefix of the parameter tree for per-layer clipping. With a ``clip_rule`` it must be one number
-        and the rule's own bounds apply.
+        and the rule's own bounds apply. Required: there is no default bound.
       microbatch_size: if set, per-example gradients are computed ``microbatch_size`` examples at a time
         (bounding memory); the result equals the unchunked one up to float summation order.
       strategy: ``"vmap"`` (``jax.vmap`` of the single-example gradient) or a faster strategy from
@@ -264,40 +321,52 @@ def clipped_grad(
       return_loss: also return each example's loss (``float32[B]``).
       clip_rule: ``None`` for ``min(1, C / norm)``, or a :class:`ClipRule` giving each example's factor from
         its norm and its slice of ``clip_args``.
+      rule_sensitivity: with a ``clip_rule``, the bound ``S`` its factors promise (``factor_i * norm_i <= S``):
+        the returned function's ``sensitivity``. Default: ``l2_clip_norm``.
       strategy_options: keyword options of the strategy (e.g. ``{"max_patch_bytes": 2**22}`` for
         ``"bookkeeping"``).
 
     Returns:
-      A function, to be called under ``jax.jit``, returning
+      A :class:`ClippedGrad`: a function, to be called under ``jax.jit``, returning
 
       - ``clipped_sum``: pytree like ``params``, ``sum_i mask_i * factor_i * g_i``, by default
         ``factor_i = min(1, C / ||g_i||)``;
       - ``per_example_norms``: ``float32[B]``, the norm each example's factor was computed from (an upper bound
         of ``||g_i||``, equal to it up to float rounding; NaN/inf for an example whose gradient was non-finite
         and was zeroed);
-      - ``per_example_loss`` (with ``return_loss=True``).
+      - ``per_example_loss`` (with ``return_loss=True``);
+
+      and carrying ``.sensitivity``, the bound below.
 
     Guarantee: with the default rule, adding or removing one example moves ``clipped_sum`` by at most
-    :func:`sensitivity` in L2 norm (replacing one: twice that); with a rule, by at most the rule's bound.
+    ``grad_fn.sensitivity`` (:func:`sensitivity` of the bounds) in L2 norm (replacing one: twice that); with a
+    rule, by at most the rule's bound.
 
     Example::
 
         def loss_fn(params, x, y):
             return jnp.mean((x @ params["w"] - y) ** 2) / 2
-        grad_fn = jax.jit(jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0))
-        clipped_sum, norms = grad_fn(params, x, y, jnp.ones(len(x), bool))
+        grad_fn = jaxdp.clipped_grad(loss_fn, l2_clip_norm=1.0)
+        clipped_sum, norms = jax.jit(grad_fn)(params, x, y, jnp.ones(len(x), bool))
+        noise = jaxdp.dp_noise(1.0, grad_fn.sensitivity, len(x), jaxdp.noise.secret_key())
     """
     validate_clip_norm(l2_clip_norm)
-    if microbatch_size is not None and (int(microbatch_size) != microbatch_size or microbatch_size < 1):
+    if microbatch_size is not None and (isinstance(microbatch_size, bool) or not isinstance(
+            microbatch_size, int | np.integer) or microbatch_size < 1):
         raise ValueError(f"microbatch_size must be None or an integer >= 1; got {microbatch_size!r}.")
     if clip_rule is not None and not is_flat(l2_clip_norm):
         raise ValueError("A clip_rule works with one flat l2_clip_norm, not with per-layer bounds.")
     if clip_rule is not None and not callable(getattr(clip_rule, "factors", None)):
         raise ValueError("clip_rule must have a method factors(norms, clip_args) -> per-example factors.")
+    if rule_sensitivity is not None:
+        if clip_rule is None:
+            raise ValueError("rule_sensitivity is the bound of a clip_rule; without one the sensitivity is "
+                             "l2_clip_norm's (jaxdp.clipping.sensitivity).")
+        validate_clip_norm(rule_sensitivity)
     chunk = get_strategy(strategy)(loss_fn, l2_clip_norm, clip_rule, **dict(strategy_options or {}))
 
     def grad_fn(params, inputs, labels, mask, clip_args=None):
-        batch = mask.shape[0]
+        batch = _check_mask(mask, inputs)
         _check_clip_args(clip_args, batch)
         if microbatch_size is None or microbatch_size >= batch:
             clipped, norms, losses = chunk(params, inputs, labels, mask, clip_args)
@@ -305,4 +374,5 @@ def clipped_grad(
             clipped, norms, losses = microbatched(chunk, microbatch_size, params, inputs, labels, mask, clip_args)
         return (clipped, norms, losses) if return_loss else (clipped, norms)
 
-    return grad_fn
+    bound = sensitivity(l2_clip_norm) if rule_sensitivity is None else float(rule_sensitivity)
+    return ClippedGrad(grad_fn, bound, l2_clip_norm, strategy)

@@ -53,7 +53,7 @@ def vmap_matmul_strategy(loss_fn: core.LossFn, l2_clip_norm, clip_rule: core.Cli
     fast_loss = matmul_convs(loss_fn, max_pixels)
 
     def single_example(params, x, y):
-        return jax.value_and_grad(fast_loss)(params, x[None], y[None])
+        return jax.value_and_grad(fast_loss)(params, core.one_example(x), core.one_example(y))
 
     per_example = jax.vmap(single_example, in_axes=(None, 0, 0))
 

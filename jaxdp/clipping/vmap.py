@@ -16,7 +16,7 @@ def vmap_strategy(loss_fn: core.LossFn, l2_clip_norm, clip_rule: core.ClipRule |
     """Builder of the ``"vmap"`` strategy (see :func:`jaxdp.clipping.core.register_strategy`)."""
 
     def single_example(params, x, y):
-        return jax.value_and_grad(loss_fn)(params, x[None], y[None])
+        return jax.value_and_grad(loss_fn)(params, core.one_example(x), core.one_example(y))
 
     per_example = jax.vmap(single_example, in_axes=(None, 0, 0))
 

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,29 +43,49 @@ def group_names_of(group_attribute: str) -> tuple[str, str]:
     return f"not {group_attribute}", group_attribute
 
 
-@dataclass(frozen=True)
 class GroupedSplit:
-    """Images with their binary label and group.
+    """Examples with their binary label and group: images, feature vectors, any fixed shape.
 
-    ``images`` is uint8 [N, H, W, 3]; ``label`` and ``group`` are int32 [N], each 0 or 1. ``label_attribute``
-    and ``group_attribute`` name what the 1s mean (for CelebA: label 1 = the image has the label attribute,
-    group 1 = it has the group attribute; by default Smiling and Male, so group 0 is female).
+    ``inputs`` is ``[N, ...]``: uint8 ``[N, H, W, C]`` images (normalised to mean 0.5 / std 0.5 by the trainer,
+    randomly flipped if the config asks) or floating-point features ``[N, D]`` (used as they are); ``label`` and
+    ``group`` are int32 ``[N]``, each 0 or 1. ``label_attribute`` and ``group_attribute`` name what the 1s mean
+    (for CelebA: label 1 = the image has the label attribute, group 1 = it has the group attribute; by default
+    Smiling and Male, so group 0 is female). ``images`` is accepted for ``inputs`` (and read back as it), for the
+    image sources.
     """
 
-    images: np.ndarray
-    label: np.ndarray
-    group: np.ndarray
-    label_attribute: str = DEFAULT_LABEL_ATTRIBUTE
-    group_attribute: str = DEFAULT_GROUP_ATTRIBUTE
+    __slots__ = ("inputs", "label", "group", "label_attribute", "group_attribute")
 
-    def __post_init__(self) -> None:
-        n = len(self.images)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
+    def __init__(self, inputs: np.ndarray | None = None, label: np.ndarray | None = None,
+                 group: np.ndarray | None = None, label_attribute: str = DEFAULT_LABEL_ATTRIBUTE,
+                 group_attribute: str = DEFAULT_GROUP_ATTRIBUTE, *, images: np.ndarray | None = None) -> None:
+        if (inputs is None) == (images is None):
+            raise ValueError("GroupedSplit takes the examples as inputs= (or images= for image data), exactly once.")
+        inputs = inputs if images is None else images
+        for name, value in (("inputs", inputs), ("label", label), ("group", group),
+                            ("label_attribute", label_attribute), ("group_attribute", group_attribute)):
+            object.__setattr__(self, name, value)
+        n = len(inputs)
+        if not isinstance(inputs, np.ndarray) or inputs.ndim < 2 or not (
+                inputs.dtype == np.uint8 or np.issubdtype(inputs.dtype, np.floating)):
+            raise ValueError(f"inputs must be a numpy array [N, ...] of uint8 images or floating-point features, got "
+                             f"{getattr(inputs, 'dtype', type(inputs).__name__)} {getattr(inputs, 'shape', '')}")
         for name in ("label", "group"):
             value = getattr(self, name)
-            if value.dtype != np.int32 or value.shape != (n,):
-                raise ValueError(f"{name} must be int32 [{n}], got {value.dtype} {value.shape}")
+            if not isinstance(value, np.ndarray) or value.dtype != np.int32 or value.shape != (n,):
+                raise ValueError(f"{name} must be int32 [{n}], got {getattr(value, 'dtype', type(value).__name__)} "
+                                 f"{getattr(value, 'shape', '')}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"GroupedSplit is immutable (tried to set {name})")
+
+    def __repr__(self) -> str:
+        return f"GroupedSplit({self.describe()})"
+
+    @property
+    def images(self) -> np.ndarray:
+        """``inputs``, under the image sources' name."""
+        return self.inputs
 
     def __len__(self) -> int:
         return len(self.label)
@@ -78,6 +97,10 @@ class GroupedSplit:
     def describe(self) -> str:
         """One line for logs, e.g. ``"300 images 32x32: females 135 smiling / 135 not, males 15 / 15"``."""
         c = self.counts()
+        if self.inputs.ndim != 4:
+            g0, g1 = group_names_of(self.group_attribute)
+            return (f"{len(self)} examples of {self.inputs.shape[1:]} features, label {self.label_attribute}: {g0} "
+                    f"{c[0, 1]} with / {c[0, 0]} without, {g1} {c[1, 1]} / {c[1, 0]}")
         h, w = self.images.shape[1:3]
         if (self.label_attribute, self.group_attribute) == (DEFAULT_LABEL_ATTRIBUTE, DEFAULT_GROUP_ATTRIBUTE):
             return (f"{len(self)} images {h}x{w}: females {c[0, 1]} smiling / {c[0, 0]} not, "
