@@ -155,7 +155,7 @@ def test_nonprivate_statistics_are_labelled_and_reproducibility_reported(workdir
 
 def test_clipping_figure_titles_say_non_private(workdir, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = report.summary_rows(workdir)
     report.figure_clipping_diagnostics(rows, runs_by_name(workdir), workdir / "unused.png")
     (fig,) = figures
@@ -192,7 +192,7 @@ def test_reproducible_runs_are_said_so_in_tables_and_figures(tmp_path, monkeypat
         assert f"**Reproducible runs: 9 of 9** (`dp.reproducible=True`; column `reproducible` of summary.csv): " \
             f"{PRIVACY_NOTE}\n" in (tmp_path / table).read_text()
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: figures.append(fig) or path)
     report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
     assert "\n9 of these 9 runs used dp.reproducible=True: their ε is no guarantee against anyone who knows " \
         "train.seed" in figures[0]._suptitle.get_text()
@@ -391,7 +391,7 @@ def test_methods_and_misalignment_figures_are_written_and_say_non_private(method
     figures = methods_workdir / "figures"
     assert {"fig8_methods_per_group.png", "fig9_misalignment.png"} <= {p.name for p in figures.glob("*.png")}
     captured = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: captured.append(fig) or path)
     rows = report.summary_rows(methods_workdir)
     report.figure_misalignment(rows, runs_by_name(methods_workdir), methods_workdir / "unused.png")
     report.figure_methods(rows, methods_workdir / "unused.png")
@@ -414,7 +414,7 @@ def test_groups_are_named_by_the_group_attribute(tmp_path, monkeypatch):
     assert "accuracy not Young | accuracy Young | gap not Young − Young" in (tmp_path / "methods.md").read_text()
     assert _rows(tmp_path / "summary.csv")[0]["group_attribute"] == "Young"
     captured = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: captured.append(fig) or path)
     report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
     (fig,) = captured
     a, b = fig.axes
