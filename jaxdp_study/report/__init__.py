@@ -3,10 +3,11 @@
 :func:`write_report` reads every run directory under a workdir (``sweep_run.json`` + ``final.json`` +
 ``history.jsonl``) and writes, without training anything:
 
-- ``summary.csv``: one row per finished run — swept axes, privacy level, noise multiplier, clip bound, epsilon
-  under each accountant, ``reproducible`` and ``privacy_note`` (from final.json), every final test metric with
-  its 95% confidence interval, and the run's last non-private diagnostics (columns ``nonprivate_*``, as the
-  trainer names them: training-data statistics without noise, not covered by epsilon) when it recorded them;
+- ``summary.csv``: one row per finished run — swept axes, privacy level, noise multiplier, clip bound, the
+  names of its groups (``group_0``, ``group_1``), epsilon under each accountant, ``reproducible`` and
+  ``privacy_note`` (from final.json), every final test metric with its 95% confidence interval, and the run's
+  last non-private diagnostics (columns ``nonprivate_*``, as the trainer names them: training-data statistics
+  without noise, not covered by epsilon) when it recorded them;
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
@@ -28,11 +29,14 @@
 When any run was trained with ``dp.reproducible=True`` (its batches and noise derived from the public
 ``train.seed``), the tables say so under them (:func:`reproducible_note`) and the figures in their titles.
 
-Groups: group 0 and group 1 of jaxdp.fairness, named after each run's ``config.data.group_attribute`` (read from
-its run record: female and male for the default ``Male``, e.g. "not Young" and "Young" otherwise; the columns
-keep their historical names: ``accuracy_female``, ``male_drop_*`` are group 0's and group 1's); gaps are group 0
-minus group 1, and the paper's numbers are drawn only for runs that predict Smiling by Male groups. Error bars
-are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
+Groups: group 0 and group 1 of jaxdp.fairness (``GROUPS``), named as each run's ``final.json`` records them
+(``group_names``, given by its data source: female and male for CelebA's default ``Male``, e.g. "not Young" and
+"Young" for another attribute, white and non-white for a tabular source grouped by race; runs recorded before
+``group_names`` existed are named after their ``config.data.group_attribute`` by
+:func:`jaxdp.data.core.group_names_of`). The columns keep their historical names: ``accuracy_female``,
+``male_drop_*`` are group 0's and group 1's; gaps are group 0 minus group 1, and the paper's numbers are shown
+only for runs that predict Smiling by Male groups. Methods are named by :data:`jaxdp.methods.DISPLAY_NAMES`. Error
+bars are the per-group 95% intervals of jaxdp.fairness; a gap's interval combines its two groups' intervals by
 Newcombe's square-and-add method (Newcombe 1998, method 10), which is what a researcher would compute by hand.
 Runs that differ only in seed are averaged in the figures: a point is the mean over seeds, its error bar the
 mean of the seeds' intervals (one run's test-sampling uncertainty, not the spread between seeds), and each

@@ -11,6 +11,7 @@ from typing import Any
 from jaxdp_study.paper import paper_results
 from jaxdp_study.report.summary import (
     DEFAULT_GROUP_NAMES,
+    GROUP_IDS,
     _abs_interval,
     _group_by,
     _group_labels,
@@ -27,7 +28,9 @@ from jaxdp_study.report.summary import (
 )
 
 PRIVACY_COLORS = {"high": "#d62728", "medium": "#ff7f0e", "low": "#2ca02c", "nondp": "#1f77b4"}
-GROUP_STYLE = {"0": dict(ls="-", marker="o"), "1": dict(ls="--", marker="s"), "overall": dict(ls=":", marker="^")}
+# Group 0 solid with circles, group 1 dashed with squares; the overall accuracy dotted.
+GROUP_STYLE = {**dict(zip(GROUP_IDS, (dict(ls="-", marker="o"), dict(ls="--", marker="s")), strict=True)),
+               "overall": dict(ls=":", marker="^")}
 # History keys of the per-group clipping diagnostics (suffix _0 / _1): training-data statistics without noise.
 CLIP_DIAGNOSTICS = ("nonprivate_clip_fraction", "nonprivate_grad_norm_mean")
 
@@ -165,11 +168,11 @@ def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | st
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     (_, n0), (_, n1) = _group_labels(rows)
     _plot_vs_category(a, rows, "female_fraction", xs, "accuracy_0", paper_key="acc_female",
-                      **GROUP_STYLE["0"], label_suffix="")
+                      **GROUP_STYLE[GROUP_IDS[0]], label_suffix="")
     _plot_vs_category(a, rows, "female_fraction", xs, "accuracy_1", paper_key="acc_male",
-                      **GROUP_STYLE["1"], label=False)
-    a.plot([], [], color="0.3", **GROUP_STYLE["0"], label=n0)
-    a.plot([], [], color="0.3", **GROUP_STYLE["1"], label=n1)
+                      **GROUP_STYLE[GROUP_IDS[1]], label=False)
+    a.plot([], [], color="0.3", **GROUP_STYLE[GROUP_IDS[0]], label=n0)
+    a.plot([], [], color="0.3", **GROUP_STYLE[GROUP_IDS[1]], label=n1)
     _paper_handle(a, rows)
     a.set_ylabel("test accuracy (%)")
     a.set_title("(a) accuracy per group")
@@ -200,9 +203,10 @@ def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str
     a, b = axes
     (_, n0), (_, n1) = _group_labels(rs)
     for group, style, name, paper_key in (("accuracy", "overall", "overall", "acc_overall"),
-                                          ("accuracy_0", "0", n0, "acc_female"), ("accuracy_1", "1", n1, "acc_male")):
+                                          ("accuracy_0", GROUP_IDS[0], n0, "acc_female"),
+                                          ("accuracy_1", GROUP_IDS[1], n1, "acc_male")):
         _plot_vs_category(a, rs, "l2_clip_norm", xs, group, paper_key=paper_key, paper_ff=ff,
-                          **GROUP_STYLE[style], label=style == "0")
+                          **GROUP_STYLE[style], label=style == GROUP_IDS[0])
         a.plot([], [], color="0.3", **GROUP_STYLE[style], label=name)
     _paper_handle(a, rs)
     a.set_ylabel("test accuracy (%)")
@@ -227,8 +231,8 @@ def _history_panel(ax: Any, run_dirs: Sequence[Path], title: str,
         ax.set_title(title + " (no history)")
         return
     for key, style, name, color in (("accuracy", "overall", "overall", "black"),
-                                    ("accuracy_0", "0", names[0], "#c44e52"),
-                                    ("accuracy_1", "1", names[1], "#4c72b0")):
+                                    ("accuracy_0", GROUP_IDS[0], names[0], "#c44e52"),
+                                    ("accuracy_1", GROUP_IDS[1], names[1], "#4c72b0")):
         steps = [r["step"] for r in hist[0]]
         n = min(len(h) for h in hist)
         ys = [sum(_num(h[i].get(key)) for h in hist) / len(hist) for i in range(n)]
@@ -334,7 +338,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
         return "clipping diagnostics need DP runs"
     labels = _group_labels(rows)
     (_, n0), (_, n1) = labels
-    if not any(f"{key}_{g}" in r for r in rows for key in CLIP_DIAGNOSTICS for g in ("0", "1")):
+    if not any(f"{key}_{g}" in r for r in rows for key in CLIP_DIAGNOSTICS for g in GROUP_IDS):
         needed = " and ".join(f"{key}_0/1" for key in CLIP_DIAGNOSTICS)
         return (f"clipping per group (a non-private diagnostic) needs {needed} in the runs' results, which runs "
                 f"record with train.nonprivate_diagnostics=True (runs written before these keys existed lack them too)")
@@ -351,7 +355,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
                 pts = sorted((pos[ff], v) for ff, v in clip_stat_by_fraction(rs, run_dirs, f"{key}_{g}").items())
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=PRIVACY_COLORS.get(level, "0.3"),
                         ls=GROUP_STYLE[g]["ls"], marker=GROUP_STYLE[g]["marker"],
-                        label=_series_label(level, variant, rs) if g == "0" else None)
+                        label=_series_label(level, variant, rs) if g == GROUP_IDS[0] else None)
         for g, name in labels:
             ax.plot([], [], color="0.3", ls=GROUP_STYLE[g]["ls"], marker=GROUP_STYLE[g]["marker"], label=name)
         _category_axis(ax, xs, [_pct_label(x) for x in xs], _share_label(rows))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxdp.accounting import ACCOUNTANTS
+from jaxdp.methods import DISPLAY_NAMES, METHODS
 from jaxdp_study.report import figures
 from jaxdp_study.report.figures import (
     GROUP_STYLE,
@@ -24,6 +25,7 @@ from jaxdp_study.report.figures import (
     _suptitle,
 )
 from jaxdp_study.report.summary import (
+    GROUP_IDS,
     _f,
     _gap_intervals,
     _group_by,
@@ -76,7 +78,7 @@ def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {k: r.get(k) for k in ("run", "privacy_level", "female_fraction", "seed")}
         row["epsilon_reported"] = None if math.isinf(_reported_epsilon(r)) else _reported_epsilon(r)
-        for g in ("0", "1"):
+        for g in GROUP_IDS:
             for key in (f"{AUDIT_BOUND}_{g}", f"{AUDIT_BOUND}_max_{g}", f"nonprivate_mia_auc_{g}",
                         f"nonprivate_mia_auc_{g}_ci_low", f"nonprivate_mia_auc_{g}_ci_high",
                         f"nonprivate_mia_cal_auc_{g}", f"nonprivate_mia_cal_auc_{g}_ci_low",
@@ -97,11 +99,11 @@ def audit_markdown(rows: Sequence[Mapping[str, Any]], violations: Sequence[str],
              "|---|---|---|---|---|"]
     for r in rows:
         cells = []
-        for g in ("0", "1"):
+        for g in GROUP_IDS:
             lo, hi = r.get(f"nonprivate_mia_cal_auc_{g}_ci_low"), r.get(f"nonprivate_mia_cal_auc_{g}_ci_high")
             cells.append(f"{_f(r.get(f'nonprivate_mia_cal_auc_{g}'), '.3f')} [{_f(lo, '.3f')}, {_f(hi, '.3f')}]")
-        bounds = " / ".join(_f(r.get(f"{AUDIT_BOUND}_{g}"), ".3f") for g in ("0", "1"))
-        most = " / ".join(_f(r.get(f"{AUDIT_BOUND}_max_{g}"), ".2f") for g in ("0", "1"))
+        bounds = " / ".join(_f(r.get(f"{AUDIT_BOUND}_{g}"), ".3f") for g in GROUP_IDS)
+        most = " / ".join(_f(r.get(f"{AUDIT_BOUND}_max_{g}"), ".2f") for g in GROUP_IDS)
         lines.append(f"| {r['run']} | {_f(r['epsilon_reported'])} | {bounds} ({most}) | {cells[0]} | {cells[1]} |")
     verdict = ("\n**AUDIT FAILURE** — a lower bound above the reported epsilon (a bug, or a 5% accident):\n"
                + "\n".join(f"- {v}" for v in violations) + "\n") if violations else \
@@ -120,7 +122,8 @@ def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = _group_labels(rows)
     for g, _ in labels:
-        _plot_vs_category(a, rows, "female_fraction", xs, f"{AUDIT_BOUND}_{g}", **GROUP_STYLE[g], label=g == "0")
+        _plot_vs_category(a, rows, "female_fraction", xs, f"{AUDIT_BOUND}_{g}", **GROUP_STYLE[g],
+                          label=g == GROUP_IDS[0])
         _plot_vs_category(b, rows, "female_fraction", xs, f"nonprivate_mia_cal_auc_{g}", **GROUP_STYLE[g],
                           label=False)
     for (level,), rs in _group_by([r for r in rows if r["dp_enabled"]], ("privacy_level",)).items():
@@ -144,10 +147,7 @@ def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
 
 # ------------------------------------------------------------------------------------------------ methods
 
-METHOD_ORDER = ("dpsgd", "dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")  # jaxdp.methods.METHODS
 NONDP = "non-DP"
-METHOD_LABELS = {"dpsgd": "DP-SGD", "dpsgd_f": "DPSGD-F", "dpsgd_global": "Global",
-                 "dpsgd_global_adapt": "Global-Adapt"}
 # Misalignment cosines a history row carries (jaxdp.train.misalignment_cosines): non-private diagnostics.
 MISALIGNMENT = ("unclipped", "clipped", "noised")
 _METHOD_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
@@ -155,7 +155,7 @@ _METHOD_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "de
 
 
 def _method_rank(method: str) -> int:
-    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + (method == NONDP)
+    return METHODS.index(method) if method in METHODS else len(METHODS) + (method == NONDP)
 
 
 def has_methods(rows: Sequence[Mapping[str, Any]]) -> bool:
@@ -187,7 +187,7 @@ def methods_table(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str, Path
             row[f"{key}_ci_high"] = _mean(rs, f"{key}_ci_high")
         if run_dirs is not None and rs[0]["dp_enabled"]:
             for direction in ("clipped", "noised"):
-                for g in ("0", "1", "all"):
+                for g in (*GROUP_IDS, "all"):
                     key = f"nonprivate_cos_{direction}_{g}"
                     row[key] = _nanmean(_history_mean(run_dirs[r["run"]], key) for r in rs)
         out.append(row)
@@ -216,7 +216,7 @@ def methods_markdown(rows: Sequence[Mapping[str, Any]], note: str | None = None)
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = []
     for r in rows:
-        cos = [" / ".join(_f(r.get(f"nonprivate_cos_{d}_{g}"), ".3f") for g in ("0", "1"))
+        cos = [" / ".join(_f(r.get(f"nonprivate_cos_{d}_{g}"), ".3f") for g in GROUP_IDS)
                for d in ("clipped", "noised")]
         body.append(f"| {r['privacy_level']} | {100 * r['female_fraction']:g} | {r['method']} | "
                     f"{_f(r['epsilon_pld'])} | {ci(r, 'accuracy_0')} | {ci(r, 'accuracy_1')} | "
@@ -247,7 +247,7 @@ def figure_methods(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
         for name in names:
             rs = nondp if name == NONDP else [r for r in at if r["method"] == name]
             eps = _mean(rs, "epsilon_pld")
-            ticks.append(METHOD_LABELS.get(name, name) + ("" if math.isnan(eps) else f"\nε={eps:.3g}"))
+            ticks.append(DISPLAY_NAMES.get(name, name) + ("" if math.isnan(eps) else f"\nε={eps:.3g}"))
         for i, ff in enumerate(fractions):
             color = cmap(i / max(len(fractions) - 1, 1))
             shift = 0.12 * (i - (len(fractions) - 1) / 2)
@@ -258,7 +258,7 @@ def figure_methods(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
                     continue
                 for ax, keys in ((axes[0][col], ("accuracy_0", "accuracy_1")), (axes[1][col], ("delta_accuracy",))):
                     for k, key in enumerate(keys):
-                        style = GROUP_STYLE[str(k)] if len(keys) == 2 else GROUP_STYLE["0"]
+                        style = GROUP_STYLE[GROUP_IDS[k]] if len(keys) == 2 else GROUP_STYLE[GROUP_IDS[0]]
                         v, lo, hi = (_mean(rs, key), _mean(rs, f"{key}_ci_low"), _mean(rs, f"{key}_ci_high"))
                         e = _err(v, lo, hi)
                         ax.errorbar([j + shift + (0.04 * (2 * k - 1) if len(keys) == 2 else 0)], [v],
@@ -275,8 +275,8 @@ def figure_methods(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     axes[0][0].set_ylabel(f"test accuracy (%): {n0} filled, {n1} hollow")
     axes[1][0].set_ylabel(f"Δ accuracy, {n0} − {n1} (pp)")
     for g, name in labels:
-        axes[0][0].plot([], [], color="0.3", marker=GROUP_STYLE[g]["marker"], mfc="0.3" if g == "0" else "white",
-                        ls="none", label=name)
+        axes[0][0].plot([], [], color="0.3", marker=GROUP_STYLE[g]["marker"],
+                        mfc="0.3" if g == GROUP_IDS[0] else "white", ls="none", label=name)
     _figure_legend(fig, [axes[0][0]])
     _suptitle(fig, f"DP-fairness methods per group (mean over seeds; error bars: 95% CI, the gap's by Newcombe) — "
                    f"{_source_note(table)}", table)
@@ -300,7 +300,7 @@ def figure_misalignment(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str
     present) and the first seed."""
     dp = [r for r in rows if r["dp_enabled"]]
     have = [r for r in dp if any(f"nonprivate_cos_clipped_{g}" in h for h in load_history(run_dirs[r["run"]])[:1]
-                                 for g in ("0", "1"))]
+                                 for g in GROUP_IDS)]
     if not have:
         return ("the misalignment figure needs nonprivate_cos_* in the runs' histories, which private runs record "
                 "with train.nonprivate_diagnostics=True and train.misalignment_examples_per_group > 0")
@@ -334,7 +334,7 @@ def figure_misalignment(rows: Sequence[Mapping[str, Any]], run_dirs: Mapping[str
             ax.axhline(0, color="0.5", lw=0.8)
             ax.grid(alpha=0.3)
             if row_i == 0:
-                ax.set_title(f"{METHOD_LABELS.get(name, name)}; non-private diagnostic", fontsize=10)
+                ax.set_title(f"{DISPLAY_NAMES.get(name, name)}; non-private diagnostic", fontsize=10)
             if col == 0:
                 ax.set_ylabel(f"cos(group mean gradient,\n{direction} batch gradient)")
             if row_i == len(MISALIGNMENT) - 1:

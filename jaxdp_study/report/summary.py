@@ -14,18 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from jaxdp.accounting import ACCOUNTANTS
-from jaxdp.data.core import group_names_of
+from jaxdp.data.core import DEFAULT_GROUP_ATTRIBUTE, DEFAULT_LABEL_ATTRIBUTE, group_names_of
+from jaxdp.fairness import GROUPS
 from jaxdp_study import grid
 from jaxdp_study.paper import L2_CLIP_NORM, PRIVACY_ORDER
 from jaxdp_study.workdir import FINAL, read_run_record, runs_by_name
 
-DEFAULT_GROUP_NAMES = group_names_of("Male")  # ("female", "male"): runs recorded before data.group_attribute
+# The suffixes of per-group keys ("accuracy_0", "nonprivate_cos_clipped_1"): jaxdp.fairness's group ids.
+GROUP_IDS = tuple(str(g) for g in GROUPS)
+# Names for rows that carry neither group names nor a group attribute (hand-made rows, runs before issue 13).
+DEFAULT_GROUP_NAMES = group_names_of(DEFAULT_GROUP_ATTRIBUTE)
 # The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
 GAPS = {"delta_accuracy": "accuracy", "delta_demographic_parity": "demographic_parity",
         "delta_equal_opportunity": "tpr", "delta_fpr": "fpr"}
-# History keys of the per-group clipping diagnostics (suffix _0 / _1): training-data statistics without noise.
 _FIRST_METRICS = ("accuracy", "accuracy_0", "accuracy_1", "delta_accuracy", "delta_demographic_parity",
                   "delta_equal_opportunity", "delta_fpr")
+# Axes with their own summary column; any other swept axis gets a column of its own.
+_KNOWN_AXES = ("privacy", "data.female_fraction", "dp.l2_clip_norm", "train.seed", "seed", "dp.privacy_level",
+               "dp.method")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -55,20 +61,26 @@ def _num(x: Any) -> float:
         return math.nan
 
 
+def _row_group_names(row: Mapping[str, Any]) -> tuple[str, str]:
+    if row.get("group_0") is not None and row.get("group_1") is not None:
+        return str(row["group_0"]), str(row["group_1"])
+    return group_names_of(row.get("group_attribute") or DEFAULT_GROUP_ATTRIBUTE)
+
+
 def group_names(rows: Iterable[Mapping[str, Any]]) -> tuple[str, str]:
-    """The names of group 0 and group 1 of summary ``rows``, after their runs' ``config.data.group_attribute``
-    (column ``group_attribute``; ``("female", "male")`` for ``Male``, e.g. ``("not Young", "Young")`` otherwise);
-    ``("group 0", "group 1")`` when the runs group by different attributes."""
-    attributes = {r.get("group_attribute") or "Male" for r in rows}
-    if len(attributes) > 1:
+    """The names of group 0 and group 1 of summary ``rows``: the names their runs recorded (``final.json``'s
+    ``group_names``, columns ``group_0`` and ``group_1``; e.g. ``("female", "male")``, ``("not Young", "Young")``
+    or ``("white", "non-white")``), else :func:`jaxdp.data.core.group_names_of` their ``group_attribute``;
+    ``("group 0", "group 1")`` when the runs name their groups differently."""
+    names = {_row_group_names(r) for r in rows}
+    if len(names) > 1:
         return "group 0", "group 1"
-    return group_names_of(attributes.pop()) if attributes else DEFAULT_GROUP_NAMES
+    return names.pop() if names else DEFAULT_GROUP_NAMES
 
 
 def _group_labels(rows: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
-    """``(("0", name of group 0), ("1", name of group 1))``."""
-    names = group_names(rows)
-    return (("0", names[0]), ("1", names[1]))
+    """``((id of group 0, its name), (id of group 1, its name))``, ids as in :data:`GROUP_IDS`."""
+    return tuple(zip(GROUP_IDS, group_names(rows), strict=True))
 
 
 def newcombe_interval(p0: float, lo0: float, hi0: float, p1: float, lo1: float,
@@ -100,68 +112,72 @@ def _gap_intervals(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _finished_runs(workdir: str | os.PathLike) -> list[tuple[dict, dict]]:
+    """``(run record, final.json)`` of every finished run in ``workdir``, by run name."""
+    dirs = runs_by_name(workdir)
+    return [(read_run_record(dirs[name]), _read_json(dirs[name] / FINAL)) for name in sorted(dirs)
+            if (dirs[name] / FINAL).exists()]
+
+
+def _summary_row(record: Mapping[str, Any], final: Mapping[str, Any], extra_axes: Sequence[str]) -> dict[str, Any]:
+    c = record["config"]
+    dp, data = c["dp"], c["data"]
+    eps = final.get("epsilon") or {}
+    level = dp["privacy_level"] if dp["enabled"] else "nondp"
+    row: dict[str, Any] = {
+        "run": record["name"], "grids": ";".join(record.get("grids", [])), "privacy_level": level,
+        "dp_enabled": bool(dp["enabled"]),
+        # The z that ran: final.json's (calibrated when dp.target_epsilon is set), not the record's request.
+        "noise_multiplier": final.get("noise_multiplier", dp["noise_multiplier"]) if dp["enabled"] else None,
+        "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
+        "female_fraction": data["female_fraction"], "seed": c["train"]["seed"],
+        "variant": grid.variant(record.get("axes", {})),
+        "method": dp.get("method", "dpsgd") if dp["enabled"] else None,
+    }
+    for axis in extra_axes:
+        row[axis] = record.get("axes", {}).get(axis)
+    group_attribute = data.get("group_attribute", DEFAULT_GROUP_ATTRIBUTE)
+    # The names the run recorded (its data source's), else those of its attribute (runs before final.json had them).
+    names = final.get("group_names") or group_names_of(group_attribute)
+    row.update({"data_source": data["source"], "image_size": data["image_size"],
+                "input_shape": final.get("input_shape"),
+                "label_attribute": data.get("label_attribute", DEFAULT_LABEL_ATTRIBUTE),
+                "group_attribute": group_attribute, "group_0": names[0], "group_1": names[1],
+                "sampling": final.get("sampling", dp.get("sampling")), "delta": final.get("delta"),
+                "steps": final.get("steps"), "epochs": c["train"]["epochs"]})
+    for acc in ACCOUNTANTS:
+        row[f"epsilon_{acc}"] = eps.get(acc)
+    row["reproducible"] = final.get("reproducible")
+    row["privacy_note"] = final.get("privacy_note")
+    row["wall_time_s"] = final.get("wall_time_s")
+    audit = final.get("audit") or {}
+    if audit:
+        row["audit_confidence"] = (audit.get("settings") or {}).get("confidence")
+    # The audit's results are statistics of the training data without noise: labelled like the diagnostics.
+    for k, v in (audit.get("nonprivate") or {}).items():
+        row[f"nonprivate_{k}"] = v
+    metrics = dict(final.get("metrics", {}))
+    metrics.update(_gap_intervals(metrics))
+    for k in _FIRST_METRICS:
+        if k in metrics:
+            row[k] = metrics[k]
+    for k in sorted(metrics):
+        if k not in row:
+            row[k] = metrics[k]
+    return row
+
+
 def summary_rows(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """One dict per finished run in ``workdir`` (the rows of summary.csv), sorted like the sweep.
 
     Everything about a run's settings comes from its run record (``sweep_run.json``: name, grids, axis values,
-    resolved config), its results from ``final.json``; directory names are never read.
+    resolved config), its results from ``final.json`` (also the names of its groups, ``group_names``, which its
+    data source gave: columns ``group_0`` and ``group_1``); directory names are never read.
     """
-    records = []
-    axes_seen: list[str] = []
-    dirs = runs_by_name(workdir)
-    for name in sorted(dirs):
-        run_dir = dirs[name]
-        if not (run_dir / FINAL).exists():
-            continue
-        record, final = read_run_record(run_dir), _read_json(run_dir / FINAL)
-        records.append((record, final))
-        for axis in record.get("axes", {}):
-            if axis not in axes_seen:
-                axes_seen.append(axis)
-    extra_axes = [a for a in axes_seen if a not in ("privacy", "data.female_fraction", "dp.l2_clip_norm",
-                                                    "train.seed", "seed", "dp.privacy_level", "dp.method")]
-    rows = []
-    for record, final in records:
-        c = record["config"]
-        dp = c["dp"]
-        eps = final.get("epsilon") or {}
-        level = dp["privacy_level"] if dp["enabled"] else "nondp"
-        row: dict[str, Any] = {
-            "run": record["name"], "grids": ";".join(record.get("grids", [])), "privacy_level": level,
-            "dp_enabled": bool(dp["enabled"]),
-            # The z that ran: final.json's (calibrated when dp.target_epsilon is set), not the record's request.
-            "noise_multiplier": final.get("noise_multiplier", dp["noise_multiplier"]) if dp["enabled"] else None,
-            "l2_clip_norm": dp["l2_clip_norm"] if dp["enabled"] else None,
-            "female_fraction": c["data"]["female_fraction"], "seed": c["train"]["seed"],
-            "variant": grid.variant(record.get("axes", {})),
-            "method": dp.get("method", "dpsgd") if dp["enabled"] else None,
-        }
-        for axis in extra_axes:
-            row[axis] = record.get("axes", {}).get(axis)
-        row.update({"data_source": c["data"]["source"], "image_size": c["data"]["image_size"],
-                    "label_attribute": c["data"].get("label_attribute", "Smiling"),
-                    "group_attribute": c["data"].get("group_attribute", "Male"),
-                    "sampling": final.get("sampling", dp.get("sampling")), "delta": final.get("delta"),
-                    "steps": final.get("steps"), "epochs": c["train"]["epochs"]})
-        for acc in ACCOUNTANTS:
-            row[f"epsilon_{acc}"] = eps.get(acc)
-        row["reproducible"] = final.get("reproducible")
-        row["privacy_note"] = final.get("privacy_note")
-        row["wall_time_s"] = final.get("wall_time_s")
-        # The audit's results are statistics of the training data without noise: labelled like the diagnostics.
-        for k, v in ((final.get("audit") or {}).get("nonprivate") or {}).items():
-            row[f"nonprivate_{k}"] = v
-        metrics = dict(final.get("metrics", {}))
-        metrics.update(_gap_intervals(metrics))
-        for k in _FIRST_METRICS:
-            if k in metrics:
-                row[k] = metrics[k]
-        for k in sorted(metrics):
-            if k not in row:
-                row[k] = metrics[k]
-        rows.append(row)
-    rows.sort(key=_row_sort_key)
-    return rows
+    runs = _finished_runs(workdir)
+    axes_seen = list(dict.fromkeys(axis for record, _ in runs for axis in record.get("axes", {})))
+    extra_axes = [a for a in axes_seen if a not in _KNOWN_AXES]
+    return sorted((_summary_row(record, final, extra_axes) for record, final in runs), key=_row_sort_key)
 
 
 def _level_rank(level: str) -> int:
@@ -294,8 +310,8 @@ def _abs_interval(d: float, lo: float, hi: float) -> tuple[float, float, float]:
 
 def _paper_comparable(rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the paper's numbers describe the same question: smiling predicted, groups by Male."""
-    return all((r.get("group_attribute") or "Male") == "Male" and (r.get("label_attribute") or "Smiling") == "Smiling"
-               for r in rows)
+    return all((r.get("group_attribute") or DEFAULT_GROUP_ATTRIBUTE) == DEFAULT_GROUP_ATTRIBUTE
+               and (r.get("label_attribute") or DEFAULT_LABEL_ATTRIBUTE) == DEFAULT_LABEL_ATTRIBUTE for r in rows)
 
 
 
