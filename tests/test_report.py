@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 from test_sweep import PRIVACY_NOTE, FakeTrain, load_cli, small_sweep
 
+from jaxdp import runlog
 from jaxdp_study import grid, launchers, report
 from jaxdp_study.paper import paper_results
 from jaxdp_study.workdir import find_run_dirs, runs_by_name
@@ -78,6 +81,50 @@ def test_table1_matches_paper_layout_and_numbers(workdir):
 def test_every_figure_is_written(workdir):
     assert {p.name for p in (workdir / "figures").glob("*.png")} == FIGURES
     assert all(p.stat().st_size > 20_000 for p in (workdir / "figures").glob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["summary.csv", "table1.md", "figures/fig1_accuracy_vs_imbalance.png"])
+def test_a_report_killed_mid_write_leaves_the_previous_file_whole(workdir, tmp_path, monkeypatch, name):
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    target = wd / name
+    good = target.read_bytes()
+    final_path = runs_by_name(wd)["high-ff0.9-clip5-seed0"] / "final.json"
+    final = json.loads(final_path.read_text())
+    final["metrics"].update(accuracy=12.5, accuracy_0=12.5)  # the next report differs in every file under test
+    final_path.write_text(json.dumps(final))
+    real_writer, partial = runlog.atomic_writer, []
+
+    @contextlib.contextmanager
+    def dies_midway(path, mode="w"):
+        with real_writer(path, mode) as handle:
+            if Path(path) != target:
+                yield handle
+                return
+
+            class Killed:
+                def write(self, data):
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
+                    (tmp,) = target.parent.glob(f".{target.name}.*.tmp")  # the writer's temporary file
+                    partial.append(tmp.stat().st_size)
+                    raise OSError("simulated: killed in the middle of writing")
+
+            yield Killed()
+
+    monkeypatch.setattr(runlog, "atomic_writer", dies_midway)
+    figures = target.suffix == ".png"
+    with pytest.raises(OSError, match="simulated"):
+        report.write_report(wd, figures=figures, verbose=False)
+    assert 0 < partial[0] < len(good)  # half of the new file had been written when it died
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")) == []
+    monkeypatch.setattr(runlog, "atomic_writer", real_writer)
+    if figures:
+        report.figure_imbalance(report.summary_rows(wd), target)
+    else:
+        report.write_report(wd, figures=False, verbose=False)
+    assert target.read_bytes() != good  # what the killed report was writing was new
 
 
 def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):

@@ -51,6 +51,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxdp.runlog import write_atomic
 from jaxdp_study.report.figures import (
     clip_stat_by_fraction,
     figure_clipping,
@@ -92,53 +93,67 @@ __all__ = [
 
 
 
-def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: bool = True) -> list[Path]:
-    """Write summary.csv, table1.csv/.md, imbalance_drop.csv/.md and figures/*.png for ``workdir``; returns
-    written paths."""
-    root = Path(workdir)
-    rows = summary_rows(root)
-    run_dirs = runs_by_name(root)
-    written: list[Path] = []
-    (root / "summary.csv").write_text(_csv_text(rows))
-    written.append(root / "summary.csv")
+def _write(path: Path, text: str) -> Path:
+    """``text`` as UTF-8 into ``path`` through the one atomic writer: a kill leaves the old file or the new one."""
+    return write_atomic(path, text.encode("utf-8"))
+
+
+def _write_tables(root: Path, rows: list[dict], run_dirs: dict[str, Path]) -> list[Path]:
     note = reproducible_note(rows)
-    t1, ff = table1(rows)
-    (root / "table1.csv").write_text(_csv_text(t1))
     names = group_names(rows)
-    (root / "table1.md").write_text(table1_markdown(t1, ff, note, names))
-    written += [root / "table1.csv", root / "table1.md"]
+    t1, ff = table1(rows)
     drop = imbalance_drop(rows)
-    (root / "imbalance_drop.csv").write_text(_csv_text(drop))
-    (root / "imbalance_drop.md").write_text(imbalance_drop_markdown(drop, note, names))
-    written += [root / "imbalance_drop.csv", root / "imbalance_drop.md"]
+    written = [_write(root / "summary.csv", _csv_text(rows)),
+               _write(root / "table1.csv", _csv_text(t1)),
+               _write(root / "table1.md", table1_markdown(t1, ff, note, names)),
+               _write(root / "imbalance_drop.csv", _csv_text(drop)),
+               _write(root / "imbalance_drop.md", imbalance_drop_markdown(drop, note, names))]
     if has_methods(rows):
         comparison = methods_table(rows, run_dirs)
-        (root / "methods.csv").write_text(_csv_text(comparison))
-        (root / "methods.md").write_text(methods_markdown(comparison, note))
-        written += [root / "methods.csv", root / "methods.md"]
+        written += [_write(root / "methods.csv", _csv_text(comparison)),
+                     _write(root / "methods.md", methods_markdown(comparison, note))]
     audited = audit_rows(rows)
     if audited:
         violations = audit_violations(rows)
-        (root / "audit.csv").write_text(_csv_text(audited))
-        (root / "audit.md").write_text(audit_markdown(audited, violations, note))
-        written += [root / "audit.csv", root / "audit.md"]
+        written += [_write(root / "audit.csv", _csv_text(audited)),
+                    _write(root / "audit.md", audit_markdown(audited, violations, note))]
         for line in violations:
             print(f"AUDIT FAILURE: {line}", file=sys.stderr)
+    return written
+
+
+def _write_figures(root: Path, rows: list[dict], run_dirs: dict[str, Path], verbose: bool) -> list[Path]:
+    fig_dir = root / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    written = []
+    for result in (
+            figure_imbalance(rows, fig_dir / "fig1_accuracy_vs_imbalance.png"),
+            figure_clipping(rows, fig_dir / "fig2_accuracy_vs_clip.png"),
+            figure_training_by_privacy(rows, run_dirs, fig_dir / "fig3_training_by_privacy.png"),
+            figure_training_by_imbalance(rows, run_dirs, fig_dir / "fig4_training_by_imbalance.png"),
+            figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
+            figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png"),
+            figure_audit(rows, fig_dir / "fig7_privacy_audit.png"),
+            figure_methods(rows, fig_dir / "fig8_methods_per_group.png"),
+            figure_misalignment(rows, run_dirs, fig_dir / "fig9_misalignment.png")):
+        if isinstance(result, Path):
+            written.append(result)
+        elif verbose:
+            print(f"skipped: {result}")
+    return written
+
+
+def write_report(workdir: str | os.PathLike, *, figures: bool = True, verbose: bool = True) -> list[Path]:
+    """Write summary.csv, table1.csv/.md, imbalance_drop.csv/.md, methods.csv/.md and audit.csv/.md (when there
+    are such runs) and figures/*.png for ``workdir``; returns the written paths.
+
+    Every file goes through :func:`jaxdp.runlog.write_atomic` (figures are rendered in memory first): a report
+    killed or failing midway leaves each file either as it was or complete, never half-written.
+    """
+    root = Path(workdir)
+    rows = summary_rows(root)
+    run_dirs = runs_by_name(root)
+    written = _write_tables(root, rows, run_dirs)
     if figures and rows:
-        fig_dir = root / "figures"
-        fig_dir.mkdir(exist_ok=True)
-        for result in (
-                figure_imbalance(rows, fig_dir / "fig1_accuracy_vs_imbalance.png"),
-                figure_clipping(rows, fig_dir / "fig2_accuracy_vs_clip.png"),
-                figure_training_by_privacy(rows, run_dirs, fig_dir / "fig3_training_by_privacy.png"),
-                figure_training_by_imbalance(rows, run_dirs, fig_dir / "fig4_training_by_imbalance.png"),
-                figure_fairness_gaps(rows, fig_dir / "fig5_fairness_gaps_vs_imbalance.png"),
-                figure_clipping_diagnostics(rows, run_dirs, fig_dir / "fig6_clipping_per_group.png"),
-                figure_audit(rows, fig_dir / "fig7_privacy_audit.png"),
-                figure_methods(rows, fig_dir / "fig8_methods_per_group.png"),
-                figure_misalignment(rows, run_dirs, fig_dir / "fig9_misalignment.png")):
-            if isinstance(result, Path):
-                written.append(result)
-            elif verbose:
-                print(f"skipped: {result}")
+        written += _write_figures(root, rows, run_dirs, verbose)
     return written

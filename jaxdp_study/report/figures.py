@@ -3,11 +3,13 @@ audit figures share. Every figure is written by :func:`save_figure`."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxdp.runlog import write_atomic
 from jaxdp_study.paper import paper_results
 from jaxdp_study.report.summary import (
     DEFAULT_GROUP_NAMES,
@@ -52,9 +54,15 @@ def _err(center: float, lo: float, hi: float) -> tuple[float, float]:
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=150, bbox_inches="tight", metadata={"Software": None})
-    _plt().close(fig)
-    return path
+    """Renders ``fig`` in memory (format from the suffix of ``path``) and writes it with the one atomic writer,
+    :func:`jaxdp.runlog.write_atomic`, so that a kill mid-write never leaves a truncated image; closes ``fig``."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=150, bbox_inches="tight",
+                    metadata={"Software": None})
+    finally:
+        _plt().close(fig)
+    return write_atomic(path, buffer.getvalue())
 
 
 def _pct_label(ff: float) -> str:
