@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import special
 from test_sweep import PRIVACY_NOTE, FakeTrain, load_cli, small_sweep
 
-from jaxdp import runlog
+from jaxdp import audit, runlog
 from jaxdp_study import grid, launchers, report
 from jaxdp_study.paper import paper_results
 from jaxdp_study.workdir import find_run_dirs, runs_by_name
@@ -357,6 +360,102 @@ def test_audit_table_flags_a_lower_bound_above_the_reported_epsilon(workdir, tmp
     _add_audit(dirs["high-ff0.99-clip5-seed0"], (0.2, 1.0))
     report.write_report(wd, figures=False, verbose=False)
     assert "No lower bound exceeds" in (wd / "audit.md").read_text()
+
+
+# --- the AUDIT FAILURE flag, corrected for the number of tests (Bonferroni over the report's runs and groups) ------
+
+K_GUESSES, CANARIES = 100, 1000  # jaxdp's defaults: 5% of 1,000 canaries guessed "in", 5% "out"
+
+
+@functools.cache
+def _bound(correct, delta, confidence=0.95):
+    return audit.epsilon_lower_bound(K_GUESSES, correct, delta, confidence, num_canaries=CANARIES)
+
+
+def _audit_row(run, epsilon, correct, delta=1e-6):
+    """A summary row of an audited private run: ``correct`` right guesses of K_GUESSES in each group."""
+    row = {"run": run, "epsilon_pld": epsilon, "delta": delta, "audit_confidence": 0.95}
+    for g, v in enumerate(correct):
+        row.update({f"nonprivate_epsilon_lower_bound_{g}": _bound(v, delta),
+                    f"nonprivate_epsilon_lower_bound_guesses_{g}": K_GUESSES,
+                    f"nonprivate_epsilon_lower_bound_correct_{g}": v,
+                    f"nonprivate_epsilon_lower_bound_canaries_{g}": CANARIES})
+    return row
+
+
+def test_audit_flag_is_corrected_for_the_number_of_tests_by_hand():
+    # delta 0, all 100 guesses right: the bound is logit((1 - c) ** (1 / 100)); one run, two groups: c = 1 - 0.05/2.
+    per_test, corrected = (math.log(x / (1 - x)) for x in (0.05 ** 0.01, 0.025 ** 0.01))
+    assert (per_test, corrected) == pytest.approx((3.4930, 3.2814), abs=1e-4)
+    at_3_4 = _audit_row("r", 3.4, (100, 50), delta=0.0)
+    assert at_3_4["nonprivate_epsilon_lower_bound_0"] > 3.4  # the uncorrected flag would fire
+    assert report.audit_violations([at_3_4]) == []
+    (line,) = report.audit_violations([_audit_row("r", 3.2, (100, 50), delta=0.0)])
+    assert line == ("r: the audit's lower bound for female examples, 3.281 at confidence 0.975 (100 of 100 guesses "
+                    "right; Bonferroni over the report's 2 tests, family-wise false-alarm rate <= 0.05), exceeds the "
+                    "reported epsilon 3.200")
+    # Non-DP runs (no finite epsilon) are not tests: adding one leaves the correction at 2 tests.
+    assert report.audit_violations([_audit_row("r", 3.2, (100, 50), delta=0.0),
+                                    {**_audit_row("n", None, (100, 100)), "epsilon_pld": None}]) == [line]
+
+
+def _simulated_families(epsilons, true_epsilons, families, rng):
+    """Per family: (flag raised by the report, flag the uncorrected per-test rule would raise), for runs that
+    report ``epsilons`` while their audits' right guesses are Binomial(K, e^eps / (1 + e^eps)) at
+    ``true_epsilons``: the most an (eps, 0)-DP training can give an auditor (randomized response on each coin)."""
+    q = np.array([special.expit(e) for e in true_epsilons])
+    out = []
+    for _ in range(families):
+        correct = rng.binomial(K_GUESSES, q[:, None], size=(len(q), 2))
+        rows = [_audit_row(f"run{i}", eps, tuple(int(v) for v in correct[i])) for i, eps in enumerate(epsilons)]
+        uncorrected = any(r[f"nonprivate_epsilon_lower_bound_{g}"] > r["epsilon_pld"] for r in rows for g in (0, 1))
+        out.append((bool(report.audit_violations(rows)), uncorrected))
+    return np.array(out)
+
+
+def test_audit_flag_false_alarm_rate_is_at_most_alpha_for_the_whole_report():
+    # Five runs whose reported epsilon is true (and attained: the worst case for the flag), two groups each.
+    epsilons = (0.25, 0.5, 1.0, 1.5, 2.0)
+    flags = _simulated_families(epsilons, epsilons, 2000, np.random.default_rng(0))
+    corrected, uncorrected = flags.mean(axis=0)
+    # Exactly (summing the binomial tails): 3.2% family-wise with the correction, 34% without; simulated here 3.4%
+    # and 36%, with standard errors 0.4 and 1.1 points.
+    assert corrected <= 0.05
+    assert uncorrected > 0.25  # what the flag did before: one report in three cried wolf
+    assert 0.015 < corrected  # the correction is not so strict that the flag never fires
+
+
+def test_audit_flag_still_catches_a_real_violation():
+    # One of the five runs reports epsilon 1 but its training is 2-DP at best (e.g. an accounting bug): flagged in
+    # 98% of 300 simulated reports.
+    flags = _simulated_families((0.25, 0.5, 1.0, 1.5, 2.0), (0.25, 0.5, 2.0, 1.5, 2.0), 300,
+                                np.random.default_rng(1))
+    assert flags[:, 0].mean() > 0.9
+
+
+def test_audit_report_states_the_family_wise_rate_and_the_corrected_bounds(workdir, tmp_path, capsys):
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    dirs = runs_by_name(wd)
+    for run, correct in (("high-ff0.7-clip5-seed0", (60, 100)), ("high-ff0.99-clip5-seed0", (60, 60))):
+        final = json.loads((dirs[run] / "final.json").read_text())
+        final["audit"] = {"settings": {"canaries_per_group": CANARIES, "confidence": 0.95}, "nonprivate": {
+            k.removeprefix("nonprivate_"): v for k, v in _audit_row(run, None, correct).items()
+            if k.startswith("nonprivate_")}}
+        (dirs[run] / "final.json").write_text(json.dumps(final))
+    capsys.readouterr()
+    report.write_report(wd, figures=False, verbose=False)
+    corrected = audit.epsilon_lower_bound(100, 100, 1e-6, 1 - 0.05 / 4, num_canaries=CANARIES)
+    assert capsys.readouterr().err == (
+        f"AUDIT FAILURE: high-ff0.7-clip5-seed0: the audit's lower bound for male examples, {corrected:.3f} at "
+        "confidence 0.9875 (100 of 100 guesses right; Bonferroni over the report's 4 tests, family-wise false-alarm "
+        "rate <= 0.05), exceeds the reported epsilon 1.333\n")
+    md = (wd / "audit.md").read_text()
+    assert "confidence 1 − 0.05/4 = 0.9875, so the chance of any false alarm in the whole report is at most 5%" in md
+    rows = {r["run"]: r for r in _rows(wd / "audit.csv")}
+    assert float(rows["high-ff0.7-clip5-seed0"]["nonprivate_epsilon_lower_bound_bonferroni_1"]) == \
+        pytest.approx(corrected)
+    assert float(rows["high-ff0.99-clip5-seed0"]["nonprivate_epsilon_lower_bound_bonferroni_1"]) == 0.0
 
 
 # --- issue 13: DP-fairness methods, misalignment, groups named by their attribute ---------------------------------

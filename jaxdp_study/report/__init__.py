@@ -11,20 +11,24 @@
 - ``table1.csv`` / ``table1.md``: the paper's Table 1 (overall accuracy per privacy level and its drop from the
   non-DP baseline at 90% female), ours next to the paper's;
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
-  group's accuracy lost from the least imbalanced fraction to each more imbalanced one, and the minority's loss beyond
-  non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
+  group's accuracy lost from the least imbalanced fraction to each more imbalanced one, and the minority's loss
+  beyond non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
 - ``methods.csv`` / ``methods.md`` (when any run used a DP-fairness method, ``config.dp.method``): the methods
   side by side per privacy level and fraction — each group's accuracy, the gaps, epsilon, 95% intervals, and the
   mean misalignment cosines (non-private) — with the non-DP runs as a baseline (:func:`methods_table`);
+- ``audit.csv`` / ``audit.md`` (when any run was audited, ``config.audit.enabled``): each group's one-run lower
+  bound on epsilon next to the reported epsilon, and the membership-inference AUC. A lower bound above the
+  reported epsilon is flagged ("AUDIT FAILURE", also on stderr) after a Bonferroni correction over the report's
+  audited groups of private runs (:func:`audit_violations`): the chance of any false alarm in the whole report
+  is at most 1 - ``config.audit.confidence`` (5%), and the tables say so (:func:`bonferroni_note`);
 - ``figures/``: Figure 1 (per-group accuracy and its gap vs imbalance), Figure 2 (clip bound), Figures 3-4
   (accuracy by group vs training step, per privacy level / per imbalance), Figure 5 (demographic-parity and
   equal-opportunity gaps vs imbalance), the per-group clipping diagnostics (non-private, and titled so), the
   privacy audit, the methods per group (Figure 8) and the gradient misalignment over training (Figure 9,
-  non-private, titled so).
-  The paper's values
-  (:func:`jaxdp_study.paper.paper_results`) are drawn as hollow markers on dotted lines where the setting
-  (privacy level, clip bound, female fraction) matches one of ours. Figures needing data the workdir lacks
-  (e.g. Figure 2 with one clip bound) are skipped, and the reason is printed.
+  non-private, titled so). The paper's values (:func:`jaxdp_study.paper.paper_results`) are drawn as hollow
+  markers on dotted lines where the setting (privacy level, clip bound, female fraction) matches one of ours.
+  Figures needing data the workdir lacks (e.g. Figure 2 with one clip bound) are skipped, and the reason is
+  printed.
 
 When any run was trained with ``dp.reproducible=True`` (its batches and noise derived from the public
 ``train.seed``), the tables say so under them (:func:`reproducible_note`) and the figures in their titles.
@@ -65,6 +69,8 @@ from jaxdp_study.report.methods_audit import (
     audit_markdown,
     audit_rows,
     audit_violations,
+    bonferroni_note,
+    family_wise_alpha,
     figure_audit,
     figure_methods,
     figure_misalignment,
@@ -84,11 +90,12 @@ from jaxdp_study.report.tables import imbalance_drop, imbalance_drop_markdown, t
 from jaxdp_study.workdir import runs_by_name
 
 __all__ = [
-    "audit_markdown", "audit_rows", "audit_violations", "clip_stat_by_fraction", "figure_audit", "figure_clipping",
-    "figure_clipping_diagnostics", "figure_fairness_gaps", "figure_imbalance", "figure_methods",
-    "figure_misalignment", "figure_training_by_imbalance", "figure_training_by_privacy", "group_names",
-    "has_methods", "imbalance_drop", "imbalance_drop_markdown", "load_history", "methods_markdown", "methods_table",
-    "newcombe_interval", "reproducible_note", "summary_rows", "table1", "table1_markdown", "write_report",
+    "audit_markdown", "audit_rows", "audit_violations", "bonferroni_note", "clip_stat_by_fraction",
+    "family_wise_alpha", "figure_audit", "figure_clipping", "figure_clipping_diagnostics", "figure_fairness_gaps",
+    "figure_imbalance", "figure_methods", "figure_misalignment", "figure_training_by_imbalance",
+    "figure_training_by_privacy", "group_names", "has_methods", "imbalance_drop", "imbalance_drop_markdown",
+    "load_history", "methods_markdown", "methods_table", "newcombe_interval", "reproducible_note", "summary_rows",
+    "table1", "table1_markdown", "write_report",
 ]
 
 
@@ -116,7 +123,7 @@ def _write_tables(root: Path, rows: list[dict], run_dirs: dict[str, Path]) -> li
     if audited:
         violations = audit_violations(rows)
         written += [_write(root / "audit.csv", _csv_text(audited)),
-                    _write(root / "audit.md", audit_markdown(audited, violations, note))]
+                    _write(root / "audit.md", audit_markdown(audited, violations, note, bonferroni_note(rows)))]
         for line in violations:
             print(f"AUDIT FAILURE: {line}", file=sys.stderr)
     return written

@@ -3,12 +3,15 @@ privacy audit per group (audit.csv/.md, the AUDIT FAILURE flag, Figure 7)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxdp.accounting import ACCOUNTANTS
+from jaxdp.audit import DEFAULT_CONFIDENCE, epsilon_lower_bound
 from jaxdp.methods import DISPLAY_NAMES, METHODS
 from jaxdp_study.report import figures
 from jaxdp_study.report.figures import (
@@ -53,34 +56,120 @@ def _reported_epsilon(row: Mapping[str, Any]) -> float:
     return min(values) if values else math.inf
 
 
-def audit_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per run and group whose empirical lower bound on epsilon exceeds the epsilon the run reports.
+@dataclasses.dataclass(frozen=True)
+class AuditTest:
+    """One test of the AUDIT FAILURE flag: has the one-run audit of one group of one run refuted its reported ε?"""
 
-    The lower bound holds with 95% confidence (``jaxdp.audit``); a bound above the reported epsilon means a bug in
-    jaxdp's mechanism or accounting, or a 5% accident — never something to accept silently.
-    """
-    lines = []
+    run: str
+    group: str  # the group's name
+    reported_epsilon: float
+    bound: float  # the lower bound the run stored, at the run's own confidence (one test alone)
+    confidence: float  # the run's config.audit.confidence
+    counts: tuple[int, int, int] | None  # (k guesses, v correct, m canaries); None when final.json lacks them
+    delta: float
+
+
+def _audit_tests(rows: Sequence[Mapping[str, Any]]) -> list[AuditTest]:
+    """Every (run, group) whose audit can refute the run's reported ε: a finite ε and a lower bound on it."""
+    tests = []
     for r in rows:
         eps = _reported_epsilon(r)
+        if math.isinf(eps):
+            continue  # non-DP: nothing to refute
         for g, name in _group_labels([r]):
-            lb = _num(r.get(f"{AUDIT_BOUND}_{g}"))
-            if not math.isnan(lb) and lb > eps:
-                lines.append(f"{r['run']}: the audit's lower bound for {name} examples, {lb:.3f}, exceeds the "
-                             f"reported epsilon {eps:.3f}")
+            bound = _num(r.get(f"{AUDIT_BOUND}_{g}"))
+            if math.isnan(bound):
+                continue
+            counts = tuple(r.get(f"{AUDIT_BOUND}_{what}_{g}") for what in ("guesses", "correct", "canaries"))
+            known = all(c is not None and not math.isnan(_num(c)) for c in counts)
+            tests.append(AuditTest(r["run"], name, eps, bound, _num(r.get("audit_confidence")),
+                                   tuple(int(c) for c in counts) if known else None, _num(r.get("delta"))))
+    return tests
+
+
+def family_wise_alpha(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The false-alarm rate the AUDIT FAILURE flag keeps for a whole report: 1 - the runs' ``config.audit.confidence``
+    (the strictest when they differ; :data:`jaxdp.audit.DEFAULT_CONFIDENCE` when no run states one)."""
+    confidences = [c for c in (_num(r.get("audit_confidence")) for r in rows) if not math.isnan(c)]
+    return 1.0 - max(confidences, default=DEFAULT_CONFIDENCE)
+
+
+@functools.lru_cache(maxsize=65536)
+def _lower_bound(k: int, v: int, delta: float, confidence: float, m: int) -> float:
+    # Cached: a report's tests share few distinct (k, v, m), and each bound is a bisection of ~40 binomial tails.
+    return epsilon_lower_bound(k, v, delta, confidence, num_canaries=m)
+
+
+def audit_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per run and group whose audit refutes the run's reported epsilon, corrected for the number of tests.
+
+    Each audited group of each private run is one test (m of them in ``rows``). A flag is raised when the one-run
+    lower bound (``jaxdp.audit.epsilon_lower_bound``), recomputed from the audit's stored counts (k guesses, v
+    correct, m canaries) at confidence 1 - alpha/m, exceeds the reported epsilon: Bonferroni's correction, so
+    that if every run's epsilon is true, the chance that *any* line is printed is at most alpha (1 - the runs'
+    ``config.audit.confidence``, e.g. 5%) for the whole report. Flagging each test at its own 95% instead would
+    raise a false alarm in up to 1 - 0.95^m of reports for independent tests (9.75% for one run's two groups,
+    40% for a report of five runs). A line means a bug in
+    jaxdp's mechanism or accounting, or an accident of probability at most alpha — never something to accept
+    silently. A run whose final.json lacks the counts can only be tested at its own confidence: its line says so.
+    """
+    tests = _audit_tests(rows)
+    alpha = family_wise_alpha(rows)
+    confidence = 1.0 - alpha / max(len(tests), 1)
+    lines = []
+    for t in tests:
+        start = f"{t.run}: the audit's lower bound for {t.group} examples"
+        if t.counts is None:
+            if t.bound > t.reported_epsilon:
+                lines.append(f"{start}, {t.bound:.3f}, exceeds the reported epsilon {t.reported_epsilon:.3f} "
+                             f"(at the run's own confidence {t.confidence:g}, not corrected for the report's "
+                             f"{len(tests)} tests: its final.json lacks the audit's counts)")
+            continue
+        k, v, m = t.counts
+        corrected = _lower_bound(k, v, t.delta, confidence, m)
+        if corrected > t.reported_epsilon:
+            lines.append(f"{start}, {corrected:.3f} at confidence {confidence:.6g} ({v} of {k} guesses right; "
+                         f"Bonferroni over the report's {len(tests)} tests, family-wise false-alarm rate <= "
+                         f"{alpha:g}), exceeds the reported epsilon {t.reported_epsilon:.3f}")
     return lines
 
 
+def bonferroni_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What the AUDIT FAILURE flag's correction is, in words, for the report's text."""
+    tests, alpha = _audit_tests(rows), family_wise_alpha(rows)
+    m, uncounted = len(tests), sum(t.counts is None for t in tests)
+    missing = (f" {uncounted} of them lack the audit's counts in final.json and are tested at their run's own "
+               "confidence only." if uncounted else "")
+    return (f"The AUDIT FAILURE flag tests the {m} audited groups of private runs in this report together "
+            f"(Bonferroni): each lower bound is recomputed from its counts at confidence 1 − {alpha:g}/{m} = "
+            f"{1 - alpha / max(m, 1):.6g}, so the chance of any false alarm in the whole report is at most "
+            f"{100 * alpha:g}% (each test at {100 * (1 - alpha):g}% alone would allow up to "
+            f"{100 * (1 - (1 - alpha) ** m):.1f}% for independent tests)." + missing)
+
+
 def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The audited runs' per-group empirical privacy next to their reported epsilon (the rows of audit.csv)."""
+    """The audited runs' per-group empirical privacy next to their reported epsilon (the rows of audit.csv).
+
+    ``nonprivate_epsilon_lower_bound_bonferroni_g`` is the lower bound recomputed from the audit's counts at the
+    confidence the AUDIT FAILURE flag uses (:func:`audit_violations`: 1 - alpha/m over the report's m tests); it
+    changes when runs are added to the workdir, as a family-wise correction must.
+    """
+    tests = {(t.run, t.group): t for t in _audit_tests(rows)}
+    confidence = 1.0 - family_wise_alpha(rows) / max(len(tests), 1)
     out = []
     for r in rows:
         if not any(k.startswith("nonprivate_mia_") or k.startswith(AUDIT_BOUND) for k in r):
             continue
         row: dict[str, Any] = {k: r.get(k) for k in ("run", "privacy_level", "female_fraction", "seed")}
         row["epsilon_reported"] = None if math.isinf(_reported_epsilon(r)) else _reported_epsilon(r)
-        for g in GROUP_IDS:
-            for key in (f"{AUDIT_BOUND}_{g}", f"{AUDIT_BOUND}_max_{g}", f"nonprivate_mia_auc_{g}",
-                        f"nonprivate_mia_auc_{g}_ci_low", f"nonprivate_mia_auc_{g}_ci_high",
+        for g, name in _group_labels([r]):
+            test = tests.get((r["run"], name))
+            for key in (f"{AUDIT_BOUND}_{g}", f"{AUDIT_BOUND}_max_{g}", f"{AUDIT_BOUND}_guesses_{g}",
+                        f"{AUDIT_BOUND}_correct_{g}", f"{AUDIT_BOUND}_canaries_{g}"):
+                row[key] = r.get(key)
+            row[f"{AUDIT_BOUND}_bonferroni_{g}"] = _lower_bound(*test.counts[:2], test.delta, confidence,
+                                                                test.counts[2]) if test and test.counts else None
+            for key in (f"nonprivate_mia_auc_{g}", f"nonprivate_mia_auc_{g}_ci_low", f"nonprivate_mia_auc_{g}_ci_high",
                         f"nonprivate_mia_cal_auc_{g}", f"nonprivate_mia_cal_auc_{g}_ci_low",
                         f"nonprivate_mia_cal_auc_{g}_ci_high", f"nonprivate_mia_cal_tpr_at_fpr_0.01_{g}"):
                 row[key] = r.get(key)
@@ -88,15 +177,19 @@ def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def audit_markdown(rows: Sequence[Mapping[str, Any]], violations: Sequence[str], note: str | None = None) -> str:
+def audit_markdown(rows: Sequence[Mapping[str, Any]], violations: Sequence[str], note: str | None = None,
+                   correction: str | None = None) -> str:
+    """:func:`audit_rows` as markdown, with the verdict of :func:`audit_violations` and ``correction`` (what the
+    flag corrects for: :func:`bonferroni_note`) under the table."""
     head = ("# Empirical privacy per group (privacy audit)\n\n"
             "Non-private statistics of the training data: the audit's results are computed without noise. "
-            "Lower bound: one-run audit (Steinke et al. 2023), 95% confidence, at the run's delta; it must stay "
+            "Lower bound: one-run audit (Steinke et al. 2023), at the run's delta and its own confidence (95% "
+            "unless config.audit.confidence says otherwise), then corrected for the number of tests; it must stay "
             "below the reported epsilon. MIA: loss-threshold attack calibrated by the initial model, AUC with 95% "
             "interval (0.5 = chance).\n\n")
     n0, n1 = group_names(rows)
-    lines = [f"| run | epsilon reported | lower bound {n0} / {n1} (most provable) | MIA AUC {n0} | MIA AUC {n1} |",
-             "|---|---|---|---|---|"]
+    lines = [f"| run | epsilon reported | lower bound {n0} / {n1} (most provable) | corrected for all tests | "
+             f"MIA AUC {n0} | MIA AUC {n1} |", "|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
         for g in GROUP_IDS:
@@ -104,11 +197,14 @@ def audit_markdown(rows: Sequence[Mapping[str, Any]], violations: Sequence[str],
             cells.append(f"{_f(r.get(f'nonprivate_mia_cal_auc_{g}'), '.3f')} [{_f(lo, '.3f')}, {_f(hi, '.3f')}]")
         bounds = " / ".join(_f(r.get(f"{AUDIT_BOUND}_{g}"), ".3f") for g in GROUP_IDS)
         most = " / ".join(_f(r.get(f"{AUDIT_BOUND}_max_{g}"), ".2f") for g in GROUP_IDS)
-        lines.append(f"| {r['run']} | {_f(r['epsilon_reported'])} | {bounds} ({most}) | {cells[0]} | {cells[1]} |")
-    verdict = ("\n**AUDIT FAILURE** — a lower bound above the reported epsilon (a bug, or a 5% accident):\n"
+        corrected = " / ".join(_f(r.get(f"{AUDIT_BOUND}_bonferroni_{g}"), ".3f") for g in GROUP_IDS)
+        lines.append(f"| {r['run']} | {_f(r['epsilon_reported'])} | {bounds} ({most}) | {corrected} | {cells[0]} | "
+                     f"{cells[1]} |")
+    verdict = ("\n**AUDIT FAILURE** — a lower bound above the reported epsilon (a bug, or an accident whose chance "
+               "in the whole report is the family-wise rate below):\n"
                + "\n".join(f"- {v}" for v in violations) + "\n") if violations else \
-        "\nNo lower bound exceeds its run's reported epsilon.\n"
-    return head + "\n".join(lines) + "\n" + verdict + _note_text(note)
+        "\nNo lower bound exceeds its run's reported epsilon (corrected for the number of tests).\n"
+    return head + "\n".join(lines) + "\n" + verdict + _note_text(correction) + _note_text(note)
 
 
 def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
@@ -133,7 +229,7 @@ def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     for g, name in labels:
         a.plot([], [], color="0.3", **GROUP_STYLE[g], label=name)
     a.set_yscale("symlog", linthresh=1.0)
-    a.set_ylabel("ε lower bound (95%), one-run audit")
+    a.set_ylabel(f"ε lower bound ({100 * (1 - family_wise_alpha(rows)):g}% per test), one-run audit")
     a.set_title("(a) empirical ε per group, reported ε dash-dotted")
     _category_axis(a, xs, [_pct_label(x) for x in xs], _share_label(rows))
     b.axhline(0.5, color="0.5", lw=0.8)

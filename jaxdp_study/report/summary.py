@@ -151,8 +151,9 @@ def _summary_row(record: Mapping[str, Any], final: Mapping[str, Any], extra_axes
     row["privacy_note"] = final.get("privacy_note")
     row["wall_time_s"] = final.get("wall_time_s")
     audit = final.get("audit") or {}
-    if audit:
-        row["audit_confidence"] = (audit.get("settings") or {}).get("confidence")
+    if audit:  # the confidence the audit ran at (final.json), else the one its config asked for
+        row["audit_confidence"] = (audit.get("settings") or {}).get("confidence",
+                                                                    (c.get("audit") or {}).get("confidence"))
     # The audit's results are statistics of the training data without noise: labelled like the diagnostics.
     for k, v in (audit.get("nonprivate") or {}).items():
         row[f"nonprivate_{k}"] = v
