@@ -8,9 +8,11 @@ import functools
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
+import matplotlib.text
 import numpy as np
 import pytest
 from scipy import special
@@ -289,6 +291,23 @@ def test_imbalance_drop_by_hand():
     md = report.imbalance_drop_markdown([medium])
     assert "from 70% female" in md
     assert "| 99 | 2 | 10.00, 4.00 | 7.00 ± 4.24 | 0.50 | +1.00 ± 7.07 | 7.70 | +3.60 |" in md
+
+
+def test_imbalance_drop_when_group_0_is_the_one_made_rarer_by_hand():
+    # Fractions at most 1/2 (women in Adult: natural 33%, down to 5%): group 0 is the minority, 33% the least
+    # imbalanced. Non-DP women lose 85 - 80 = 5 points, medium 80 - 68 = 12: 7 beyond non-DP's; men -1.
+    rows = [_drop_row("nondp", 0.33, 0, 90, 85), _drop_row("nondp", 0.05, 0, 90, 80),
+            _drop_row("medium", 0.33, 0, 86, 80), _drop_row("medium", 0.05, 0, 87, 68)]
+    assert report.imbalance_order(r["female_fraction"] for r in rows) == ([0.33, 0.05], "0")
+    nondp, medium = sorted(report.imbalance_drop(rows), key=lambda r: r["privacy_level"] != "nondp")
+    assert (medium["from_female_fraction"], medium["to_female_fraction"], medium["minority_group"]) == (0.33, 0.05, "0")
+    assert (medium["female_drop_mean"], medium["female_drop_excess_vs_nondp_mean"], medium["male_drop_mean"]) == \
+        pytest.approx((12.0, 7.0, -1.0))
+    assert nondp["female_drop_mean"] == pytest.approx(5.0) and medium["paper_male_drop"] is None
+    md = report.imbalance_drop_markdown([medium])
+    assert "from 33% female" in md and "the female loss beyond non-DP's" in md
+    assert "| to % female | seeds | female drop per seed | female drop | male drop | female drop − non-DP's |" in md
+    assert "| medium | 0.7 | 5 | 5 | 1 | 12.00 | 12.00 | -1.00 | +7.00 | – | – |" in md
 
 
 def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
@@ -582,3 +601,72 @@ def test_the_noise_multiplier_reported_is_the_one_that_ran(workdir, tmp_path):
     rows = {r["run"]: r for r in _rows(wd / "summary.csv")}
     assert rows["high-ff0.7-clip5-seed0"]["noise_multiplier"] == "2.34"
     assert rows["high-ff0.9-clip5-seed0"]["noise_multiplier"] == "1.5"
+
+
+# --- tabular runs: the groups' names come from each run's final.json, nothing image-specific is printed ----------
+
+
+class TabularFakeTrain(MethodsFakeTrain):
+    """MethodsFakeTrain whose runs record what a tabular data source gives: its groups' names and 104 features."""
+
+    def __call__(self, config, workdir, *, on_progress=None):
+        final = super().__call__(config, workdir, on_progress=on_progress)
+        final.update(group_names=["white", "non-white"], input_shape=[104])
+        (Path(workdir) / "final.json").write_text(json.dumps(final))
+        return final
+
+
+def _tabular_workdir(path):
+    """A methods sweep (medium privacy, 4 methods and non-DP at 70% and 99% of group 0) recorded as if run on
+    a tabular source grouped by race, one run audited."""
+    launchers.run_sweep(_methods_sweep(), path, train_fn=TabularFakeTrain(), stream=io.StringIO())
+    for run_dir in find_run_dirs(path):
+        record = json.loads((run_dir / "sweep_run.json").read_text())
+        record["config"]["data"].update(source="adult", group_attribute="race", label_attribute="income")
+        (run_dir / "sweep_run.json").write_text(json.dumps(record))
+    run_dir = runs_by_name(path)["medium-ff0.99-clip5-seed0-methoddpsgd_f"]
+    final = json.loads((run_dir / "final.json").read_text())
+    final["audit"] = {"settings": {"canaries_per_group": CANARIES, "confidence": 0.95}, "nonprivate": {
+        k.removeprefix("nonprivate_"): v for k, v in _audit_row("x", None, (60, 70)).items()
+        if k.startswith("nonprivate_")}}
+    final["audit"]["nonprivate"].update(mia_cal_auc_0=0.52, mia_cal_auc_1=0.58)
+    (run_dir / "final.json").write_text(json.dumps(final))
+
+
+IMAGE_WORDS = re.compile(r"\b(smiling|images?|men|women|female|male|celeba|resnet\w*|\d+px)\b", re.IGNORECASE)
+
+
+def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words(tmp_path, monkeypatch, capsys):
+    _tabular_workdir(tmp_path)
+    texts = []
+
+    def save_and_read(fig, path):
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text())
+        return real_save(fig, path)
+
+    real_save = report.figures.save_figure
+    monkeypatch.setattr(report.figures, "save_figure", save_and_read)
+    written = report.write_report(tmp_path)
+    printed = capsys.readouterr()
+    assert {p.name for p in written if p.suffix == ".png"} == {
+        "fig1_accuracy_vs_imbalance.png", "fig3_training_by_privacy.png", "fig4_training_by_imbalance.png",
+        "fig5_fairness_gaps_vs_imbalance.png", "fig6_clipping_per_group.png", "fig7_privacy_audit.png",
+        "fig8_methods_per_group.png", "fig9_misalignment.png"}
+    markdown = {p.name: p.read_text() for p in written if p.suffix == ".md"}
+    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md"}
+    for text in [*markdown.values(), *texts, printed.out, printed.err]:
+        assert not IMAGE_WORDS.search(text), (IMAGE_WORDS.search(text).group(), text)
+    # Group 0 is white, group 1 non-white, everywhere, and the data is described by its features.
+    assert "at 99% white" in markdown["table1.md"]
+    assert "no published row of Farrand et al. 2020 matches these runs" in markdown["table1.md"]
+    assert "| to % white | seeds | non-white drop per seed | non-white drop | white drop |" in \
+        markdown["imbalance_drop.md"]
+    assert "accuracy white | accuracy non-white | gap white − non-white" in markdown["methods.md"]
+    assert "lower bound white / non-white" in markdown["audit.md"]
+    assert "skipped: Figure 2 needs DP runs at two or more clip bounds at one white fraction" in printed.out
+    assert "white share of the data" in texts and "Δ accuracy, white − non-white (pp)" in texts
+    assert {"white", "non-white"} <= set(texts)
+    assert any("ours: adult, 104 features" in t for t in texts)
+    summary = _rows(tmp_path / "summary.csv")
+    assert {(r["group_0"], r["group_1"], r["input_shape"]) for r in summary} == {("white", "non-white", "104")}
+    assert not IMAGE_WORDS.search((tmp_path / "summary.csv").read_text().replace("female_fraction", ""))

@@ -81,6 +81,7 @@ from jaxdp_study.report.methods_audit import (
 from jaxdp_study.report.summary import (
     _csv_text,
     group_names,
+    imbalance_order,
     load_history,
     newcombe_interval,
     reproducible_note,
@@ -94,8 +95,8 @@ __all__ = [
     "family_wise_alpha", "figure_audit", "figure_clipping", "figure_clipping_diagnostics", "figure_fairness_gaps",
     "figure_imbalance", "figure_methods", "figure_misalignment", "figure_training_by_imbalance",
     "figure_training_by_privacy", "group_names", "has_methods", "imbalance_drop", "imbalance_drop_markdown",
-    "load_history", "methods_markdown", "methods_table", "newcombe_interval", "reproducible_note", "summary_rows",
-    "table1", "table1_markdown", "write_report",
+    "imbalance_order", "load_history", "methods_markdown", "methods_table", "newcombe_interval",
+    "reproducible_note", "summary_rows", "table1", "table1_markdown", "write_report",
 ]
 
 

@@ -26,6 +26,7 @@ from jaxdp_study.report.summary import (
     _row_sort_key,
     _series_label,
     group_names,
+    imbalance_order,
     load_history,
 )
 
@@ -148,9 +149,27 @@ def _category_axis(ax: Any, xs: Sequence[float], labels: Sequence[str], xlabel: 
     ax.grid(alpha=0.3)
 
 
+def _input_note(row: Mapping[str, Any]) -> str:
+    """``"synthetic 32px"`` for images, ``"adult, 104 features"`` for feature vectors: from the shape the run
+    recorded (final.json's ``input_shape``), else from ``data.image_size`` (runs before input_shape was recorded)."""
+    shape = row.get("input_shape")
+    if isinstance(shape, list | tuple) and len(shape) == 1:
+        return f"{row['data_source']}, {shape[0]} features"
+    if isinstance(shape, list | tuple) and len(shape) == 3:
+        return f"{row['data_source']} {shape[0]}px" if shape[0] == shape[1] else \
+            f"{row['data_source']} {shape[0]}x{shape[1]}px"
+    if shape or row.get("image_size") is None:
+        return str(row["data_source"])
+    return f"{row['data_source']} {row['image_size']}px"
+
+
 def _source_note(rows: Sequence[Mapping[str, Any]]) -> str:
-    srcs = sorted({f"{r['data_source']} {r['image_size']}px" for r in rows})
-    return f"ours: {', '.join(srcs)}"
+    return f"ours: {', '.join(sorted({_input_note(r) for r in rows}))}"
+
+
+def _fractions_needed(what: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Why a figure is skipped: it needs runs at two or more fractions of group 0."""
+    return f"{what} at two or more {group_names(rows)[0]} fractions (data.female_fraction)"
 
 
 def _suptitle(fig: Any, title: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -169,9 +188,9 @@ def _suptitle(fig: Any, title: str, rows: Sequence[Mapping[str, Any]]) -> None:
 def figure_imbalance(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     """Paper Figure 1: per-group accuracy, and female - male accuracy gap, vs female share, per privacy level."""
     rows = _imbalance_rows(rows)
-    xs = sorted({r["female_fraction"] for r in rows})
+    xs, _ = imbalance_order(r["female_fraction"] for r in rows)
     if len(xs) < 2:
-        return "Figure 1 needs runs at two or more female fractions"
+        return _fractions_needed("Figure 1 needs runs", rows)
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     (_, n0), (_, n1) = _group_labels(rows)
@@ -205,7 +224,8 @@ def figure_clipping(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str
     (ff,), rs = max(by_ff.items(), key=lambda kv: (len({r["l2_clip_norm"] for r in kv[1]}), -kv[0][0]))
     xs = sorted({r["l2_clip_norm"] for r in rs})
     if len(xs) < 2:
-        return "Figure 2 needs DP runs at two or more clip bounds at one female fraction (configs/clipping.py)"
+        return (f"Figure 2 needs DP runs at two or more clip bounds at one {group_names(rs)[0]} fraction "
+                "(configs/clipping.py)")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     a, b = axes
@@ -264,7 +284,7 @@ def figure_training_by_privacy(rows: Sequence[Mapping[str, Any]], run_dirs: Mapp
     rows = _imbalance_rows(rows)
     if not rows:
         return "Figure 3 needs finished runs"
-    ff = min(r["female_fraction"] for r in rows)
+    ff = imbalance_order(r["female_fraction"] for r in rows)[0][0]  # the least imbalanced
     panels = sorted(_group_by([r for r in rows if r["female_fraction"] == ff],
                             ("privacy_level", "variant")).items(), key=lambda kv: _row_sort_key(kv[1][0]))
     plt = _plt()
@@ -287,9 +307,10 @@ def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], run_dirs: Ma
         return "Figure 4 needs DP runs"
     at = [r for r in rows if r["privacy_level"] == levels[0]]
     at = [r for r in at if r["variant"] == min(r["variant"] for r in at)]  # the plain series ("") when there is one
-    panels = sorted(_group_by(at, ("female_fraction",)).items())
+    order, _ = imbalance_order(r["female_fraction"] for r in at)
+    panels = sorted(_group_by(at, ("female_fraction",)).items(), key=lambda kv: order.index(kv[0][0]))
     if len(panels) < 2:
-        return "Figure 4 needs DP runs at two or more female fractions"
+        return _fractions_needed("Figure 4 needs DP runs", at)
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, ((ff,), rs) in zip(axes[0], panels, strict=True):
@@ -304,9 +325,9 @@ def figure_training_by_imbalance(rows: Sequence[Mapping[str, Any]], run_dirs: Ma
 def figure_fairness_gaps(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     """Paper Figure 5: |Δ demographic parity| and |Δ equal opportunity| vs female share, per privacy level."""
     rows = _imbalance_rows(rows)
-    xs = sorted({r["female_fraction"] for r in rows})
+    xs, _ = imbalance_order(r["female_fraction"] for r in rows)
     if len(xs) < 2:
-        return "Figure 5 needs runs at two or more female fractions"
+        return _fractions_needed("Figure 5 needs runs", rows)
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, paper_key, title in (
@@ -350,7 +371,7 @@ def figure_clipping_diagnostics(rows: Sequence[Mapping[str, Any]], run_dirs: Map
         needed = " and ".join(f"{key}_0/1" for key in CLIP_DIAGNOSTICS)
         return (f"clipping per group (a non-private diagnostic) needs {needed} in the runs' results, which runs "
                 f"record with train.nonprivate_diagnostics=True (runs written before these keys existed lack them too)")
-    xs = sorted({r["female_fraction"] for r in rows})
+    xs, _ = imbalance_order(r["female_fraction"] for r in rows)
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     pos = {x: i for i, x in enumerate(xs)}

@@ -41,6 +41,7 @@ from jaxdp_study.report.summary import (
     _note_text,
     _num,
     group_names,
+    imbalance_order,
     load_history,
 )
 
@@ -160,7 +161,8 @@ def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if not any(k.startswith("nonprivate_mia_") or k.startswith(AUDIT_BOUND) for k in r):
             continue
-        row: dict[str, Any] = {k: r.get(k) for k in ("run", "privacy_level", "female_fraction", "seed")}
+        row: dict[str, Any] = {k: r.get(k) for k in ("run", "privacy_level", "female_fraction", "seed", "group_0",
+                                                     "group_1")}
         row["epsilon_reported"] = None if math.isinf(_reported_epsilon(r)) else _reported_epsilon(r)
         for g, name in _group_labels([r]):
             test = tests.get((r["run"], name))
@@ -211,7 +213,7 @@ def figure_audit(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | str:
     """Empirical privacy per group vs imbalance and privacy level: the audit's lower bound beside the reported
     epsilon, and the calibrated membership-inference AUC."""
     rows = [r for r in _imbalance_rows(rows) if f"{AUDIT_BOUND}_0" in r or "nonprivate_mia_cal_auc_0" in r]
-    xs = sorted({r["female_fraction"] for r in rows})
+    xs, _ = imbalance_order(r["female_fraction"] for r in rows)
     if not xs:
         return "the audit figure needs audited runs (config.audit.enabled, e.g. configs/demo_audit.py)"
     plt = _plt()

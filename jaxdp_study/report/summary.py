@@ -260,6 +260,23 @@ def _imbalance_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]
     return [r for r in rows if not r["dp_enabled"] or math.isclose(r["l2_clip_norm"], ref)]
 
 
+def imbalance_order(fractions: Iterable[float]) -> tuple[list[float], str]:
+    """The fractions of group 0 (``data.female_fraction``) from the least to the most imbalanced, and the id of the
+    group they make rarer (:data:`GROUP_IDS`).
+
+    Group 1 when every fraction is at least 1/2 (the paper's study: 70% to 99.9% female, men ever rarer), group 0
+    when every fraction is at most 1/2 (e.g. women in Adult, 33% down to 1%); runs on both sides of 1/2 are
+    ordered as the paper's.
+
+    >>> imbalance_order([0.99, 0.7, 0.9]), imbalance_order([0.05, 0.33, 0.2])
+    (([0.7, 0.9, 0.99], '1'), ([0.33, 0.2, 0.05], '0'))
+    """
+    xs = sorted(set(fractions))
+    if xs and xs[-1] <= 0.5 and xs[0] < 0.5:
+        return xs[::-1], GROUP_IDS[0]
+    return xs, GROUP_IDS[1]
+
+
 def _series_label(level: str, variant: str, rows: Sequence[Mapping[str, Any]]) -> str:
     if level == "nondp":
         label = "non-DP"
