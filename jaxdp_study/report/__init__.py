@@ -100,7 +100,6 @@ __all__ = [
 ]
 
 
-
 def _write(path: Path, text: str) -> Path:
     """``text`` as UTF-8 into ``path`` through the one atomic writer: a kill leaves the old file or the new one."""
     return write_atomic(path, text.encode("utf-8"))

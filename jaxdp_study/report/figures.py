@@ -38,7 +38,6 @@ GROUP_STYLE = {**dict(zip(GROUP_IDS, (dict(ls="-", marker="o"), dict(ls="--", ma
 CLIP_DIAGNOSTICS = ("nonprivate_clip_fraction", "nonprivate_grad_norm_mean")
 
 
-
 def _plt():
     import matplotlib
 

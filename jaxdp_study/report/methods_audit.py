@@ -82,9 +82,11 @@ def _audit_tests(rows: Sequence[Mapping[str, Any]]) -> list[AuditTest]:
             if math.isnan(bound):
                 continue
             counts = tuple(r.get(f"{AUDIT_BOUND}_{what}_{g}") for what in ("guesses", "correct", "canaries"))
-            known = all(c is not None and not math.isnan(_num(c)) for c in counts)
-            tests.append(AuditTest(r["run"], name, eps, bound, _num(r.get("audit_confidence")),
-                                   tuple(int(c) for c in counts) if known else None, _num(r.get("delta"))))
+            delta, confidence = _num(r.get("delta")), _num(r.get("audit_confidence"))
+            known = not math.isnan(delta) and all(c is not None and not math.isnan(_num(c)) for c in counts)
+            tests.append(AuditTest(r["run"], name, eps, bound,
+                                   DEFAULT_CONFIDENCE if math.isnan(confidence) else confidence,
+                                   tuple(int(c) for c in counts) if known else None, delta))
     return tests
 
 
@@ -110,9 +112,9 @@ def audit_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     that if every run's epsilon is true, the chance that *any* line is printed is at most alpha (1 - the runs'
     ``config.audit.confidence``, e.g. 5%) for the whole report. Flagging each test at its own 95% instead would
     raise a false alarm in up to 1 - 0.95^m of reports for independent tests (9.75% for one run's two groups,
-    40% for a report of five runs). A line means a bug in
-    jaxdp's mechanism or accounting, or an accident of probability at most alpha — never something to accept
-    silently. A run whose final.json lacks the counts can only be tested at its own confidence: its line says so.
+    40% for a report of five runs). A line means a bug in jaxdp's mechanism or accounting, or an accident of
+    probability at most alpha — never something to accept silently. A run whose final.json lacks the counts (or
+    its delta) can only be tested at its own confidence: its line says so.
     """
     tests = _audit_tests(rows)
     alpha = family_wise_alpha(rows)

@@ -22,7 +22,7 @@ from jaxdp_study.workdir import FINAL, read_run_record, runs_by_name
 
 # The suffixes of per-group keys ("accuracy_0", "nonprivate_cos_clipped_1"): jaxdp.fairness's group ids.
 GROUP_IDS = tuple(str(g) for g in GROUPS)
-# Names for rows that carry neither group names nor a group attribute (hand-made rows, runs before issue 13).
+# Names for rows that carry neither group names nor a group attribute (hand-made rows, runs older than both).
 DEFAULT_GROUP_NAMES = group_names_of(DEFAULT_GROUP_ATTRIBUTE)
 # The gaps a paper figure plots, with the two per-group rates whose intervals give the gap's interval.
 GAPS = {"delta_accuracy": "accuracy", "delta_demographic_parity": "demographic_parity",
@@ -287,7 +287,6 @@ def _series_label(level: str, variant: str, rows: Sequence[Mapping[str, Any]]) -
     return f"{label} {variant}".strip()
 
 
-
 # ---------------------------------------------------------------------------------- shared helpers
 
 
@@ -296,10 +295,8 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return "–" if math.isnan(v) else format(v, fmt)
 
 
-
 def _note_text(note: str | None) -> str:
     return f"\n{note}\n" if note else ""
-
 
 
 def reproducible_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
@@ -317,7 +314,6 @@ def reproducible_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
             f"of summary.csv): " + (" ".join(notes) if notes else "see their final.json."))
 
 
-
 def _abs_interval(d: float, lo: float, hi: float) -> tuple[float, float, float]:
     if lo <= 0.0 <= hi:
         return abs(d), 0.0, max(abs(lo), abs(hi))
@@ -325,12 +321,10 @@ def _abs_interval(d: float, lo: float, hi: float) -> tuple[float, float, float]:
     return abs(d), a, b
 
 
-
 def _paper_comparable(rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the paper's numbers describe the same question: smiling predicted, groups by Male."""
     return all((r.get("group_attribute") or DEFAULT_GROUP_ATTRIBUTE) == DEFAULT_GROUP_ATTRIBUTE
                and (r.get("label_attribute") or DEFAULT_LABEL_ATTRIBUTE) == DEFAULT_LABEL_ATTRIBUTE for r in rows)
-
 
 
 def _history_mean(run_dir: Path, key: str) -> float:
