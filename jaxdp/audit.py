@@ -47,6 +47,7 @@ from scipy import special, stats
 
 from jaxdp.fairness import GROUPS, proportion_ci
 
+DEFAULT_CONFIDENCE = 0.95  # of every bound and interval here unless given; config.audit.confidence sets a run's
 DEFAULT_FPRS = (0.01, 0.001)
 # Fraction of a group's canaries guessed "in" (highest scores) and, separately, "out" (lowest scores): 10% of the
 # canaries guessed, 90% abstained on. A choice made before training, as validity requires; see one_run_audit.
@@ -134,7 +135,7 @@ def epsilon_lower_bound(
     num_guesses: int,
     num_correct: int,
     delta: float,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
     *,
     num_canaries: int | None = None,
 ) -> float:
@@ -205,7 +206,7 @@ def epsilon_lower_bound(
 
 
 def max_epsilon_lower_bound(
-    num_guesses: int, delta: float, confidence: float = 0.95, *, num_canaries: int | None = None
+    num_guesses: int, delta: float, confidence: float = DEFAULT_CONFIDENCE, *, num_canaries: int | None = None
 ) -> float:
     """The largest lower bound an audit with ``num_guesses`` guesses can give: all of them correct.
 
@@ -300,7 +301,7 @@ def one_run_audit(
     delta: float,
     num_guess_in: int | None = None,
     num_guess_out: int | None = None,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, float | int]:
     """The one-run audit per group: guesses from the canaries' scores, counted against their coins, turned into ε.
 
@@ -391,7 +392,7 @@ class AucEstimate(NamedTuple):
     ci_high: float
 
 
-def auc_with_ci(member_scores: Any, nonmember_scores: Any, *, confidence: float = 0.95) -> AucEstimate:
+def auc_with_ci(member_scores: Any, nonmember_scores: Any, *, confidence: float = DEFAULT_CONFIDENCE) -> AucEstimate:
     """Area under the ROC curve of members against non-members, with a DeLong interval.
 
     AUC = P[member score > non-member score] + 1/2 P[equal] (the Mann-Whitney statistic over n1 * n0 pairs).
@@ -436,7 +437,9 @@ class TprAtFpr(NamedTuple):
     fpr: float  # the false-positive rate reached on the non-members, <= the one asked for
 
 
-def tpr_at_fpr(member_scores: Any, nonmember_scores: Any, fpr: float, *, confidence: float = 0.95) -> TprAtFpr:
+def tpr_at_fpr(
+    member_scores: Any, nonmember_scores: Any, fpr: float, *, confidence: float = DEFAULT_CONFIDENCE
+) -> TprAtFpr:
     """True-positive rate of the attack at a false-positive rate ``fpr`` fixed on the non-members.
 
     The threshold t is the (j+1)-th highest non-member score, j = floor(fpr * n0): "member" means score > t, so at
@@ -493,7 +496,7 @@ def membership_inference_metrics(
     *,
     reference_loss: Any | None = None,
     fprs: Sequence[float] = DEFAULT_FPRS,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, float | int]:
     """Per-group membership inference: the loss-threshold attack and, given reference losses, its calibrated form.
 

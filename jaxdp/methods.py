@@ -64,11 +64,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxdp import noise
+from jaxdp.fairness import GROUPS
 
 PyTree = Any
 
 METHODS = ("dpsgd", "dpsgd_f", "dpsgd_global", "dpsgd_global_adapt")
-NUM_GROUPS = 2  # groups 0 and 1 (jaxdp.data: the group attribute is binary)
+# How tables and figures name each method (short, for figure ticks); DPSGD-Global is Bu et al.'s global clipping.
+DISPLAY_NAMES = {"dpsgd": "DP-SGD", "dpsgd_f": "DPSGD-F", "dpsgd_global": "Global",
+                 "dpsgd_global_adapt": "Global-Adapt"}
+NUM_GROUPS = len(GROUPS)  # jaxdp.fairness's groups 0 and 1 (jaxdp.data: the group attribute is binary)
 
 # Each method's parameters (the keys of config.dp.<method>) and their reference values. None for DPSGD-F's C0
 # means config.dp.l2_clip_norm (the reference code's C0 equals its clip bound, 1.0).

@@ -26,6 +26,8 @@ def run(data_dir: str, female_fraction: float, seed: int, steps: int, total: int
     import optax
 
     from jaxdp.data import celeba
+    from jaxdp.data.core import DEFAULT_GROUP_ATTRIBUTE, group_names_of
+    from jaxdp.fairness import GROUPS
 
     class SmallCNN(nn.Module):
         @nn.compact
@@ -60,7 +62,7 @@ def run(data_dir: str, female_fraction: float, seed: int, steps: int, total: int
         params, state = step(params, state, x, train.label[idx])
     predicted = np.asarray(jnp.argmax(model.apply(params, test_images), -1))
     return {name: float(np.mean(predicted[test.group == g] == test.label[test.group == g]))
-            for g, name in ((0, "female"), (1, "male"))}
+            for g, name in zip(GROUPS, group_names_of(DEFAULT_GROUP_ATTRIBUTE), strict=True)}
 
 
 def main() -> None:

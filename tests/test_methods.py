@@ -179,6 +179,12 @@ def test_an_unknown_parameter_is_refused_with_the_allowed_ones():
         validate_run_config(c)
 
 
+def test_every_method_has_one_display_name_and_parameters_in_method_order():
+    # The report names methods by methods.DISPLAY_NAMES; a method added to METHODS without a name would print raw.
+    assert tuple(methods.DISPLAY_NAMES) == methods.METHODS == tuple(methods.PARAMETERS)
+    assert methods.DISPLAY_NAMES["dpsgd_f"] == "DPSGD-F" and len(set(methods.DISPLAY_NAMES.values())) == 4
+
+
 def test_methods_are_an_ordinary_sweep_axis():
     c = base_config()
     c.sweep.methods = grid.grid({"privacy": ("medium",), "dp.method": methods.METHODS})

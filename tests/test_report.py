@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import math
+import re
 import shutil
+from pathlib import Path
 
+import matplotlib.text
+import numpy as np
 import pytest
+from scipy import special
 from test_sweep import PRIVACY_NOTE, FakeTrain, load_cli, small_sweep
 
+from jaxdp import audit, runlog
 from jaxdp_study import grid, launchers, report
 from jaxdp_study.paper import paper_results
 from jaxdp_study.workdir import find_run_dirs, runs_by_name
@@ -78,6 +86,50 @@ def test_table1_matches_paper_layout_and_numbers(workdir):
 def test_every_figure_is_written(workdir):
     assert {p.name for p in (workdir / "figures").glob("*.png")} == FIGURES
     assert all(p.stat().st_size > 20_000 for p in (workdir / "figures").glob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["summary.csv", "table1.md", "figures/fig1_accuracy_vs_imbalance.png"])
+def test_a_report_killed_mid_write_leaves_the_previous_file_whole(workdir, tmp_path, monkeypatch, name):
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    target = wd / name
+    good = target.read_bytes()
+    final_path = runs_by_name(wd)["high-ff0.9-clip5-seed0"] / "final.json"
+    final = json.loads(final_path.read_text())
+    final["metrics"].update(accuracy=12.5, accuracy_0=12.5)  # the next report differs in every file under test
+    final_path.write_text(json.dumps(final))
+    real_writer, partial = runlog.atomic_writer, []
+
+    @contextlib.contextmanager
+    def dies_midway(path, mode="w"):
+        with real_writer(path, mode) as handle:
+            if Path(path) != target:
+                yield handle
+                return
+
+            class Killed:
+                def write(self, data):
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
+                    (tmp,) = target.parent.glob(f".{target.name}.*.tmp")  # the writer's temporary file
+                    partial.append(tmp.stat().st_size)
+                    raise OSError("simulated: killed in the middle of writing")
+
+            yield Killed()
+
+    monkeypatch.setattr(runlog, "atomic_writer", dies_midway)
+    figures = target.suffix == ".png"
+    with pytest.raises(OSError, match="simulated"):
+        report.write_report(wd, figures=figures, verbose=False)
+    assert 0 < partial[0] < len(good)  # half of the new file had been written when it died
+    assert target.read_bytes() == good
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}")) == []
+    monkeypatch.setattr(runlog, "atomic_writer", real_writer)
+    if figures:
+        report.figure_imbalance(report.summary_rows(wd), target)
+    else:
+        report.write_report(wd, figures=False, verbose=False)
+    assert target.read_bytes() != good  # what the killed report was writing was new
 
 
 def test_report_mode_regenerates_identical_tables(workdir, monkeypatch, capsys):
@@ -155,7 +207,7 @@ def test_nonprivate_statistics_are_labelled_and_reproducibility_reported(workdir
 
 def test_clipping_figure_titles_say_non_private(workdir, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: figures.append(fig) or path)
     rows = report.summary_rows(workdir)
     report.figure_clipping_diagnostics(rows, runs_by_name(workdir), workdir / "unused.png")
     (fig,) = figures
@@ -192,7 +244,7 @@ def test_reproducible_runs_are_said_so_in_tables_and_figures(tmp_path, monkeypat
         assert f"**Reproducible runs: 9 of 9** (`dp.reproducible=True`; column `reproducible` of summary.csv): " \
             f"{PRIVACY_NOTE}\n" in (tmp_path / table).read_text()
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: figures.append(fig) or path)
     report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
     assert "\n9 of these 9 runs used dp.reproducible=True: their ε is no guarantee against anyone who knows " \
         "train.seed" in figures[0]._suptitle.get_text()
@@ -239,6 +291,23 @@ def test_imbalance_drop_by_hand():
     md = report.imbalance_drop_markdown([medium])
     assert "from 70% female" in md
     assert "| 99 | 2 | 10.00, 4.00 | 7.00 ± 4.24 | 0.50 | +1.00 ± 7.07 | 7.70 | +3.60 |" in md
+
+
+def test_imbalance_drop_when_group_0_is_the_one_made_rarer_by_hand():
+    # Fractions at most 1/2 (women in Adult: natural 33%, down to 5%): group 0 is the minority, 33% the least
+    # imbalanced. Non-DP women lose 85 - 80 = 5 points, medium 80 - 68 = 12: 7 beyond non-DP's; men -1.
+    rows = [_drop_row("nondp", 0.33, 0, 90, 85), _drop_row("nondp", 0.05, 0, 90, 80),
+            _drop_row("medium", 0.33, 0, 86, 80), _drop_row("medium", 0.05, 0, 87, 68)]
+    assert report.imbalance_order(r["female_fraction"] for r in rows) == ([0.33, 0.05], "0")
+    nondp, medium = sorted(report.imbalance_drop(rows), key=lambda r: r["privacy_level"] != "nondp")
+    assert (medium["from_female_fraction"], medium["to_female_fraction"], medium["minority_group"]) == (0.33, 0.05, "0")
+    assert (medium["female_drop_mean"], medium["female_drop_excess_vs_nondp_mean"], medium["male_drop_mean"]) == \
+        pytest.approx((12.0, 7.0, -1.0))
+    assert nondp["female_drop_mean"] == pytest.approx(5.0) and medium["paper_male_drop"] is None
+    md = report.imbalance_drop_markdown([medium])
+    assert "from 33% female" in md and "the female loss beyond non-DP's" in md
+    assert "| to % female | seeds | female drop per seed | female drop | male drop | female drop − non-DP's |" in md
+    assert "| medium | 0.7 | 5 | 5 | 1 | 12.00 | 12.00 | -1.00 | +7.00 | – | – |" in md
 
 
 def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
@@ -310,6 +379,102 @@ def test_audit_table_flags_a_lower_bound_above_the_reported_epsilon(workdir, tmp
     _add_audit(dirs["high-ff0.99-clip5-seed0"], (0.2, 1.0))
     report.write_report(wd, figures=False, verbose=False)
     assert "No lower bound exceeds" in (wd / "audit.md").read_text()
+
+
+# --- the AUDIT FAILURE flag, corrected for the number of tests (Bonferroni over the report's runs and groups) ------
+
+K_GUESSES, CANARIES = 100, 1000  # jaxdp's defaults: 5% of 1,000 canaries guessed "in", 5% "out"
+
+
+@functools.cache
+def _bound(correct, delta, confidence=0.95):
+    return audit.epsilon_lower_bound(K_GUESSES, correct, delta, confidence, num_canaries=CANARIES)
+
+
+def _audit_row(run, epsilon, correct, delta=1e-6):
+    """A summary row of an audited private run: ``correct`` right guesses of K_GUESSES in each group."""
+    row = {"run": run, "epsilon_pld": epsilon, "delta": delta, "audit_confidence": 0.95}
+    for g, v in enumerate(correct):
+        row.update({f"nonprivate_epsilon_lower_bound_{g}": _bound(v, delta),
+                    f"nonprivate_epsilon_lower_bound_guesses_{g}": K_GUESSES,
+                    f"nonprivate_epsilon_lower_bound_correct_{g}": v,
+                    f"nonprivate_epsilon_lower_bound_canaries_{g}": CANARIES})
+    return row
+
+
+def test_audit_flag_is_corrected_for_the_number_of_tests_by_hand():
+    # delta 0, all 100 guesses right: the bound is logit((1 - c) ** (1 / 100)); one run, two groups: c = 1 - 0.05/2.
+    per_test, corrected = (math.log(x / (1 - x)) for x in (0.05 ** 0.01, 0.025 ** 0.01))
+    assert (per_test, corrected) == pytest.approx((3.4930, 3.2814), abs=1e-4)
+    at_3_4 = _audit_row("r", 3.4, (100, 50), delta=0.0)
+    assert at_3_4["nonprivate_epsilon_lower_bound_0"] > 3.4  # the uncorrected flag would fire
+    assert report.audit_violations([at_3_4]) == []
+    (line,) = report.audit_violations([_audit_row("r", 3.2, (100, 50), delta=0.0)])
+    assert line == ("r: the audit's lower bound for female examples, 3.281 at confidence 0.975 (100 of 100 guesses "
+                    "right; Bonferroni over the report's 2 tests, family-wise false-alarm rate <= 0.05), exceeds the "
+                    "reported epsilon 3.200")
+    # Non-DP runs (no finite epsilon) are not tests: adding one leaves the correction at 2 tests.
+    assert report.audit_violations([_audit_row("r", 3.2, (100, 50), delta=0.0),
+                                    {**_audit_row("n", None, (100, 100)), "epsilon_pld": None}]) == [line]
+
+
+def _simulated_families(epsilons, true_epsilons, families, rng):
+    """Per family: (flag raised by the report, flag the uncorrected per-test rule would raise), for runs that
+    report ``epsilons`` while their audits' right guesses are Binomial(K, e^eps / (1 + e^eps)) at
+    ``true_epsilons``: the most an (eps, 0)-DP training can give an auditor (randomized response on each coin)."""
+    q = np.array([special.expit(e) for e in true_epsilons])
+    out = []
+    for _ in range(families):
+        correct = rng.binomial(K_GUESSES, q[:, None], size=(len(q), 2))
+        rows = [_audit_row(f"run{i}", eps, tuple(int(v) for v in correct[i])) for i, eps in enumerate(epsilons)]
+        uncorrected = any(r[f"nonprivate_epsilon_lower_bound_{g}"] > r["epsilon_pld"] for r in rows for g in (0, 1))
+        out.append((bool(report.audit_violations(rows)), uncorrected))
+    return np.array(out)
+
+
+def test_audit_flag_false_alarm_rate_is_at_most_alpha_for_the_whole_report():
+    # Five runs whose reported epsilon is true (and attained: the worst case for the flag), two groups each.
+    epsilons = (0.25, 0.5, 1.0, 1.5, 2.0)
+    flags = _simulated_families(epsilons, epsilons, 2000, np.random.default_rng(0))
+    corrected, uncorrected = flags.mean(axis=0)
+    # Exactly (summing the binomial tails): 3.2% family-wise with the correction, 34% without; simulated here 3.4%
+    # and 36%, with standard errors 0.4 and 1.1 points.
+    assert corrected <= 0.05
+    assert uncorrected > 0.25  # what the flag did before: one report in three cried wolf
+    assert 0.015 < corrected  # the correction is not so strict that the flag never fires
+
+
+def test_audit_flag_still_catches_a_real_violation():
+    # One of the five runs reports epsilon 1 but its training is 2-DP at best (e.g. an accounting bug): flagged in
+    # 98% of 300 simulated reports.
+    flags = _simulated_families((0.25, 0.5, 1.0, 1.5, 2.0), (0.25, 0.5, 2.0, 1.5, 2.0), 300,
+                                np.random.default_rng(1))
+    assert flags[:, 0].mean() > 0.9
+
+
+def test_audit_report_states_the_family_wise_rate_and_the_corrected_bounds(workdir, tmp_path, capsys):
+    wd = tmp_path / "w"
+    shutil.copytree(workdir, wd)
+    dirs = runs_by_name(wd)
+    for run, correct in (("high-ff0.7-clip5-seed0", (60, 100)), ("high-ff0.99-clip5-seed0", (60, 60))):
+        final = json.loads((dirs[run] / "final.json").read_text())
+        final["audit"] = {"settings": {"canaries_per_group": CANARIES, "confidence": 0.95}, "nonprivate": {
+            k.removeprefix("nonprivate_"): v for k, v in _audit_row(run, None, correct).items()
+            if k.startswith("nonprivate_")}}
+        (dirs[run] / "final.json").write_text(json.dumps(final))
+    capsys.readouterr()
+    report.write_report(wd, figures=False, verbose=False)
+    corrected = audit.epsilon_lower_bound(100, 100, 1e-6, 1 - 0.05 / 4, num_canaries=CANARIES)
+    assert capsys.readouterr().err == (
+        f"AUDIT FAILURE: high-ff0.7-clip5-seed0: the audit's lower bound for male examples, {corrected:.3f} at "
+        "confidence 0.9875 (100 of 100 guesses right; Bonferroni over the report's 4 tests, family-wise false-alarm "
+        "rate <= 0.05), exceeds the reported epsilon 1.333\n")
+    md = (wd / "audit.md").read_text()
+    assert "confidence 1 − 0.05/4 = 0.9875, so the chance of any false alarm in the whole report is at most 5%" in md
+    rows = {r["run"]: r for r in _rows(wd / "audit.csv")}
+    assert float(rows["high-ff0.7-clip5-seed0"]["nonprivate_epsilon_lower_bound_bonferroni_1"]) == \
+        pytest.approx(corrected)
+    assert float(rows["high-ff0.99-clip5-seed0"]["nonprivate_epsilon_lower_bound_bonferroni_1"]) == 0.0
 
 
 # --- issue 13: DP-fairness methods, misalignment, groups named by their attribute ---------------------------------
@@ -391,7 +556,7 @@ def test_methods_and_misalignment_figures_are_written_and_say_non_private(method
     figures = methods_workdir / "figures"
     assert {"fig8_methods_per_group.png", "fig9_misalignment.png"} <= {p.name for p in figures.glob("*.png")}
     captured = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: captured.append(fig) or path)
     rows = report.summary_rows(methods_workdir)
     report.figure_misalignment(rows, runs_by_name(methods_workdir), methods_workdir / "unused.png")
     report.figure_methods(rows, methods_workdir / "unused.png")
@@ -414,7 +579,7 @@ def test_groups_are_named_by_the_group_attribute(tmp_path, monkeypatch):
     assert "accuracy not Young | accuracy Young | gap not Young − Young" in (tmp_path / "methods.md").read_text()
     assert _rows(tmp_path / "summary.csv")[0]["group_attribute"] == "Young"
     captured = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: captured.append(fig) or path)
+    monkeypatch.setattr(report.figures, "save_figure", lambda fig, path: captured.append(fig) or path)
     report.figure_imbalance(report.summary_rows(tmp_path), tmp_path / "unused.png")
     (fig,) = captured
     a, b = fig.axes
@@ -436,3 +601,72 @@ def test_the_noise_multiplier_reported_is_the_one_that_ran(workdir, tmp_path):
     rows = {r["run"]: r for r in _rows(wd / "summary.csv")}
     assert rows["high-ff0.7-clip5-seed0"]["noise_multiplier"] == "2.34"
     assert rows["high-ff0.9-clip5-seed0"]["noise_multiplier"] == "1.5"
+
+
+# --- tabular runs: the groups' names come from each run's final.json, nothing image-specific is printed ----------
+
+
+class TabularFakeTrain(MethodsFakeTrain):
+    """MethodsFakeTrain whose runs record what a tabular data source gives: its groups' names and 104 features."""
+
+    def __call__(self, config, workdir, *, on_progress=None):
+        final = super().__call__(config, workdir, on_progress=on_progress)
+        final.update(group_names=["white", "non-white"], input_shape=[104])
+        (Path(workdir) / "final.json").write_text(json.dumps(final))
+        return final
+
+
+def _tabular_workdir(path):
+    """A methods sweep (medium privacy, 4 methods and non-DP at 70% and 99% of group 0) recorded as if run on
+    a tabular source grouped by race, one run audited."""
+    launchers.run_sweep(_methods_sweep(), path, train_fn=TabularFakeTrain(), stream=io.StringIO())
+    for run_dir in find_run_dirs(path):
+        record = json.loads((run_dir / "sweep_run.json").read_text())
+        record["config"]["data"].update(source="adult", group_attribute="race", label_attribute="income")
+        (run_dir / "sweep_run.json").write_text(json.dumps(record))
+    run_dir = runs_by_name(path)["medium-ff0.99-clip5-seed0-methoddpsgd_f"]
+    final = json.loads((run_dir / "final.json").read_text())
+    final["audit"] = {"settings": {"canaries_per_group": CANARIES, "confidence": 0.95}, "nonprivate": {
+        k.removeprefix("nonprivate_"): v for k, v in _audit_row("x", None, (60, 70)).items()
+        if k.startswith("nonprivate_")}}
+    final["audit"]["nonprivate"].update(mia_cal_auc_0=0.52, mia_cal_auc_1=0.58)
+    (run_dir / "final.json").write_text(json.dumps(final))
+
+
+IMAGE_WORDS = re.compile(r"\b(smiling|images?|men|women|female|male|celeba|resnet\w*|\d+px)\b", re.IGNORECASE)
+
+
+def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words(tmp_path, monkeypatch, capsys):
+    _tabular_workdir(tmp_path)
+    texts = []
+
+    def save_and_read(fig, path):
+        texts.extend(t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text())
+        return real_save(fig, path)
+
+    real_save = report.figures.save_figure
+    monkeypatch.setattr(report.figures, "save_figure", save_and_read)
+    written = report.write_report(tmp_path)
+    printed = capsys.readouterr()
+    assert {p.name for p in written if p.suffix == ".png"} == {
+        "fig1_accuracy_vs_imbalance.png", "fig3_training_by_privacy.png", "fig4_training_by_imbalance.png",
+        "fig5_fairness_gaps_vs_imbalance.png", "fig6_clipping_per_group.png", "fig7_privacy_audit.png",
+        "fig8_methods_per_group.png", "fig9_misalignment.png"}
+    markdown = {p.name: p.read_text() for p in written if p.suffix == ".md"}
+    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md"}
+    for text in [*markdown.values(), *texts, printed.out, printed.err]:
+        assert not IMAGE_WORDS.search(text), (IMAGE_WORDS.search(text).group(), text)
+    # Group 0 is white, group 1 non-white, everywhere, and the data is described by its features.
+    assert "at 99% white" in markdown["table1.md"]
+    assert "no published row of Farrand et al. 2020 matches these runs" in markdown["table1.md"]
+    assert "| to % white | seeds | non-white drop per seed | non-white drop | white drop |" in \
+        markdown["imbalance_drop.md"]
+    assert "accuracy white | accuracy non-white | gap white − non-white" in markdown["methods.md"]
+    assert "lower bound white / non-white" in markdown["audit.md"]
+    assert "skipped: Figure 2 needs DP runs at two or more clip bounds at one white fraction" in printed.out
+    assert "white share of the data" in texts and "Δ accuracy, white − non-white (pp)" in texts
+    assert {"white", "non-white"} <= set(texts)
+    assert any("ours: adult, 104 features" in t for t in texts)
+    summary = _rows(tmp_path / "summary.csv")
+    assert {(r["group_0"], r["group_1"], r["input_shape"]) for r in summary} == {("white", "non-white", "104")}
+    assert not IMAGE_WORDS.search((tmp_path / "summary.csv").read_text().replace("female_fraction", ""))

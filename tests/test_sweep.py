@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from jaxdp import data
 from jaxdp.config import base_config, flatten
 from jaxdp_study import grid, launchers, paper
 
@@ -97,6 +98,7 @@ class FakeTrain:
         final = {"metrics": fake_metrics(config, 1.0),
                  "epsilon": {"pld": eps, "rdp": eps and eps * 1.1, "rdp_classic": eps and eps * 1.3},
                  "delta": float(config.dp.delta), "steps": self.steps, "sampling": config.dp.sampling,
+                 "group_names": list(data.group_names(config.data)),
                  "wall_time_s": 1.0, "reproducible": bool(config.dp.reproducible),
                  "privacy_note": PRIVACY_NOTE if config.dp.enabled and config.dp.reproducible else None}
         tmp = wd / "final.json.tmp"
