@@ -195,7 +195,7 @@ def make_plan(
     Args:
       config: a validated run config (:mod:`jaxdp.config`).
       model: the Flax model (applied as ``model.apply({"params": params, **model_state}, x, train=...)``).
-      dataset_size: number of training examples (public, see the README's threat model).
+      dataset_size: number of training examples (public, see docs/threat-model.md).
       secret: the run's secret (:func:`new_run_secret`, restored from a checkpoint on resume); ignored, and may
         be None, when ``config.dp.reproducible`` (sampling and noise then come from ``config.train.seed``).
       num_devices: data-parallel devices; chunks are padded to a multiple of it.
@@ -233,7 +233,7 @@ def make_plan(
 
     def plain_grads_and_state(params, model_state, x, y, mask):
         # Small-map convolutions as patch matmuls (clipping.matmul_convs): the same gradient to float tolerance,
-        # 1.2x (the demo's model) to 6.4x (ResNet18, 64x64, batch 256) faster on CPU than XLA's convolution.
+        # faster on CPU than XLA's convolution (launch/bench.py's "matmul conv" entry measures it).
         @clipping.matmul_convs
         def summed_loss(p):
             logits, new_state = apply(p, model_state, x, True)
