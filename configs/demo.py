@@ -18,7 +18,7 @@ smaller than the paper, and why:
   delta 1e-6) against the paper's 1.15 / 4.98 / 16.2. Non-DP runs use the same settings without clipping or noise.
 - clipping_strategy "auto" (the default): "bookkeeping" on this model, the fastest exact strategy.
 
-What it shows, with the measured results, timings and the seed replicates: README, "What the demo shows".
+What it shows: docs/results.md (the tables this sweep writes); its wall time: docs/performance.md.
 
 Run it with::
 

@@ -1,4 +1,4 @@
-"""The mitigations at demo scale (configs/demo.py's setting): about 6 minutes on 2 CPU cores.
+"""The mitigations at demo scale (configs/demo.py's setting), on a CPU.
 
 Plain DP-SGD and the three DP-fairness methods of jaxdp.methods (DPSGD-F, DPSGD-Global, DPSGD-Global-Adapt, each
 with its reference parameters) at high and medium privacy, at 70% and 99% female, with the non-private runs as the
@@ -7,9 +7,8 @@ DP-SGD and non-private runs carry configs/demo.py's run names (``--workdir resul
 demo trained with this version).
 
 Why this grid: the two levels are where the demo's DP runs are furthest from non-private training for the minority
-at 70% female (README, "What the demo shows": means of three seeds, men lose 17.4 points at high privacy and 8.5 at
-medium, 6.4 at low), i.e. where a mitigation has most to recover; the two fractions are the ends of the demo's
-imbalance axis (3,600 and 120 men in training).
+at 70% female (docs/results.md: the demo's three seeds), i.e. where a mitigation has most to recover; the two
+fractions are the ends of the demo's imbalance axis (3,600 and 120 men in training).
 
 The reference parameters are the papers' and have not been tuned to this model: Global's Z = 100 lies far above
 the demo's per-example gradient norms (means of about 10-30 at clip 1), so Global scales every example by

@@ -1,4 +1,4 @@
-"""Empirical privacy per group: membership inference and a one-run privacy audit (issue 14).
+"""Empirical privacy per group: membership inference and a one-run privacy audit.
 
 Two different questions, answered by two different kinds of number:
 
@@ -317,8 +317,9 @@ def one_run_audit(
       coins: the coins the trainer used (``draw_canary_coins``), bool [m], True = included.
       group: each canary's group, 0/1, shape [m].
       delta: the run's δ (the one its ε is reported at).
-      num_guess_in, num_guess_out: k+ and k- per group; None = ``default_guess_counts`` of the group's canaries.
-        They must be fixed before seeing the scores (in the config) for the bound to hold.
+      num_guess_in: k+ per group; None = ``default_guess_counts`` of the group's canaries. It must be fixed before
+        seeing the scores (in the config) for the bound to hold.
+      num_guess_out: k- per group, likewise.
       confidence: of the lower bound.
 
     Returns:

@@ -1,6 +1,6 @@
 """Data parallelism for DP-SGD: one device mesh axis over all devices of all processes.
 
-Design (see README, "Data parallelism"): the per-example work (forward, per-example gradients, clipping) is
+Design (see docs/training.md, "Data parallelism"): the per-example work (forward, per-example gradients, clipping) is
 written with ``jax.shard_map`` over a 1-D mesh axis ``"data"``: each device clips the gradients of its own
 share of the (padded, fixed-shape) batch and the clipped sums are added across devices with one ``psum``. The
 noise, the optimiser and the parameters live outside the ``shard_map``, replicated, inside the same ``jax.jit``:

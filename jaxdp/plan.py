@@ -653,7 +653,7 @@ def make_plan(
       dp: the privacy settings, or None for non-private training through the same interface.
       loss_fn: ``loss_fn(params, batch) -> per-example losses`` (with ``has_model_state``, non-private only:
         ``loss_fn(params, batch, model_state) -> (losses, new model state)``).
-      dataset_size: the number of training examples (public, see the threat model).
+      dataset_size: the number of training examples (public, see docs/threat-model.md).
       batch_size: the expected batch size under Poisson sampling (q = batch_size / dataset_size), the exact one
         for fixed-size batches; the public normaliser of the summed gradient.
       optimizer: the optax optimiser applied to the noised average gradient (post-processing).

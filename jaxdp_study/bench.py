@@ -34,7 +34,7 @@ How it is measured (every figure in the output is one of these):
   *rounds* that visit every entry in turn (JAX and torch interleaved), so slow phases of a noisy machine
   hit all entries alike. In each round, an entry gets a pause of ``settle_s`` (default 1 s: XLA's and
   PyTorch's CPU thread pools keep spinning for a while after a step, and without the pause each entry
-  competes with the previous entry's idle threads; what that did to the numbers: README, "Performance"),
+  competes with the previous entry's idle threads),
   then one untimed step (which measures the memory, below), then ``steps_per_round`` timed steps back to
   back, as a training loop runs them. (Until this untimed step was added, every timed step came right after
   the heap was trimmed for the memory measurement, so it also paid for faulting its temporaries back in.)

@@ -7,7 +7,7 @@ per-gender test accuracy. Rerun it after changing :mod:`jaxdp.data.synthetic`'s 
     python -m jaxdp_study.generator_effect --data-dir /tmp/generated-4000 --female-fractions 0.7,0.99
 
 The effect is there when male accuracy is clearly lower at 0.99 than at 0.7 while female accuracy is not; what
-each generator version measured belongs in the README, next to the generator's description.
+each generator version measured is in CHANGELOG.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ r"""Benchmark a full DP-SGD training step of the GroupNorm ResNet18: jaxdp's str
     python launch/bench.py --config configs/demo.py --methods all    # + DPSGD-F, Global, Global-Adapt steps
     python launch/bench.py --config configs/demo.py --loop --run medium-ff0.9   # a run's steps vs the step
 
-What is measured and how: see jaxdp_study/bench.py. On a GPU:
+What is measured and how: see jaxdp_study/bench.py. Each invocation also writes its result, with this command,
+the date, the package versions and the machine, as a record in docs/measurements/ (jaxdp_study.measurements;
+--no-record skips it), from which the docs' performance tables are generated. On a GPU:
 
     python launch/bench.py --image-size 128 --batch-size 256 --strategies vmap,bookkeeping --rounds 5 \
         --json bench_gpu.json
@@ -15,12 +17,14 @@ What is measured and how: see jaxdp_study/bench.py. On a GPU:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from jaxdp_study import bench, grid  # noqa: E402
+from jaxdp_study import bench, grid, measurements  # noqa: E402
 
 # What the benchmark runs without --config (and what a flag left out keeps): the paper's ResNet18 at 64x64.
 DEFAULTS = dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64, num_groups=32)
@@ -70,7 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="seconds to pause before each timed step so the previous entry's CPU thread pools "
                              "go idle (see jaxdp_study/bench.py)")
     parser.add_argument("--json", default=None, help="write the full result as JSON to this path")
+    parser.add_argument("--no-record", action="store_true",
+                        help="do not write the result as a dated record in docs/measurements/ (or "
+                             f"${measurements.DIR_ENV})")
+    parser.add_argument("--record-name", default=None,
+                        help="the record's name (default: from what is measured, e.g. step-cpu-resnet18-64px-b32)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "launch/bench.py", *argv])
     if args.loop:
         return _loop(parser, args)
     if args.run is not None or args.epochs is not None:
@@ -96,14 +107,30 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except (ImportError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
-    return _report(result, bench.format_table(result), args.json)
+    return _report(result, bench.format_table(result), args, _step_record_name)
 
 
-def _report(result: dict, table: str, json_path: str | None) -> dict:
+def _model_name(stage_sizes, width: int) -> str:
+    return ("resnet18" if (tuple(stage_sizes), width) == (DEFAULTS["stage_sizes"], DEFAULTS["width"])
+            else f"resnet-s{''.join(map(str, stage_sizes))}-w{width}")
+
+
+def _step_record_name(result: dict) -> str:
+    """What the step benchmark measured, as a record name: backend, model, image size, batch, + methods/Opacus."""
+    c = result["config"]
+    return "-".join(["step", result["environment"]["backend"], _model_name(c["stage_sizes"], c["width"]),
+                     f"{c['image_size']}px", f"b{c['batch_size']}"]
+                    + (["methods"] if c.get("methods") else []) + (["opacus"] if c["compare_opacus"] else []))
+
+
+def _report(result: dict, table: str, args: argparse.Namespace, record_name: Callable[[dict], str]) -> dict:
     print(table)
-    if json_path:
-        bench.write_json(result, json_path)
-        print(f"wrote {json_path}")
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if not args.no_record:
+        path = measurements.write_record(args.record_name or record_name(result), result, command=args.command)
+        print(f"recorded {path}")
     return result
 
 
@@ -122,7 +149,12 @@ def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             steps_per_round=10 if args.steps_per_round is None else args.steps_per_round, settle_s=args.settle)
     except (ValueError, FileNotFoundError) as error:  # FileNotFoundError: jaxdp.data.DataUnavailable
         parser.exit(2, f"error: {error}\n")
-    return _report(result, bench.format_loop_table(result), args.json)
+    return _report(result, bench.format_loop_table(result), args, _loop_record_name)
+
+
+def _loop_record_name(result: dict) -> str:
+    """What the loop benchmark measured, as a record name: backend and the run."""
+    return "-".join(["loop", result["environment"]["backend"], measurements.slug(result["config"]["run"])])
 
 
 if __name__ == "__main__":

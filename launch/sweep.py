@@ -7,6 +7,7 @@
     python launch/sweep.py --config configs/demo.py --seeds 0,1,2      # three replicates per cell (seed 0 reused)
     python launch/sweep.py --config configs/paper.py --launcher slurm --slurm_partition gpu --slurm_time_min 1440
     python launch/sweep.py report --workdir results/demo                # figures + tables, no training
+    python launch/sweep.py --config configs/demo.py --record           # + the wall time as a dated record
 
 Rerunning the same command skips finished runs and resumes interrupted ones from their checkpoints. A run
 directory holding a different config is refused (choose another --workdir, or --overwrite to retrain it).
@@ -15,7 +16,9 @@ directory holding a different config is refused (choose another --workdir, or --
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +50,9 @@ _REPORT = flags.DEFINE_bool("report", True, "Write summary.csv, Table 1 and figu
 _FIGURES = flags.DEFINE_bool("figures", True, "Draw the figures (--nofigures: tables only, faster).")
 _WAIT = flags.DEFINE_bool("wait", None, "submitit launchers: wait for the jobs, then write the report "
                           "(default: yes for submitit_local, no for slurm).")
+_RECORD = flags.DEFINE_bool("record", False,
+                             "Write the sweep's wall time and each trained run's time split as a dated measurement "
+                             "record in docs/measurements/ (sweep-<config name>; jaxdp_study.measurements).")
 _CACHE = flags.DEFINE_string("compilation_cache_dir", None,
                              "JAX persistent compilation cache (default <workdir>/.xla_cache); runs with the "
                              "same shapes reuse compiled programs from it.")
@@ -112,7 +118,29 @@ def _parse_seeds(values: list[str]) -> list[int]:
     return []  # unreachable
 
 
+def _record(config, result, wall_time_s: float) -> None:
+    """The sweep's wall time (this invocation: data preparation, compiles and reports included) and each trained
+    run's final.json timings, as a record from which the docs' performance page is generated."""
+    import json
+
+    from jaxdp_study import measurements
+
+    runs = []
+    for status in result.statuses:
+        final = status.run_dir / "final.json"
+        if status.run.name in result.trained and final.exists():
+            record = json.loads(final.read_text())
+            runs.append({"name": status.run.name, "steps": record.get("steps"),
+                         "wall_time_s": record.get("wall_time_s"), "time_split_s": record.get("time_split_s")})
+    payload = {"config": str(config.name), "wall_time_s": wall_time_s, "runs_trained": len(result.trained),
+               "runs_skipped": len(result.skipped), "runs": runs}
+    path = measurements.write_record(f"sweep-{measurements.slug(str(config.name))}", payload,
+                                     command=shlex.join(["python", "launch/sweep.py", *sys.argv[1:]]))
+    print(f"recorded {path}")
+
+
 def main(argv: list[str]) -> None:
+    started = time.time()
     from absl import logging
 
     from jaxdp_study import grid, launchers, report
@@ -169,6 +197,8 @@ def main(argv: list[str]) -> None:
         written = report.write_report(result.workdir, figures=_FIGURES.value)
         print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, imbalance_drop.md, "
               f"figures/)")
+    if _RECORD.value and not result.failed:
+        _record(config, result, time.time() - started)
     if result.failed:
         for name, err in result.failed.items():
             sys.stderr.write(f"run {name} failed: {err}\n")

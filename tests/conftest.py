@@ -17,3 +17,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdp-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# Benchmarks write dated measurement records (jaxdp_study.measurements); a test's records go to a temporary
+# directory, never into the repository's docs/measurements/.
+if "JAXDP_MEASUREMENTS_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAXDP_MEASUREMENTS_DIR"] = tempfile.mkdtemp(prefix="jaxdp-test-measurements-")

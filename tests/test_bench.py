@@ -107,9 +107,10 @@ def test_cli_resolves_flags_over_config_over_defaults(monkeypatch):
     monkeypatch.setattr(cli.bench, "run_benchmark", lambda **kw: calls.append(kw) or {"stub": True})
     monkeypatch.setattr(cli.bench, "format_table", lambda result: "")
     tiny = str(ROOT / "configs" / "tiny.py")
-    cli.main([])
-    cli.main(["--config", tiny])
-    cli.main(["--config", tiny, "--batch-size", "4", "--stage-sizes", "1,1", "--strategies", "vmap,bookkeeping"])
+    cli.main(["--no-record"])  # the stub result is no measurement
+    cli.main(["--config", tiny, "--no-record"])
+    cli.main(["--config", tiny, "--batch-size", "4", "--stage-sizes", "1,1", "--strategies", "vmap,bookkeeping",
+              "--no-record"])
     keys = ("image_size", "batch_size", "strategies", "stage_sizes", "width", "num_groups")
     plain, config, overridden = ({k: kw[k] for k in keys} for kw in calls)
     assert plain == dict(image_size=64, batch_size=32, strategies=None, stage_sizes=(2, 2, 2, 2), width=64,

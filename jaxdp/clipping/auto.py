@@ -4,7 +4,7 @@
 
 * ``"bookkeeping"`` when every ``nn.Conv`` / ``nn.Dense`` call of the model is on its fast path
   (:func:`jaxdp.clipping.fast_path_report`): with ``launch/bench.py``, the fastest strategy on every model the
-  README's "Performance" section measures (the demo's model; ResNet18 at 64x64 and 128x128).
+  docs' performance page (docs/performance.md) measures (the demo's model; ResNet18 at 64x64 and 128x128).
 * ``"vmap_matmul"`` otherwise, when the model has convolutions (small-map convolutions as matmuls; per-example
   gradients as in ``"vmap"``), and ``"vmap"`` for models without convolutions: a layer that falls back in
   ``"bookkeeping"`` is computed there by per-example ``vmap`` anyway, with the book-keeping passes on top.

@@ -26,8 +26,8 @@ Memory: for the other layers, the patches ``P`` (``kh*kw`` times a layer's input
 inputs twice, for the norms and again for the clipped sum, each time for as many examples at a time as fit in
 ``max_patch_bytes`` (default :data:`DEFAULT_MAX_PATCH_BYTES`, 16 MiB; chunks run in a ``lax.fori_loop``). What
 the step holds beyond non-private backpropagation is then every layer's output gradient ``dy`` (until the clip
-factors are known), the small layers' per-example gradients and one chunk's patches; the README's performance
-section has the measurements.
+factors are known), the small layers' per-example gradients and one chunk's patches; ``launch/bench.py`` measures the
+resulting peak memory (docs/performance.md).
 
 Floating point: what each example adds is at most what its factor allows
 --------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def _stored_kernel_grads(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int) 
     Each chunk is computed as two independent halves: XLA's CPU runtime runs the iterations of the chunk loop
     one after the other, each op on one thread, and the first layer's loop (whose output gradient comes last in
     the backward pass) ran alone at the end of the step; with two independent chains per iteration it can use a
-    second thread (the README's performance section has the measured effect)."""
+    second thread."""
 
     def half(a, b):
         p, d = per_example_matrices(a, b, layer)

@@ -23,10 +23,9 @@ def matmul_convs(loss_fn: core.LossFn, max_pixels: int = DEFAULT_MATMUL_MAX_PIXE
     ``<= max_pixels`` pixels computed as image patches x weight matrix (same value to float tolerance; gradients
     flow as usual, so those layers' weight gradients are matmuls too).
 
-    jaxdp's non-private runs use it (:func:`jaxdp.plan.make_plan`): measured with ``launch/bench.py``, 6.4x
-    faster than plain Flax on ResNet18 at 64x64, batch 256 (XLA's CPU convolution, forward and weight gradient,
-    is slow on small maps with many channels) and 1.2x on the demo's model. Used by the ``"vmap_matmul"``
-    strategy.
+    jaxdp's non-private runs use it (:func:`jaxdp.plan.make_plan`), because XLA's CPU convolution, forward and
+    weight gradient, is slow on small maps with many channels; ``launch/bench.py``'s "matmul conv" entry times it
+    against plain Flax (docs/performance.md). Used by the ``"vmap_matmul"`` strategy.
     """
 
     def intercept(next_fun, args, kwargs, context):

@@ -20,7 +20,7 @@ What the pixels encode (everything else is nuisance that a model has to ignore):
   smile is the variant it sees least. History: version 2 had men grinning and women mostly not (under DP
   men scored *higher*); version 3 hid most men's smiles (closed lips under a mustache covering the mouth
   corners), which even a non-private model hardly learned; version 4 shares the cue.
-  ``python -m jaxdp.data.generator_effect`` measures what it does.
+  ``python -m jaxdp_study.generator_effect`` measures what it does.
 * Nuisance: skin tone (light to dark), hair colour and length, background colour, pose (shift, scale,
   in-plane rotation), lighting direction and strength, eye colour, glasses, hats, earrings, blur, and
   per-image Gaussian noise.

@@ -8,8 +8,6 @@ it grew several-fold. Here the forward pass is the maximum of the ``kh * kw`` st
 its window in row-major window order, which is the element ``torch.nn.MaxPool2d`` and XLA's select-and-scatter
 pick. So both the pooled values and the gradient are bitwise those of ``flax.linen.max_pool`` (ties included;
 ``tests/test_models.py`` checks both), only computed with slices, comparisons and pads.
-
-The README's performance section has the measured effect.
 """
 
 from __future__ import annotations
