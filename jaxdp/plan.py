@@ -657,7 +657,8 @@ def make_plan(
       batch_size: the expected batch size under Poisson sampling (q = batch_size / dataset_size), the exact one
         for fixed-size batches; the public normaliser of the summed gradient.
       optimizer: the optax optimiser applied to the noised average gradient (post-processing).
-      epochs / steps: the run's length (exactly one): epochs of ``round(1 / q)`` steps each, or steps.
+      epochs: the run's length in epochs of ``round(1 / q)`` steps each (give exactly one of epochs and steps).
+      steps: the run's length in steps.
       execution: performance-only settings (:class:`ExecutionConfig`).
       sampling_scheme: the batches of a non-private plan (``dp.sampling`` sets them under DP).
       public_seed: seeds a non-private plan's batches, and a ``reproducible`` plan's batches and noise.
