@@ -19,6 +19,7 @@ from jaxdp.data import available_sources
 # a sweep's stored run reused, with other values of these. Every other key is part of the run's identity.
 RESULT_NEUTRAL_KEYS = frozenset({
     "train.progress",  # printing only
+    "train.keep_checkpoints",  # what is kept once the run has finished
     "train.num_devices",  # data parallelism: the same sums, up to float summation order
     "train.eval_batch_size",  # evaluation padding: examples are evaluated independently
     "train.num_chunk_widths",  # training padding: the same batches and sums, up to float summation order
@@ -106,6 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Statistics of the training data computed without noise (training loss, per-group clipping counts and
     # norms): written with keys starting "nonprivate_". Not covered by epsilon; False for a model to release.
     c.train.nonprivate_diagnostics = True
+    # Checkpoints hold the run's secret (its seed, and the noise key in the optimiser state): whoever reads them can
+    # replay the run and undo its privacy. False (default): deleted once the run has finished and written its
+    # publishable model (params.msgpack, model.json). True: kept (to extend or inspect the run), with a warning.
+    c.train.keep_checkpoints = False
     # Gradient misalignment (a non-private diagnostic of private runs, jaxdp.train.misalignment_cosines), once per
     # evaluation window: each group's mean unclipped gradient over a fixed sample of this many of its training
     # examples (drawn from train.seed) against the step's unclipped, clipped and noised batch gradient. 0: off.
@@ -209,6 +214,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(p.enabled, bool), f"config.dp.enabled={p.enabled!r} must be True or False.")
     _require(isinstance(p.reproducible, bool), f"config.dp.reproducible={p.reproducible!r} must be True or False.")
     _require(isinstance(p.secure_noise, bool), f"config.dp.secure_noise={p.secure_noise!r} must be True or False.")
+    _require(isinstance(t.get("keep_checkpoints", False), bool),
+             f"config.train.keep_checkpoints={t.get('keep_checkpoints')!r} must be True or False.")
     _require(isinstance(t.nonprivate_diagnostics, bool),
              f"config.train.nonprivate_diagnostics={t.nonprivate_diagnostics!r} must be True or False.")
     _require(isinstance(t.misalignment_examples_per_group, int) and t.misalignment_examples_per_group >= 0,

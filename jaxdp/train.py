@@ -33,14 +33,17 @@ Privacy: the mechanism — sampler, clipped gradient and its sensitivity, noise,
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,11 +55,18 @@ from jaxdp.checkpoint import Checkpointer
 from jaxdp.clock import RunClock
 from jaxdp.config import differing_keys, resolve, validate_run_config
 from jaxdp.plan import DPPlan, TrainState, new_run_secret
-from jaxdp.runlog import RunProgress, json_safe, write_json, write_jsonl
+from jaxdp.runlog import RunProgress, json_safe, write_atomic, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, dict], None]
+PARAMS_FILE, MODEL_CARD = "params.msgpack", "model.json"
+# Folders that hold the run's secret (its seed, and the noise key inside the optimiser state).
+SECRET_FOLDERS = ("checkpoints", "checkpoints-corrupt")
+KEEP_CHECKPOINTS_WARNING = (
+    "config.train.keep_checkpoints=True: {path} holds the run's secret (its seed and the noise key); whoever reads "
+    "it can replay the run and undo its privacy. Keep it as private as the training data, or delete it; publish "
+    "only params.msgpack and model.json.")
 
 
 def check_runnable(config: ml_collections.ConfigDict) -> None:
@@ -107,6 +117,7 @@ class _Run:
         if config.audit.enabled:
             self.audit_sets = AuditSets.build(config, self.train_set, holdout, self.secret)
             self.train_set = self.audit_sets.training_pool(self.train_set)
+        self.data_fingerprint = data_fingerprint(self.train_set)
         with self.clock.phase("accounting"):  # calibrates the noise multiplier when dp.target_epsilon asks for it
             self.plan = steps.plan_from_config(config, self.model, len(self.train_set.label), secret=self.secret,
                                                mesh=self.mesh, public_size=self.public_size)
@@ -148,6 +159,7 @@ class _Run:
             restored = self.checkpointer.restore_latest(jax.tree_util.tree_map(np.asarray, self.state))
         if restored is not None:
             self.start_step, self.state, record = restored
+            self._check_fingerprint(record)
             self.ledger = accounting.PrivacyLedger.from_json(record["ledger"])
             self.history = record["history"]
             self.stats = ({k: jnp.asarray(v, self.stats[k].dtype) for k, v in record["stats"].items()}
@@ -164,6 +176,21 @@ class _Run:
         self.stats = parallel.replicate(self.mesh, self.stats)
         if jax.process_index() == 0:
             write_jsonl(self.workdir / "history.jsonl", self.history)
+
+    def _check_fingerprint(self, record: dict) -> None:
+        """Refuses to resume checkpoints written for another training set (their secret and noise would be reused
+        on different data: a second, differently randomised release)."""
+        stored = record.get("data_fingerprint")
+        if stored is None:
+            log.warning("The checkpoints in %s record no training-set fingerprint (written by an older jaxdp); "
+                        "resuming without checking that the training set is the same.", self.checkpointer.directory)
+        elif stored != self.data_fingerprint:
+            raise ValueError(
+                f"The checkpoints in {self.checkpointer.directory} were written for another training set "
+                f"(n={stored.get('n')}, sha256 {str(stored.get('sha256'))[:12]}...; this run's: "
+                f"n={self.data_fingerprint['n']}, sha256 {self.data_fingerprint['sha256'][:12]}...). Resuming would "
+                "reuse their secret noise on different data. Use another workdir, or delete that folder to start "
+                "over.")
 
     def _compile(self) -> None:
         config, plan = self.config, self.plan
@@ -195,7 +222,8 @@ class _Run:
     def save_checkpoint(self, step: int) -> None:
         with self.clock.phase("checkpoints"):
             record = {"ledger": self.ledger.to_json(), "history": self.history,
-                      "stats": {k: np.asarray(v).item() for k, v in self.stats.items()}, "sampler_step": step}
+                      "stats": {k: np.asarray(v).item() for k, v in self.stats.items()}, "sampler_step": step,
+                      "data_fingerprint": self.data_fingerprint}
             if self.secret is not None:
                 record["run_secret"] = f"{self.secret:032x}"
             self.checkpointer.save(step, jax.tree_util.tree_map(np.asarray, jax.device_get(self.state)), record)
@@ -214,6 +242,8 @@ class _Run:
             delta = float(config.dp.delta)
             row["epsilon"] = float(self.ledger.epsilon(delta, accountant=config.dp.accountant)) if plan.private \
                 else None
+        if plan.privacy_note:
+            row["epsilon_note"] = plan.privacy_note
         with self.clock.phase("evaluation"):
             row.update(_evaluate(self.predict, self.state, self.mesh, self.test_set,
                                  int(config.train.eval_batch_size)))
@@ -253,6 +283,34 @@ class _Run:
                      time_split_s={k: round(v, 3) for k, v in self.clock.split.items()})
         return final
 
+    def publish(self, final: dict) -> None:
+        """Writes the trained model alone, the thing to publish: ``params.msgpack`` (the Flax variables; load with
+        ``flax.serialization.msgpack_restore(open(path, "rb").read())``) and ``model.json`` (how it was trained and
+        its epsilon; none of the run's non-private statistics, no secret)."""
+        variables = jax.tree_util.tree_map(np.asarray, jax.device_get(
+            {"params": self.state.params, **self.state.model_state}))
+        write_atomic(self.workdir / PARAMS_FILE, flax.serialization.msgpack_serialize(variables))
+        inputs = steps.inputs_of(self.test_set)
+        card = {
+            "params": PARAMS_FILE,
+            "load": f"flax.serialization.msgpack_restore(open({PARAMS_FILE!r}, 'rb').read())",
+            "model": self.config.model.to_dict(),
+            "inputs": {"shape": list(inputs.shape[1:]), "dtype": str(inputs.dtype),
+                       "preprocessing": ("uint8 images as (x / 255 - 0.5) / 0.5" if inputs.dtype == np.uint8
+                                         else "float features as given")},
+            "group_names": final["group_names"],
+            "privacy": {k: final[k] for k in ("epsilon", "delta", "noise_multiplier", "method",
+                                              "extra_noise_multipliers", "sampling", "sampling_prob", "steps",
+                                              "reproducible", "privacy_note")},
+            "test_metrics": {k: v for k, v in final["metrics"].items()
+                             if not k.startswith(diagnostics.NONPRIVATE_PREFIX)
+                             and k not in ("wall_time_s",) and not k.startswith("method_")},
+            "data": {"source": self.config.data.source, "label_attribute": self.config.data.get("label_attribute"),
+                     "group_attribute": self.config.data.get("group_attribute"), "train_size": final["train_size"],
+                     "test_size": final["test_size"]},
+        }
+        write_json(self.workdir / MODEL_CARD, card)
+
     @functools.cached_property
     def strategy(self) -> tuple[str | None, str | None]:
         """The clipping strategy that runs, and why (``"auto"`` resolved for this model and data)."""
@@ -288,6 +346,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     final_path = workdir / "final.json"
     if final_path.exists():
+        remove_secret_files(workdir, keep=bool(config.train.keep_checkpoints))
         return json.loads(final_path.read_text())
     started = time.time()
     run = _Run(config, workdir, datasets)
@@ -334,8 +393,37 @@ def train_and_evaluate(
         run.checkpointer.close()
     final = run.final(started)
     if jax.process_index() == 0:
-        write_json(final_path, final)
+        run.publish(final)
+        write_json(final_path, final)  # last: its presence means the run finished
+        remove_secret_files(workdir, keep=bool(config.train.keep_checkpoints))
     return json.loads(json.dumps(json_safe(final)))
+
+
+def data_fingerprint(split: Any) -> dict:
+    """What identifies a training set for resuming: its size, label and group counts and a SHA-256 of its inputs,
+    labels and groups (kept only in the run's private checkpoints)."""
+    digest = hashlib.sha256()
+    arrays = (steps.inputs_of(split), np.asarray(split.label, np.int32), np.asarray(split.group, np.int32))
+    for array in arrays:
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return {"n": int(len(split.label)), "labels_1": int(np.sum(arrays[1] == 1)),
+            "groups_1": int(np.sum(arrays[2] == 1)), "sha256": digest.hexdigest()}
+
+
+def remove_secret_files(workdir: Path, *, keep: bool) -> None:
+    """Deletes a finished run's secret-bearing folders (:data:`SECRET_FOLDERS`), or, with ``keep``, warns that they
+    hold the secret. Call only once ``final.json`` is written: a run that lost its checkpoints before finishing would
+    start over with a new secret."""
+    for name in SECRET_FOLDERS:
+        path = Path(workdir) / name
+        if not path.exists():
+            continue
+        if keep:
+            log.warning(KEEP_CHECKPOINTS_WARNING.format(path=path))
+            print(f"warning: {KEEP_CHECKPOINTS_WARNING.format(path=path)}")
+        else:
+            shutil.rmtree(path)
 
 
 # --------------------------------------------------------------------------------------------------------------

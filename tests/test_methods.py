@@ -414,3 +414,13 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
             assert cosines[f"cos_{name}_{k}"] == pytest.approx(cos(means[k], direction), abs=1e-4)
         assert cosines[f"cos_{name}_all"] == pytest.approx(cos(overall, direction), abs=1e-4)
     assert abs(cosines["cos_noised_all"]) < abs(cosines["cos_clipped_all"])  # z = 0.5: the noise turns it further
+
+
+def test_global_adapt_divides_its_count_by_the_public_expected_batch_size():
+    """An audited run samples from its training set plus the canaries its secret coins let in (dataset_size), at
+    the q of the public training set (public_size): the threshold update must not depend on the coins."""
+    c = _config("dpsgd_global_adapt")
+    for pool in (1000, 1013, 1040):  # the public 1000 plus 0, 13 or 40 canaries
+        p = steps.plan_from_config(c, _Model(), pool, secret=None, public_size=1000)
+        assert p.method.expected_batch_size == 32.0 == p.expected_batch_size
+        assert p.sampler.sampling_prob == 32 / 1000

@@ -56,9 +56,10 @@ def tiny_config(**overrides):
 
 
 def final_params(workdir):
-    restored = Checkpointer(Path(workdir) / "checkpoints").restore_latest()
-    assert restored is not None
-    return restored[1]["params"]
+    """The trained parameters a finished run publishes (params.msgpack; its checkpoints are deleted)."""
+    import flax.serialization
+
+    return flax.serialization.msgpack_restore((Path(workdir) / "params.msgpack").read_bytes())["params"]
 
 
 def assert_trees_close(a, b, **kwargs):
@@ -258,7 +259,7 @@ def test_sampling_and_noise_come_from_a_secret_kept_only_in_checkpoints(tmp_path
 
     monkeypatch.setattr(train, "new_run_secret", spy)
     data = tiny_datasets()
-    config = tiny_config(**{"train.epochs": 0.5, "train.progress": True})
+    config = tiny_config(**{"train.epochs": 0.5, "train.progress": True, "train.keep_checkpoints": True})
     a = train.train_and_evaluate(config, tmp_path / "a", datasets=data)
     train.train_and_evaluate(config, tmp_path / "b", datasets=data)
     assert len(drawn) == 2 and drawn[0] != drawn[1] and drawn[0].bit_length() > 64
@@ -279,7 +280,8 @@ def test_sampling_and_noise_come_from_a_secret_kept_only_in_checkpoints(tmp_path
 
 def test_reproducible_runs_replay_and_say_their_epsilon_is_no_guarantee(tmp_path, capsys):
     data = tiny_datasets()
-    config = tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True, "train.progress": True})
+    config = tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True, "train.progress": True,
+                            "train.keep_checkpoints": True})
     a = train.train_and_evaluate(config, tmp_path / "a", datasets=data)
     train.train_and_evaluate(config, tmp_path / "b", datasets=data)
     assert_trees_close(final_params(tmp_path / "a"), final_params(tmp_path / "b"), rtol=0, atol=0)
@@ -289,7 +291,7 @@ def test_reproducible_runs_replay_and_say_their_epsilon_is_no_guarantee(tmp_path
 
 
 # Keys of a history row that are not statistics of the training data (test metrics, progress, epsilon).
-_PUBLIC_ROW_KEYS = {"step", "epoch", "wall_time_s", "epsilon"}
+_PUBLIC_ROW_KEYS = {"step", "epoch", "wall_time_s", "epsilon", "epsilon_note"}
 
 
 def _is_test_metric(key: str) -> bool:
@@ -312,7 +314,8 @@ def test_training_data_statistics_are_labelled_nonprivate_and_can_be_turned_off(
     off = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5, "train.nonprivate_diagnostics": False}),
                                    tmp_path / "off", datasets=data)
     for path in _written_files(tmp_path / "off"):
-        assert '"nonprivate_' not in path.read_text().replace('"nonprivate_diagnostics": false', ""), path
+        text = path.read_text(errors="replace")  # params.msgpack is binary
+        assert '"nonprivate_' not in text.replace('"nonprivate_diagnostics": false', ""), path
     assert not any(k.startswith("nonprivate_") for k in off["metrics"])
 
 
@@ -576,3 +579,68 @@ def test_the_compiled_step_holds_no_secret(method):
         words += [int(w) for w in np.concatenate([np.ravel(noise_key), np.ravel(count_key)])]
     assert texts[0] == texts[1]
     assert not [w for w in words if str(w) in texts[0]]
+
+
+def _secret_byte_strings(secret: int) -> dict[str, bytes]:
+    """Every way the run's secret, its child seeds and its noise key could sit in a file, as bytes."""
+    from jaxdp import noise
+    from jaxdp.plan import _NOISE_STREAM, _SAMPLER_STREAM, AUDIT_STREAM, child_seed
+
+    out = {}
+    seeds = {"secret": secret, **{f"child{s}": child_seed(secret, s) for s in (_SAMPLER_STREAM, _NOISE_STREAM,
+                                                                                 AUDIT_STREAM)}}
+    for name, value in seeds.items():
+        out[f"{name}-be"] = value.to_bytes(16, "big")
+        out[f"{name}-le"] = value.to_bytes(16, "little")
+        out[f"{name}-hex"] = f"{value:032x}".encode()
+        out[f"{name}-dec"] = str(value).encode()
+    words = np.asarray(jax.random.key_data(noise.key_from_seed(child_seed(secret, _NOISE_STREAM))), np.uint32)
+    out["noise-key-words"] = words.tobytes()
+    out["noise-key-words-be"] = words.byteswap().tobytes()
+    return out
+
+
+def test_a_finished_run_leaves_no_byte_of_its_secret_and_publishes_its_params(tmp_path, fixed_secret):
+    import flax.serialization
+
+    final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=tiny_datasets())
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "checkpoints-corrupt").exists()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"params.msgpack", "model.json", "final.json", "config.json", "history.jsonl"} <= {p.name for p in files}
+    for path in files:
+        content = path.read_bytes()
+        for name, pattern in _secret_byte_strings(SECRET).items():
+            assert pattern not in content, (path, name)
+    # The published model: Flax variables in one line, and a card with epsilon and no non-private statistic.
+    variables = flax.serialization.msgpack_restore((tmp_path / "params.msgpack").read_bytes())
+    assert set(variables) == {"params"} and jax.tree_util.tree_leaves(variables["params"])
+    card = json.loads((tmp_path / "model.json").read_text())
+    assert card["privacy"]["epsilon"] == final["epsilon"] and card["privacy"]["delta"] == 1e-6
+    assert card["test_metrics"]["accuracy"] == final["metrics"]["accuracy"]
+    assert not [k for k in json.dumps(card).split('"') if k.startswith("nonprivate_")]
+
+
+def test_keep_checkpoints_keeps_the_secret_with_a_warning(tmp_path, fixed_secret, capsys):
+    config = tiny_config(**{"train.epochs": 0.5, "train.keep_checkpoints": True})
+    train.train_and_evaluate(config, tmp_path, datasets=tiny_datasets())
+    assert int(Checkpointer(tmp_path / "checkpoints").latest_record()["run_secret"], 16) == SECRET
+    assert "holds the run's secret" in capsys.readouterr().out
+    # Rerunning the finished run without the flag deletes what it kept.
+    train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5}), tmp_path, datasets=tiny_datasets())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_on_another_training_set_is_refused(tmp_path, fixed_secret):
+    config, data, _ = reference_and_interrupted_run(tmp_path, fixed_secret)
+    other = tiny_datasets(seed=1)
+    with pytest.raises(ValueError, match="were written for another training set"):
+        train.train_and_evaluate(config, tmp_path / "run", datasets=other)
+    resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)  # the right data still resumes
+    assert resumed["steps"] == 9
+
+
+def test_every_history_row_of_a_reproducible_run_says_its_epsilon_is_no_guarantee(tmp_path):
+    config = tiny_config(**{"train.epochs": 1.0, "dp.reproducible": True})
+    train.train_and_evaluate(config, tmp_path, datasets=tiny_datasets())
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("not a guarantee" in row["epsilon_note"] for row in rows)
