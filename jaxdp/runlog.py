@@ -91,40 +91,52 @@ class RunProgress:
     """One status line per run: step, loss, per-group accuracy, epsilon, speed and ETA.
 
     Call it as ``progress(step, total_steps, info)``; ``info`` may hold ``loss``, ``accuracy_0``, ``accuracy_1``
-    and ``epsilon``, and ``loss_label`` (how the loss is named: a training loss computed without noise is not
-    covered by the run's epsilon, and the line says so). On a terminal the line is rewritten in place; in a log
-    file a new line is written at most every ``log_every_s`` seconds, so logs of long runs stay readable.
+    (shown under ``group_names``' initials, "F" / "M" by default) and ``epsilon``, and ``loss_label`` (how the loss
+    is named: a training loss computed without noise is not covered by the run's epsilon, and the line says so).
+
+    The line changes only once a window of ``window_steps`` steps has completed (and at the last step), and its
+    speed is that window's: a step's duration shows the size of its (Poisson) batch, which the reported epsilon
+    does not cover, so no output resolves single steps. On a terminal the line is rewritten in place; in a log file
+    a new line is written at most every ``log_every_s`` seconds, so logs of long runs stay readable.
     """
 
-    def __init__(self, label: str, stream: Any = None, log_every_s: float = 30.0):
+    def __init__(self, label: str, stream: Any = None, log_every_s: float = 30.0, window_steps: int = 20):
         self.label = label
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.log_every_s = log_every_s
+        self.window_steps = max(1, int(window_steps))
         self.t0 = time.monotonic()
-        self.first: tuple[int, float] | None = None  # (step, time) of the first report: excludes compile
+        self.window: tuple[int, float] | None = None  # (step, time) where the current window began
+        self.rate: float | None = None  # steps/s over the last completed window
         self.last_print = -float("inf")
         self.line = ""
 
     def __call__(self, step: int, total_steps: int, info: Mapping[str, Any]) -> None:
         now = time.monotonic()
-        if self.first is None:
-            self.first = (step, now)
-        rate = None
-        if step > self.first[0] and now > self.first[1]:
-            rate = (step - self.first[0]) / (now - self.first[1])
-        eta = (total_steps - step) / rate if rate else None
+        if self.window is None:  # the first report, after compilation: windows start here
+            self.window = (step, now)
+            if step < total_steps:
+                return
+        start, began = self.window
+        if step - start < self.window_steps and step < total_steps:
+            return
+        if step > start and now > began:
+            self.rate = (step - start) / (now - began)
+        self.window = (step, now)
+        eta = (total_steps - step) / self.rate if self.rate else None
         bits = [f"{self.label} step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
         if info.get("loss") is not None:
             bits.append(f"{info.get('loss_label', 'loss')} {float(info['loss']):.3f}")
         if info.get("accuracy_0") is not None and info.get("accuracy_1") is not None:
-            bits.append(f"acc F {float(info['accuracy_0']):.1f} / M {float(info['accuracy_1']):.1f}")
+            a, b = (str(name)[:1].upper() for name in info.get("group_names") or ("female", "male"))
+            bits.append(f"acc {a} {float(info['accuracy_0']):.1f} / {b} {float(info['accuracy_1']):.1f}")
         if info.get("epsilon") is not None:
             bits.append(f"eps {float(info['epsilon']):.2f}")
         if info.get("note"):
             bits.append(str(info["note"]))
-        if rate:
-            bits.append(f"{rate:.2f} steps/s")
+        if self.rate:
+            bits.append(f"{self.rate:.2f} steps/s")
         bits.append(f"ETA {hms(eta)}")
         self.line = "  ".join(bits)
         if self.tty:

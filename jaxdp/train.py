@@ -90,7 +90,7 @@ class _Run:
     loop in :func:`train_and_evaluate` drives it)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path, datasets: tuple | None) -> None:
-        from jaxdp import models
+        from jaxdp import data, models
 
         self.config, self.workdir, self.clock = config, workdir, RunClock()
         private = bool(config.dp.enabled)
@@ -113,6 +113,7 @@ class _Run:
             else:
                 self.secret, fresh_secret = new_run_secret(), True
         self.public_size = len(self.train_set.label)
+        self.group_names = data.group_names(config.data)
         self.audit_sets = None
         if config.audit.enabled:
             self.audit_sets = AuditSets.build(config, self.train_set, holdout, self.secret)
@@ -255,7 +256,6 @@ class _Run:
 
     def final(self, started: float) -> dict:
         """``final.json``'s content (after the audit, if the run has one)."""
-        from jaxdp import data
 
         plan, config = self.plan, self.config
         delta = float(config.dp.delta)
@@ -266,7 +266,7 @@ class _Run:
             "noise_multiplier": plan.noise_multiplier, "method": plan.method.name if plan.private else None,
             "clipping_strategy": self.strategy[0], "clipping_strategy_reason": self.strategy[1],
             "extra_noise_multipliers": list(plan.extra_noise_multipliers),
-            "group_names": list(data.group_names(config.data)), "steps": plan.num_steps,
+            "group_names": list(self.group_names), "steps": plan.num_steps,
             "sampling": plan.sampler.scheme, "sampling_prob": plan.sampler.sampling_prob,
             "chunk_widths": list(plan.sampler.chunk_widths), "train_size": self.public_size,
             "test_size": int(len(self.test_set.label)), "devices": int(self.mesh.size),
@@ -381,7 +381,8 @@ def train_and_evaluate(
             plan.record_step(run.ledger)
             if evaluating:
                 row = run.evaluate(done, started, misalignment)
-                info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")} | {"note": note}
+                info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")} | {
+                    "note": note, "group_names": run.group_names}
                 if config.train.nonprivate_diagnostics:
                     info.update(loss=row["nonprivate_train_loss"], loss_label="nonprivate loss")
             if done % ckpt_every == 0 or done == total:
