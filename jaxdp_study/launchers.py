@@ -226,8 +226,10 @@ def run_one(config: ml_collections.ConfigDict | Mapping[str, Any], run_dir: str 
         try:
             return fn(config, str(run_dir), on_progress=progress)
         except BaseException:
-            if leader and state == "new" and not stepped and not any(_checkpoint_steps(run_dir / "checkpoints")):
-                clear_run_dir(run_dir)  # nothing ran: nothing of this attempt may block the next command
+            no_step = not stepped and max(_checkpoint_steps(run_dir / "checkpoints"), default=0) == 0
+            if leader and state == "new" and no_step:
+                # Nothing ran: nothing of this attempt may block the next command (files set aside before stay).
+                clear_run_dir(run_dir, keep_set_aside=True)
             raise
     finally:
         lock.release()

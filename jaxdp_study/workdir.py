@@ -109,12 +109,18 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_of(handle)
-            handle.close()
-            raise RunBusy(self.run_dir, holder) from None
+        for attempt in range(10):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                if handle.read().strip() or attempt == 9:  # a holder that wrote its name: it is training
+                    holder = _holder_of(handle)
+                    handle.close()
+                    raise RunBusy(self.run_dir, holder) from None
+                # No name yet: a holder just starting, or just ending, or lock_holder() glancing: look again.
+                time.sleep(0.02)
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -228,10 +234,11 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
             entry.unlink(missing_ok=True)
 
 
-def clear_run_dir(run_dir: str | os.PathLike) -> None:
-    """Deletes everything in ``run_dir`` but its lock (hold the lock: see :class:`RunLock`)."""
+def clear_run_dir(run_dir: str | os.PathLike, *, keep_set_aside: bool = False) -> None:
+    """Deletes everything in ``run_dir`` but its lock (hold the lock: see :class:`RunLock`) and, with
+    ``keep_set_aside``, the damaged files and abandoned checkpoints moved aside earlier."""
     for entry in Path(run_dir).iterdir():
-        if entry.name == LOCK:
+        if entry.name == LOCK or (keep_set_aside and _is_own(entry.name)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
