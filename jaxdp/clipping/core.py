@@ -95,15 +95,14 @@ def sensitivity(l2_clip_norm: float | PyTree) -> float:
 
 
 def validate_clip_norm(l2_clip_norm: float | PyTree) -> None:
-    """Raises ValueError unless every bound is a finite number > 0 (TypeError for a string or a bool, which
-    ``float()`` would otherwise accept: ``"5"`` is a typo for ``5.0`` or a value read unparsed from a file)."""
+    """Raises ValueError unless every bound is a finite number > 0."""
     leaves = jax.tree_util.tree_leaves(l2_clip_norm)
     if not leaves:
         raise ValueError("l2_clip_norm is an empty pytree; give a positive number or a tree of them.")
     for c in leaves:
-        if isinstance(c, str | bytes | bool | np.bool_):
-            raise TypeError(f"l2_clip_norm must be a number > 0 (or a pytree of them); got the "
-                            f"{type(c).__name__} {c!r}.")
+        if isinstance(c, str | bytes | bool) or not isinstance(c, int | float | np.number | np.ndarray | jax.Array):
+            raise TypeError(f"l2_clip_norm must be a number > 0 (or a pytree of them); got {c!r} of type "
+                            f"{type(c).__name__}.")
         value = float(c)
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"l2_clip_norm must be a finite number > 0 (or a pytree of them); got {value}.")
@@ -236,27 +235,6 @@ def microbatched(chunk_fn: ChunkFn, size: int, params: PyTree, inputs: jax.Array
     return total, norms.reshape(-1)[:batch], losses.reshape(-1)[:batch]
 
 
-def _describe_array(a: Any) -> str:
-    """``float32[4]``, ``bool[4,1]``: an argument's dtype and shape, for error messages."""
-    return f"{jnp.result_type(a)}[{','.join(str(d) for d in jnp.shape(a))}]"
-
-
-def _check_batch(inputs: PyTree, labels: jax.Array, mask: jax.Array) -> int:
-    """The batch size; ValueError naming the argument when ``inputs``, ``labels`` and ``mask`` disagree (checked
-    at trace time: shapes and dtypes are static), instead of a broadcasting error that names none of them."""
-    leaves = jax.tree_util.tree_leaves(inputs)
-    n = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else None
-    if jnp.ndim(labels) and n is not None and jnp.shape(labels)[0] != n:
-        raise ValueError(f"labels has {jnp.shape(labels)[0]} examples but inputs has {n} (their leading axes must "
-                         f"agree); got labels {_describe_array(labels)}.")
-    n = n if n is not None else (jnp.shape(labels)[0] if jnp.ndim(labels) else None)
-    if n is None or jnp.shape(mask) != (n,) or jnp.result_type(mask) != jnp.bool_:
-        expected = f"({n},)" if n is not None else "(batch,)"
-        raise ValueError(f"mask must be a bool array of shape {expected} (one entry per example of inputs and "
-                         f"labels; False for padding); got {_describe_array(mask)}.")
-    return n
-
-
 def _check_clip_args(clip_args: PyTree, batch: int) -> None:
     for leaf in jax.tree_util.tree_leaves(clip_args):
         if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
@@ -322,7 +300,7 @@ def clipped_grad(
     chunk = get_strategy(strategy)(loss_fn, l2_clip_norm, clip_rule, **dict(strategy_options or {}))
 
     def grad_fn(params, inputs, labels, mask, clip_args=None):
-        batch = _check_batch(inputs, labels, mask)
+        batch = mask.shape[0]
         _check_clip_args(clip_args, batch)
         if microbatch_size is None or microbatch_size >= batch:
             clipped, norms, losses = chunk(params, inputs, labels, mask, clip_args)
