@@ -30,7 +30,10 @@ from jaxdp.runlog import RunProgress, hms
 from jaxdp_study.grid import Run, SweepError, config_to_dict, expand, select_runs
 from jaxdp_study.workdir import (
     ABANDONED,
+    CORRUPT,
     FINAL,
+    LOCK,
+    RUN_RECORD,
     RunBusy,
     RunLock,
     RunStatus,
@@ -99,34 +102,53 @@ def _checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _trained_before(run_dir: Path) -> str | None:
+    """What shows that a run trained before (a final.json set aside as damaged, evaluations in history.jsonl), or
+    None."""
+    damaged = sorted(p.name for p in run_dir.glob(f"{FINAL}{CORRUPT}*"))
+    if damaged:
+        return f"its final.json was damaged and set aside ({damaged[-1]})"
+    history = run_dir / "history.jsonl"
+    rows = sum(1 for line in history.read_text(errors="replace").splitlines() if line.strip()) \
+        if history.is_file() else 0
+    return f"its history.jsonl records {rows} evaluation{'s' if rows > 1 else ''}" if rows else None
+
+
 def _check_resumable(config: ml_collections.ConfigDict, run_dir: Path, fresh_start: bool) -> None:
     """A run whose randomness is a secret kept only in its checkpoints resumes only if a checkpoint record reads:
-    otherwise it would draw a second secret (jaxdp.checkpoint.CheckpointsUnreadable). With ``fresh_start`` its
-    training files are set aside in ``<run>/abandoned-<time>/`` instead (nothing is deleted) and it starts over."""
+    otherwise it would draw a second secret (jaxdp.checkpoint.CheckpointsUnreadable), also when its checkpoints are
+    gone (a finished run deletes them; a damaged final.json then cannot be recomputed). With ``fresh_start`` its
+    files but the record are set aside in ``<run>/abandoned-<time>/`` instead (nothing is deleted) and it starts
+    over. For jaxdp.train's checkpoint layout only (``train_fn`` None or declaring ``writes_jaxdp_checkpoints``)."""
     if not config.dp.enabled or config.dp.reproducible:
         return  # randomness from train.seed: restarting replays the same batches and noise
-    checkpoints = run_dir / "checkpoints"
-    corrupt = run_dir / "checkpoints-corrupt"
-    if not _checkpoint_steps(checkpoints) and not corrupt.is_dir():
-        return
     from jaxdp.checkpoint import Checkpointer, CheckpointsUnreadable
 
-    checkpointer = Checkpointer(checkpoints)
-    try:
-        checkpointer.latest_record()
-        return
-    except CheckpointsUnreadable:
+    checkpoints = run_dir / "checkpoints"
+    if _checkpoint_steps(checkpoints) or (run_dir / "checkpoints-corrupt").is_dir():
+        checkpointer = Checkpointer(checkpoints)
+        try:
+            checkpointer.latest_record()
+            return
+        except CheckpointsUnreadable:
+            if not fresh_start:
+                raise
+        finally:
+            checkpointer.close()
+    else:
+        evidence = _trained_before(run_dir)
+        if evidence is None:
+            return
         if not fresh_start:
-            raise
-    finally:
-        checkpointer.close()
+            raise CheckpointsUnreadable(checkpoints, f"there is none, but {evidence}; a finished run deletes its "
+                                        "checkpoints")
     target = run_dir / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}"
     target.mkdir(mode=0o700)
     for entry in run_dir.iterdir():
-        if entry.name in ("checkpoints", "checkpoints-corrupt", "history.jsonl", "config.json"):
+        if entry.name not in (LOCK, RUN_RECORD) and not entry.name.startswith(ABANDONED):
             shutil.move(str(entry), str(target / entry.name))
-    sys.stderr.write(f"warning: --fresh_start: set the unreadable checkpoints of {run_dir} aside in {target}; the "
-                     "run starts over with a new secret\n")
+    sys.stderr.write(f"warning: --fresh_start: set the files of {run_dir} aside in {target} (its checkpoints cannot "
+                     "be read); the run starts over with a new secret\n")
 
 
 def _is_leader(distributed: bool) -> bool:
@@ -197,7 +219,8 @@ def run_one(config: ml_collections.ConfigDict | Mapping[str, Any], run_dir: str 
             if state == "finished":
                 code = _FINISHED
             else:
-                _check_resumable(config, run_dir, fresh_start)
+                if train_fn is None or getattr(train_fn, "writes_jaxdp_checkpoints", False):
+                    _check_resumable(config, run_dir, fresh_start)
                 write_run_record(run, run_dir)
         except RunBusy as e:
             code, holder = _BUSY, e.holder

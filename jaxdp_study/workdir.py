@@ -215,7 +215,7 @@ def set_aside_damaged(run_dir: str | os.PathLike) -> None:
         set_aside(run_dir / RUN_RECORD, "the run is checked against its config.json instead, and the sweep writes "
                   "its record again")
     if _damaged(run_dir / FINAL):
-        set_aside(run_dir / FINAL, "the run counts as unfinished and resumes from its checkpoints")
+        set_aside(run_dir / FINAL, "the run counts as unfinished: it resumes from its checkpoints, if it has any")
     if _damaged(run_dir / RUN_CONFIG):
         set_aside(run_dir / RUN_CONFIG, "the run's sweep_run.json says which config it holds")
 

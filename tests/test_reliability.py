@@ -546,6 +546,13 @@ def _dp_secret_sweep() -> ml_collections.ConfigDict:
     return c
 
 
+class CheckpointingFake(FakeTrain):
+    """FakeTrain declaring jaxdp.train's checkpoint layout (orbax steps under checkpoints/), which the sweep then
+    checks before resuming a secret-seed run."""
+
+    writes_jaxdp_checkpoints = True
+
+
 def test_sweep_refuses_a_secret_run_whose_checkpoints_are_unreadable_unless_fresh_start(tmp_path):
     config = _dp_secret_sweep()
     (run,) = grid.expand(config)
@@ -556,7 +563,7 @@ def test_sweep_refuses_a_secret_run_whose_checkpoints_are_unreadable_unless_fres
     workdir.write_run_record(run, run_dir)
     _secret_checkpoints(run_dir)
     _damage_records(run_dir)
-    fake = FakeTrain()
+    fake = CheckpointingFake()
     with pytest.raises(CheckpointsUnreadable, match="--fresh_start"):
         launchers.run_sweep(config, tmp_path, train_fn=fake)
     assert fake.calls == [] and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0", "4"]
@@ -564,6 +571,28 @@ def test_sweep_refuses_a_secret_run_whose_checkpoints_are_unreadable_unless_fres
     assert result.trained == [run.name]
     (abandoned,) = run_dir.glob("abandoned-*")
     assert sorted(p.name for p in (abandoned / "checkpoints").iterdir()) == ["0", "4"]
+
+
+def test_a_finished_secret_run_whose_final_json_is_damaged_is_not_trained_again_silently(tmp_path, capsys):
+    """A finished run deletes its secret-bearing checkpoints (jaxdp.train): a damaged final.json cannot be
+    recomputed from them, and training again would draw a second secret. Refused unless --fresh_start."""
+    config = _dp_secret_sweep()
+    (run,) = grid.expand(config)
+    launchers.run_sweep(config, tmp_path, train_fn=CheckpointingFake())
+    run_dir = tmp_path / run.name
+    shutil.rmtree(run_dir / "checkpoints")  # what a finished run of jaxdp.train leaves: no checkpoint
+    (run_dir / "final.json").write_text("{trunc")
+    fake = CheckpointingFake()
+    with pytest.raises(CheckpointsUnreadable) as e:
+        launchers.run_sweep(config, tmp_path, train_fn=fake)
+    assert (f"no checkpoint in {run_dir / 'checkpoints'} can be read (there is none, but its final.json was "
+            "damaged and set aside (final.json.corrupt-") in str(e.value)
+    assert fake.calls == [] and "moved it to final.json.corrupt-" in capsys.readouterr().err
+    result = launchers.run_sweep(config, tmp_path, train_fn=fake, fresh_start=True)
+    assert result.trained == [run.name] and json.loads((run_dir / "final.json").read_text())["steps"] == 8
+    (abandoned,) = run_dir.glob("abandoned-*")
+    assert {"history.jsonl", "config.json"} <= {p.name for p in abandoned.iterdir()}
+    assert any(p.name.startswith("final.json.corrupt-") for p in abandoned.iterdir())
 
 
 # ------------------------------------------------------------------------------- 9. damaged prepared data (tfds)
