@@ -360,6 +360,12 @@ def dp_noise(
         updates, opt_state = opt.update(clipped_sum, opt_state, params)
         updates, opt_state = opt.update(clipped_sum, opt_state, params, l2_clip_norm=max_group_bound)
     """
+    if key is None:
+        raise TypeError("dp_noise: key is None; pass a secret key: jaxdp.noise.secret_key() (or "
+                        "jaxdp.noise.key_from_seed(seed) with a seed kept as secret as the model).")
+    if isinstance(noise_multiplier, str | bytes | bool):
+        raise TypeError(f"noise_multiplier must be a number >= 0; got the {type(noise_multiplier).__name__} "
+                        f"{noise_multiplier!r}.")
     validate_clip_norm(l2_clip_norm)
     noise_multiplier = float(noise_multiplier)
     if not np.isfinite(noise_multiplier) or noise_multiplier < 0:

@@ -1,18 +1,35 @@
-"""What a run writes and prints: atomic files, JSON that is always valid, and one progress line per run.
+"""What a run writes and prints: atomic files, JSON that is always valid, one progress line per run, clean stops.
 
 Every file jaxdp writes goes through :func:`atomic_writer` (write to a temporary file in the same directory,
-then ``os.replace``), so a crash or a kill never leaves a half-written ``final.json``, ``history.jsonl``, cache or
-generated archive behind: a reader sees the old file or the new one. JSON is written through :func:`json_safe`,
-which turns NaN and infinities (not JSON) into ``null`` and NumPy scalars into Python numbers.
+flush it to disk, then ``os.replace``), so a crash, a kill or a full disk never leaves a half-written
+``final.json``, ``history.jsonl``, report file, cache or generated archive behind: a reader sees the old file or
+the new one. Text (CSV, markdown, JSON) and bytes (a PNG that matplotlib drew into a buffer, or straight into
+the handle) both go through it. JSON is written through :func:`json_safe`, which turns NaN and infinities (not
+JSON) into ``null`` and NumPy scalars into Python numbers. :func:`describe_os_error` turns a failed write
+(disk full, read-only folder, no permission) into one line saying what to do.
+
+Stopping (SIGINT, SIGTERM): :func:`install_stop_handlers` makes either signal raise :class:`Stopped`, which a
+command line turns into "stopped; rerun the same command to resume" and exit status 128 + the signal number
+(130, 143). Code that can stop at a better place than wherever the signal lands (the training loop, after a
+checkpoint) runs inside :func:`deferred_stops` and polls :func:`stop_requested` once per step::
+
+    with runlog.deferred_stops():
+        for step in range(start, total):
+            ...
+            if (signum := runlog.stop_requested()) is not None:
+                save_checkpoint(step + 1)
+                raise runlog.Stopped(signum)
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -36,30 +53,91 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """A file handle whose content replaces ``path`` atomically when the ``with`` block ends without error.
 
-    The temporary file lives next to ``path`` (same file system, so ``os.replace`` is atomic) and is removed
-    if the block raises. Files are created readable by everyone (0644), like ordinary files, not 0600.
+    ``mode``: ``"w"`` (text, UTF-8) or ``"wb"`` (bytes; e.g. ``fig.savefig(handle, format="png")``). The
+    temporary file, ``.<name>.<random>.tmp`` (:func:`temporary_target` recognises it), lives next to ``path``
+    (same file system, so ``os.replace`` is atomic); its content is flushed to disk before the rename, so the
+    new file is complete even after a power cut; it is removed if the block raises (a full disk, a bug in the
+    writer), and ``path`` keeps its previous content. Files are created readable by everyone (0644), like
+    ordinary files, not 0600.
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writer mode={mode!r}: use 'w' (text) or 'wb' (bytes).")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, mode) as handle:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as error:
+        ours = error.filename is None or temporary_target(os.path.basename(str(error.filename))) == path.name
+        if error.errno in _OS_ERROR_ADVICE and (ours or str(error.filename) == str(path.parent)):
+            # Name the file being written, not our temporary one: "cannot write .../final.json: no space ...".
+            raise type(error)(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Writes ``data`` (text or bytes) to ``path`` atomically; returns the path."""
-    with atomic_writer(path, "wb" if isinstance(data, bytes) else "w") as f:
+    """Writes ``data`` (text or bytes) to ``path`` atomically; returns the path.
+
+    For a matplotlib figure: ``buffer = io.BytesIO(); fig.savefig(buffer, format="png"); write_atomic(path,
+    buffer.getvalue())`` (or ``with atomic_writer(path, "wb") as f: fig.savefig(f, format="png")``).
+    """
+    with atomic_writer(path, "wb" if isinstance(data, bytes | bytearray | memoryview) else "w") as f:
         f.write(data)
     return Path(path)
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name that ``name`` is a temporary file of :func:`atomic_writer` for (``".final.json.ab12cd.tmp"``
+    -> ``"final.json"``), or None when ``name`` is not one. A kill between creating it and renaming it leaves
+    one behind: it is garbage, never a user's file."""
+    if not (name.startswith(".") and name.endswith(_TEMP_SUFFIX)):
+        return None
+    target, dot, random = name[1:-len(_TEMP_SUFFIX)].rpartition(".")
+    return target if dot and target and random and random.replace("_", "").isalnum() else None
+
+
+# What to do about a failed write, by errno: one owner for the advice every writer's error carries.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: ("no space left on the device", "free space on that file system (or choose a directory on a "
+                   "larger one)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or choose a directory on another "
+                   "file system)"),
+    errno.EROFS: ("the file system is read-only", "choose a directory on a writable file system"),
+    errno.EACCES: ("permission denied", "make it writable for you (e.g. chmod u+w) or choose another directory"),
+    errno.EPERM: ("operation not permitted", "make it writable for you (e.g. chmod u+w) or choose another "
+                  "directory"),
+}
+
+
+def describe_os_error(error: OSError, what: str = "") -> str:
+    """One line for a failed write: what failed, where, why, and what to do (by ``error.errno``: disk full, quota,
+    read-only file system, no permission); other errors are named with their file.
+
+    >>> describe_os_error(OSError(errno.EROFS, "Read-only file system", "/w/final.json"))
+    'cannot write /w/final.json: the file system is read-only (EROFS); choose a directory on a writable file system'
+    """
+    where = what or error.filename or "a file"
+    code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
+    if error.errno in _OS_ERROR_ADVICE:
+        reason, advice = _OS_ERROR_ADVICE[error.errno]
+        return f"cannot write {where}: {reason} ({code}); {advice}"
+    detail = error.strerror or str(error)
+    return f"{where}: {detail}" + (f" ({code})" if code else "")
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
@@ -162,3 +240,84 @@ class RunProgress:
             self.stream.write("\r\x1b[K")
         self.stream.write("  ".join(bits) + "\n")
         self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------- stopping
+
+
+class Stopped(BaseException):
+    """The process was asked to stop (SIGINT: Ctrl-C; SIGTERM: what SLURM sends before it kills a job).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way swallows it. A command
+    line prints "stopped; rerun the same command to resume" and exits with :attr:`exit_code` (130 for SIGINT, 143
+    for SIGTERM). Raised by the handlers of :func:`install_stop_handlers`, or by code that polls
+    :func:`stop_requested` once it has saved what it can.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(int(signum))
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        return f"stopped by {name}"
+
+
+_stop_request: int | None = None  # the signal number of a stop that deferred code has not acted on yet
+_deferring = 0  # nesting depth of deferred_stops()
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    global _stop_request
+    if _deferring and _stop_request is None:
+        _stop_request = signum  # the code inside deferred_stops() stops at its next poll
+        return
+    raise Stopped(signum)  # no one polls, or a second signal: stop now
+
+
+def install_stop_handlers(signums: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Makes SIGINT and SIGTERM stop the process with :class:`Stopped` (call it from the main thread).
+
+    Outside :func:`deferred_stops` the exception is raised wherever the signal lands, as KeyboardInterrupt would
+    be (files are still never half-written: every writer is atomic). Inside, the first signal only records the
+    request, for :func:`stop_requested`; a second one raises at once.
+    """
+    for signum in signums:
+        signal.signal(signum, _on_stop_signal)
+
+
+def stop_requested() -> int | None:
+    """The signal number of a pending stop request (SIGINT or SIGTERM received inside :func:`deferred_stops`),
+    or None. Poll it where stopping is clean (once per training step), save a checkpoint, then raise
+    ``Stopped(signum)``."""
+    return _stop_request
+
+
+def clear_stop_request() -> None:
+    """Forgets a pending stop request (for a process that handled it and goes on, e.g. a test)."""
+    global _stop_request
+    _stop_request = None
+
+
+@contextlib.contextmanager
+def deferred_stops() -> Iterator[None]:
+    """Inside: a stop signal waits for the code to poll :func:`stop_requested` (a second signal stops at once).
+
+    If a request is still pending when the outermost block ends without an exception (the signal came after the
+    last poll), :class:`Stopped` is raised on leaving it: a process asked to stop never starts further work.
+    """
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _stop_request is not None:
+        raise Stopped(_stop_request)

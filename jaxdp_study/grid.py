@@ -128,6 +128,20 @@ def _axis_values(sweep_name: str, grid_name: str, path: str, values: Any) -> tup
     return tuple(values)
 
 
+def axis_sets(axis: str) -> tuple[str, ...]:
+    """The config keys that sweep axis ``axis`` sets in each run: the key itself, or for the special axes those of
+    ``privacy`` (:func:`jaxdp_study.paper.privacy_settings`, over every level) and ``seed`` (:data:`SEED_KEYS`).
+
+    >>> axis_sets("privacy")
+    ('dp.enabled', 'dp.noise_multiplier', 'dp.privacy_level')
+    """
+    if axis == "privacy":
+        return tuple(sorted({k for level in PRIVACY_LEVELS for k in privacy_settings(level)}))
+    if axis == "seed":
+        return SEED_KEYS
+    return (axis,)
+
+
 def _bad_seeds(values: Sequence[Any]) -> list[Any]:
     """The values that are not seeds (integers >= 0; a bool is not one)."""
     return [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]

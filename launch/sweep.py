@@ -10,16 +10,37 @@
     python launch/sweep.py --config configs/demo.py --record           # + the wall time as a dated record
 
 Rerunning the same command skips finished runs and resumes interrupted ones from their checkpoints. A run
-directory holding a different config is refused (choose another --workdir, or --overwrite to retrain it).
+directory holding a different config is refused (choose another --workdir, or --overwrite to retrain it). Two
+sweeps on one workdir share the work: each run is locked by the process training it, and the other skips it.
+
+A mistake on the command line (an unknown key, a value of the wrong type, an override that a sweep axis
+overwrites, a config file that does not load, a value no run can use) is refused with one line on stderr and
+exit status 2, before anything is written. Ctrl-C (SIGINT) and SIGTERM print "stopped; rerun the same command to
+resume" and exit with 130 and 143. The failure modes and what the sweep does in each: docs/failure-modes.md.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
+
+_STOPPED = "stopped; rerun the same command to resume"
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    # Until main() installs jaxdp.runlog's handlers (imports take seconds): the line and the status, no traceback.
+    sys.stderr.write(f"\n{_STOPPED}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _stop_while_starting)
 
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -48,6 +69,11 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and their state (n
                              "train nothing, write nothing.")
 _REPORT = flags.DEFINE_bool("report", True, "Write summary.csv, Table 1 and figures after training.")
 _FIGURES = flags.DEFINE_bool("figures", True, "Draw the figures (--nofigures: tables only, faster).")
+_FRESH_START = flags.DEFINE_bool("fresh_start", False,
+                                 "Start over a run with a secret seed whose checkpoints cannot be read (they are set "
+                                 "aside in <run>/abandoned-<time>/, not deleted). Without it such a run is refused: "
+                                 "training it again draws a new secret, a second release on the same data.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the Python traceback of a failed run instead of one line.")
 _WAIT = flags.DEFINE_bool("wait", None, "submitit launchers: wait for the jobs, then write the report "
                           "(default: yes for submitit_local, no for slurm).")
 _RECORD = flags.DEFINE_bool("record", False,
@@ -76,6 +102,12 @@ def _die(message: str) -> None:
     sys.exit(2)
 
 
+def _one_line(text: str) -> str:
+    """An exception's message on one line (absl and config_flags quote and escape theirs)."""
+    text = str(text).replace("\\'", "'").replace("\\n", " ").strip("\"'")
+    return " ".join(text.split())
+
+
 def _config_path(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
@@ -86,27 +118,28 @@ def _config_path(argv: list[str]) -> str | None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with the config file and override mistakes turned into one-line errors."""
+    """absl flag parsing, with the config file and override mistakes turned into one-line errors (each names the
+    argument, the key and what is allowed) before absl sees them."""
+    from jaxdp_study import grid, overrides
+
     path = _config_path(argv)
     if path is not None:
         file = path.split(":", 1)[0]
         if not os.path.isfile(file):
             _die(f"config file {file!r} does not exist (relative to {os.getcwd()}); "
                  f"pass one of {sorted(str(p.relative_to(_REPO)) for p in (_REPO / 'configs').glob('*.py'))}")
+        try:
+            config = overrides.load_config_file(path)
+            overrides.check_overrides(config, overrides.parse_overrides(argv[1:]))
+        except grid.SweepError as e:
+            _die(str(e))
+    elif overrides.parse_overrides(argv[1:]):
+        _die(f"{overrides.parse_overrides(argv[1:])[0].arg}: give the config file first, e.g. --config "
+             "configs/demo.py --config.train.epochs=3")
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).strip("\"'")
-        overrides = [a for a in argv if a.startswith("--config.")]
-        culprit = [a for a in overrides if a[2:].split("=")[0] in message
-                   or message.split("'")[0].strip() in a.split("=")[0].split(".")]
-        if not culprit and not isinstance(e, flags.Error):
-            culprit = overrides
-        if culprit:
-            _die(f"cannot apply config override {' '.join(culprit)}: no such key ({message}). The keys a "
-                 f"config accepts are those of jaxdp/config.py base_config() (sections data, model, dp, "
-                 f"optim, train) and the file's sweep grids; check the spelling")
-        _die(f"{message}\nrun `python launch/sweep.py --helpfull` for the flags")
+        _die(f"{_one_line(e)}; run `python launch/sweep.py --helpfull` for the flags")
     return []  # unreachable
 
 
@@ -139,15 +172,47 @@ def _record(config, result, wall_time_s: float) -> None:
     print(f"recorded {path}")
 
 
+def _stopped(signum: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"{_STOPPED}\n")
+    sys.stderr.flush()
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str]) -> None:
-    started = time.time()
     from absl import logging
 
-    from jaxdp_study import grid, launchers, report
-    from jaxdp_study import workdir as run_dirs
+    from jaxdp import runlog
 
+    runlog.install_stop_handlers()
     if not FLAGS["verbosity"].present:  # orbax logs every checkpoint at INFO; keep the run lines readable
         logging.set_verbosity(logging.WARNING)
+    try:
+        _main(argv)
+    except runlog.Stopped as e:
+        _stopped(e.signum)
+    except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
+
+
+def _write_report(workdir: str | os.PathLike) -> list[Path]:
+    from jaxdp import runlog
+    from jaxdp_study import grid, report
+
+    try:
+        return report.write_report(workdir, figures=_FIGURES.value)
+    except grid.SweepError as e:
+        _die(str(e))
+    except OSError as e:
+        _die(f"writing the report: {runlog.describe_os_error(e)}")
+    return []  # unreachable
+
+
+def _main(argv: list[str]) -> None:
+    started = time.time()
+    from jaxdp import runlog
+    from jaxdp_study import grid, launchers, overrides
+    from jaxdp_study import workdir as run_dirs
 
     mode = _MODE.value
     extra = argv[1:]
@@ -163,11 +228,7 @@ def main(argv: list[str]) -> None:
         if not run_dirs.find_run_dirs(workdir):
             _die(f"{workdir!r} holds no sweep runs (no */{run_dirs.RUN_RECORD}); pass the --workdir a sweep "
                  f"wrote to")
-        try:
-            written = report.write_report(workdir, figures=_FIGURES.value)
-        except grid.SweepError as e:
-            _die(str(e))
-        print("\n".join(f"wrote {p}" for p in written))
+        print("\n".join(f"wrote {p}" for p in _write_report(workdir)))
         return
     if _LAUNCHER.value not in launchers.LAUNCHERS:
         _die(f"unknown --launcher={_LAUNCHER.value!r}; choose one of {', '.join(launchers.LAUNCHERS)}")
@@ -177,24 +238,47 @@ def main(argv: list[str]) -> None:
         gpus_per_node=_S_GPUS.value, tasks_per_node=_S_TASKS.value, cpus_per_task=_S_CPUS.value,
         mem_gb=_S_MEM.value, array_parallelism=_S_ARRAY.value)
     wait = _WAIT.value if _WAIT.value is not None else _LAUNCHER.value != "slurm"
+    from ml_collections import config_flags
+
+    from jaxdp.checkpoint import CheckpointsUnreadable
+
     try:
         if _SEEDS.value is not None:
             config = grid.with_seeds(config, _parse_seeds(_SEEDS.value))
+        given = config_flags.get_override_values(FLAGS["config"])
+        for warning in overrides.refuse_overwritten(config, given):
+            sys.stderr.write(f"warning: {warning}\n")
         if _DRY_RUN.value:
             runs = grid.select_runs(grid.expand(config), _RUNS.value)
             statuses = run_dirs.prepare_workdir(workdir, runs, overwrite=_OVERWRITE.value, write=False)
             print(f"{len(statuses)} runs in {os.path.abspath(workdir)}")
             print(run_dirs.summarize_plan(statuses))
+            try:  # what a real run would refuse before training, as a warning: the listing stands
+                launchers.check_runs([s.run for s in statuses if s.state != "finished"], launchers.default_check)
+            except grid.SweepError as e:
+                sys.stderr.write("".join(f"warning: training would be refused: {line}\n"
+                                         for line in str(e).splitlines()))
             return
         result = launchers.run_sweep(config, workdir, launcher=_LAUNCHER.value, overwrite=_OVERWRITE.value,
-                                 cache_dir=_CACHE.value, slurm=slurm, wait=wait, run_filter=_RUNS.value)
+                                     cache_dir=_CACHE.value, slurm=slurm, wait=wait, run_filter=_RUNS.value,
+                                     fresh_start=_FRESH_START.value)
     except grid.SweepError as e:
         _die(str(e))
+    except CheckpointsUnreadable as e:
+        _die(str(e))
+    except OSError as e:  # a full disk, a read-only folder, missing or damaged data (DataUnavailable)
+        if _TRACEBACK.value:
+            raise
+        _die(runlog.describe_os_error(e) if e.filename is not None else _one_line(e.strerror or e))
+    except ValueError as e:  # a value only the run itself could check, e.g. data that does not match its checksum
+        if _TRACEBACK.value:
+            raise
+        _die(f"{_one_line(e)} (--traceback shows where it was raised)")
     if not wait:
         print(f"jobs submitted; when they finish: python launch/sweep.py report --workdir {workdir}")
         return
     if _REPORT.value:
-        written = report.write_report(result.workdir, figures=_FIGURES.value)
+        written = _write_report(result.workdir)
         print(f"report: {len(written)} files in {result.workdir} (summary.csv, table1.md, imbalance_drop.md, "
               f"figures/)")
     if _RECORD.value and not result.failed:

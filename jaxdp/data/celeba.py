@@ -78,6 +78,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Iterator
@@ -254,8 +255,7 @@ def build_splits(
         if pair is not None and (holdout is None or held is not None):
             return Splits(pair[0], pair[1], held[0] if held else None)
         with _quiet_tfds():
-            builder = _prepared_builder(source, data_dir, manual_dir)
-            pools = _read_pools(builder, label_attribute, group_attribute)
+            pools = _prepared_pools(source, data_dir, manual_dir, label_attribute, group_attribute)
         what = "generated data" if source == "synthetic" else "CelebA"
         check_fits(_pool_sizes(pools), plan, female_fraction=female_fraction, total=total,
                    split_scheme=split_scheme, test_fraction=test_fraction, what=what,
@@ -356,9 +356,17 @@ class CelebASource(DataSource):
                                               "image_size")}
         subset = _subset_cache(self.file_source, data_dir, manual_dir, **settings,
                                attributes=(arguments["label_attribute"], arguments["group_attribute"]))
-        if (_tfds_data_path(data_dir) / "dataset_info.json").exists() or subset.path.exists():
-            return  # prepared by tfds earlier (the files may have been removed since), or the subset is cached
+        if subset.path.exists():
+            return  # the subset is cached
         missing = [n for n in synthetic.CELEBA_FILE_NAMES if not (manual_dir / n).is_file()]
+        info = _tfds_data_path(data_dir) / "dataset_info.json"
+        if info.exists():  # prepared by tfds earlier (the files may have been removed since)
+            try:
+                json.loads(info.read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                if missing:  # with the files, the damaged copy is prepared again when the run loads it
+                    raise DataUnavailable(_damaged_prepared_message(info.parent, manual_dir, e)) from None
+            return
         if missing:
             raise DataUnavailable(_missing_files_message(missing, manual_dir, data_dir))
         registered = _registered_sizes()
@@ -372,6 +380,10 @@ class CelebASource(DataSource):
 
     def load_splits(self, data_config: Any, holdout_per_group: int) -> Splits:
         return build_splits(**self.build_arguments(data_config), holdout_per_group=holdout_per_group)
+
+    def train_size(self, data_config: Any) -> int:
+        """Exact by the counting rule (the module docstring): the sum of the plan's training cells."""
+        return sum(self.plan(self.build_arguments(data_config)).train.values())
 
     def holdout_capacity(self, data_config: Any) -> dict[int, int]:
         arguments = self.build_arguments(data_config)
@@ -581,6 +593,56 @@ def _prepared_builder(source: str, data_dir: Path, manual_dir: Path) -> Any:
             f"is corrupt or truncated (img_align_celeba.zip, list_attr_celeba.txt, ...); {fix}.") from e
     _log(f"prepared {builder.name} in {builder.data_path} ({time.perf_counter() - started:.1f} s)")
     return builder
+
+
+def _prepared_path(source: str, data_dir: Path, manual_dir: Path) -> Path:
+    """The folder where tfds keeps ``source``'s prepared copy (its builder's ``data_path``), without building it."""
+    if source == "celeba":
+        return _tfds_data_path(data_dir)
+    digest = _source_identity(source, manual_dir)["files"][:16]
+    return data_dir / "celeb_a_generated" / f"files_{digest}" / CELEBA_VERSION
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether ``error`` says the prepared copy is damaged (a truncated or corrupt record, a missing shard, an
+    unreadable dataset_info.json), as opposed to a bug or a setting."""
+    if isinstance(error, json.JSONDecodeError):
+        return True
+    import tensorflow as tf
+    from google.protobuf import json_format
+
+    return isinstance(error, json_format.ParseError | tf.errors.DataLossError | tf.errors.NotFoundError
+                      | tf.errors.InvalidArgumentError)
+
+
+def _damaged_prepared_message(path: Path, manual_dir: Path, error: BaseException) -> str:
+    detail = " ".join(str(error).split())[:200]
+    return (f"The prepared copy of the data in {path} is damaged ({type(error).__name__}: {detail}) and the source "
+            f"files to prepare it again are not all in {manual_dir}. Put the five files back in {manual_dir} (or "
+            f"point config.data.manual_dir at them) and delete {path}: it is prepared again on the next run.")
+
+
+def _prepared_pools(source: str, data_dir: Path, manual_dir: Path, label_attribute: str,
+                    group_attribute: str) -> dict[str, _Pool]:
+    """:func:`_read_pools` of the prepared builder. A damaged prepared copy (tfds's folder under ``data_dir``) is
+    deleted and prepared again from the source files when they are all in ``manual_dir`` (it is derived from
+    them); otherwise :class:`DataUnavailable` names the folder and says what to do. Call under the data lock."""
+    for attempt in range(2):
+        try:
+            return _read_pools(_prepared_builder(source, data_dir, manual_dir), label_attribute, group_attribute)
+        except Exception as error:
+            if not _is_damage(error):
+                raise
+            path = _prepared_path(source, data_dir, manual_dir)
+            sources = all((manual_dir / n).is_file() for n in synthetic.CELEBA_FILE_NAMES)
+            if attempt or not sources or not path.is_dir():
+                raise DataUnavailable(_damaged_prepared_message(path, manual_dir, error)) from None
+            from absl import logging as absl_logging
+
+            absl_logging.warning("jaxdp.data: the prepared copy in %s is damaged (%s); deleting it and preparing it "
+                                 "again from %s", path, type(error).__name__, manual_dir)
+            shutil.rmtree(path)
+    raise AssertionError("unreachable")
 
 
 def check_files(manual_dir: str | os.PathLike[str], *, fix: str = "download it again") -> int:

@@ -148,6 +148,11 @@ class DataSource:
         """``{0: n0, 1: n1}``: how many held-out examples of each group this source can provide."""
         raise NotImplementedError(f"the data source {type(self).__name__} provides no held-out examples")
 
+    def train_size(self, data_config: Any) -> int | None:
+        """The number of training examples ``config.data`` gives, when the source knows it without loading
+        (None: unknown until loaded). Lets a sweep refuse a batch larger than the training set before any run."""
+        return None
+
     def group_names(self, data_config: Any) -> tuple[str, str]:
         """Names of group 0 and group 1 (default: from ``data_config.group_attribute``)."""
         return group_names_of(config_value(data_config, "group_attribute", DEFAULT_GROUP_ATTRIBUTE))
