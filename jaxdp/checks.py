@@ -1,10 +1,12 @@
-"""Checks of a run config that :func:`jaxdp.config.validate_run_config` does not make yet: values that only fail
-once a run has started (in the optimiser, the model factory, the sampler or the step count), checked before it.
+"""Checks of a run config's values that would otherwise fail only once a run has started (in the optimiser, the
+model factory, the sampler or the step count), made before it.
 
-Each check raises ValueError with one line: the key, the value, what is allowed. :func:`check_run` runs them
-all; ``launch/sweep.py`` calls it for every run of a sweep before the first one starts, so that a mistake is
-refused before anything is written (not as a traceback in the middle of the sweep, with a run directory left
-behind that blocks the corrected command).
+Each check raises ValueError with one line: the key, the value, what is allowed. :func:`jaxdp.config.
+validate_run_config` makes the config-only ones (epochs, optimiser, microbatch size);
+:func:`jaxdp.train.check_runnable` adds the model and the batch size against the data (:func:`check_run` runs them
+all). ``launch/sweep.py`` calls ``check_runnable`` for every run of a sweep before the first one starts, so that a
+mistake is refused before anything is written (not as a traceback in the middle of the sweep, with a run
+directory left behind that blocks the corrected command).
 
 >>> from jaxdp.config import base_config
 >>> c = base_config(); c.train.epochs = float("inf")

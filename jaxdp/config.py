@@ -259,6 +259,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(int(t.eval_batch_size) >= 1, f"config.train.eval_batch_size={t.eval_batch_size} must be >= 1.")
     _require(t.num_chunk_widths in (1, 2), f"config.train.num_chunk_widths={t.num_chunk_widths!r} must be 1 or 2.")
     _validate_audit(config)
+    from jaxdp import checks  # values that would otherwise fail only inside a run
+
+    checks.check_epochs(config)
+    checks.check_optimizer(config)
+    checks.check_microbatch_size(config)
 
 
 def _validate_audit(config: ml_collections.ConfigDict) -> None:

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdp import accounting, diagnostics, fairness, parallel, steps
+from jaxdp import accounting, checks, diagnostics, fairness, parallel, runlog, steps
 from jaxdp.audit_sets import AuditSets, check_audit_capacity, gather
 from jaxdp.checkpoint import Checkpointer
 from jaxdp.clock import RunClock
@@ -80,6 +80,8 @@ def check_runnable(config: ml_collections.ConfigDict) -> None:
     from jaxdp import data
 
     validate_run_config(config)
+    checks.check_model(config)
+    checks.check_batch_fits(config)
     data.check_available(config.data)
     if config.audit.enabled:
         check_audit_capacity(config, data.holdout_capacity(config.data), data.group_names(config.data))
@@ -166,10 +168,10 @@ class _Run:
             self.stats = ({k: jnp.asarray(v, self.stats[k].dtype) for k, v in record["stats"].items()}
                           if diagnostics_on else {})
             log.info("Resumed %s from step %d.", self.workdir, self.start_step)
-        if fresh_secret:
-            # The secret is kept before any step runs: a run killed before its first regular checkpoint restarts
-            # with the same secret, so it replays the same batches and noise instead of releasing a second,
-            # differently randomised run of the mechanism.
+        if fresh_secret or (restored is None and self.secret is not None):
+            # The secret is kept before any step runs (again when every checkpoint holding it was quarantined): a
+            # run killed before its first regular checkpoint restarts with the same secret, so it replays the same
+            # batches and noise instead of releasing a second, differently randomised run of the mechanism.
             self.save_checkpoint(0)
         # Everything the step carries from call to call lives on the mesh from the start, so that the first call
         # and the later ones (fed the previous call's outputs) share one compiled program.
@@ -357,39 +359,46 @@ def train_and_evaluate(
     note = "reproducible seed: eps is no guarantee" if plan.privacy_note else None
     info: dict = {"note": note}
     try:
-        with clock.phase("data"):
-            next_batch = run.prepare(run.start_step)
-        for step in range(run.start_step, total):
-            batch, done = next_batch, step + 1
-            evaluating = done % eval_every == 0 or done == total
-            measuring = run.misaligned is not None and evaluating
-            if measuring:
-                with clock.phase("evaluation"):  # waited for here, so that its time is not the step's
-                    sums = jax.block_until_ready(run.misaligned.sums(run.unclipped_sum, run.state, batch, step))
-            with clock.phase("train_steps"):
-                run.state, run.stats, update = run.step_fn(run.state, run.stats, batch, np.int32(step))
-            # The step runs asynchronously: the host prepares the next step's batch meanwhile, then waits, so that
-            # each step's device time is counted in train_steps.
+        # A stop signal (Ctrl-C, SLURM's SIGTERM) waits for the end of the step: the run saves a checkpoint, then
+        # stops with runlog.Stopped (launch/sweep.py prints how to resume, exit 130 / 143).
+        with runlog.deferred_stops():
             with clock.phase("data"):
-                next_batch = run.prepare(done)
-            with clock.phase("train_steps"):
-                jax.block_until_ready(run.state)
-            misalignment = None
-            if measuring:
-                with clock.phase("evaluation"):
-                    misalignment = run.misaligned.cosines(run.cosines, sums, update)
-            plan.record_step(run.ledger)
-            if evaluating:
-                row = run.evaluate(done, started, misalignment)
-                info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")} | {
-                    "note": note, "group_names": run.group_names}
-                if config.train.nonprivate_diagnostics:
-                    info.update(loss=row["nonprivate_train_loss"], loss_label="nonprivate loss")
-            if done % ckpt_every == 0 or done == total:
-                run.save_checkpoint(done)
-            for callback in (progress, on_progress):
-                if callback is not None:
-                    callback(done, total, info)
+                next_batch = run.prepare(run.start_step)
+            for step in range(run.start_step, total):
+                batch, done = next_batch, step + 1
+                evaluating = done % eval_every == 0 or done == total
+                measuring = run.misaligned is not None and evaluating
+                if measuring:
+                    with clock.phase("evaluation"):  # waited for here, so that its time is not the step's
+                        sums = jax.block_until_ready(run.misaligned.sums(run.unclipped_sum, run.state, batch, step))
+                with clock.phase("train_steps"):
+                    run.state, run.stats, update = run.step_fn(run.state, run.stats, batch, np.int32(step))
+                # The step runs asynchronously: the host prepares the next step's batch meanwhile, then waits, so that
+                # each step's device time is counted in train_steps.
+                with clock.phase("data"):
+                    next_batch = run.prepare(done)
+                with clock.phase("train_steps"):
+                    jax.block_until_ready(run.state)
+                misalignment = None
+                if measuring:
+                    with clock.phase("evaluation"):
+                        misalignment = run.misaligned.cosines(run.cosines, sums, update)
+                plan.record_step(run.ledger)
+                if evaluating:
+                    row = run.evaluate(done, started, misalignment)
+                    info = {k: row.get(k) for k in ("accuracy", "accuracy_0", "accuracy_1", "epsilon")} | {
+                        "note": note, "group_names": run.group_names}
+                    if config.train.nonprivate_diagnostics:
+                        info.update(loss=row["nonprivate_train_loss"], loss_label="nonprivate loss")
+                if done % ckpt_every == 0 or done == total:
+                    run.save_checkpoint(done)
+                for callback in (progress, on_progress):
+                    if callback is not None:
+                        callback(done, total, info)
+                if (signum := runlog.stop_requested()) is not None:
+                    if done % ckpt_every and done != total:  # else just saved
+                        run.save_checkpoint(done)
+                    raise runlog.Stopped(signum)
     finally:
         run.checkpointer.close()
     final = run.final(started)

@@ -86,13 +86,11 @@ def _start_distributed() -> bool:
 
 def default_check(config: ml_collections.ConfigDict) -> None:
     """Everything checkable before a run of the real trainer starts: :func:`jaxdp.train.check_runnable` (the
-    config's values, the data on this machine, the audit's capacity) and :func:`jaxdp.checks.check_run` (values
-    that would otherwise fail only inside the run: epochs, optimiser, model, batch size against the data)."""
-    from jaxdp import checks
+    config's values, including those that would otherwise fail only inside the run — epochs, optimiser, model,
+    batch size against the data — the data on this machine, the audit's capacity)."""
     from jaxdp.train import check_runnable
 
     check_runnable(config)
-    checks.check_run(config)
 
 
 def _checkpoint_steps(directory: Path) -> list[int]:
@@ -123,9 +121,10 @@ def _check_resumable(config: ml_collections.ConfigDict, run_dir: Path, fresh_sta
     if not config.dp.enabled or config.dp.reproducible:
         return  # randomness from train.seed: restarting replays the same batches and noise
     from jaxdp.checkpoint import Checkpointer, CheckpointsUnreadable
+    from jaxdp.train import SECRET_FOLDERS
 
-    checkpoints = run_dir / "checkpoints"
-    if _checkpoint_steps(checkpoints) or (run_dir / "checkpoints-corrupt").is_dir():
+    checkpoints, quarantined = (run_dir / name for name in SECRET_FOLDERS)
+    if _checkpoint_steps(checkpoints) or quarantined.is_dir():
         checkpointer = Checkpointer(checkpoints)
         try:
             checkpointer.latest_record()

@@ -644,3 +644,35 @@ def test_every_history_row_of_a_reproducible_run_says_its_epsilon_is_no_guarante
     train.train_and_evaluate(config, tmp_path, datasets=tiny_datasets())
     rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("not a guarantee" in row["epsilon_note"] for row in rows)
+
+
+def test_a_stop_signal_saves_a_checkpoint_at_the_end_of_the_step_and_resumes_exactly(tmp_path, fixed_secret):
+    """SIGTERM (what SLURM sends) in the middle of step 3: the step finishes, a checkpoint of step 3 is written
+    (checkpoints are every 2 steps otherwise), the run stops with runlog.Stopped, and the rerun ends where an
+    uninterrupted run ends."""
+    import os
+    import signal
+
+    from jaxdp import runlog
+
+    config, data = tiny_config(**{"train.epochs": 1.0}), tiny_datasets()
+    reference = train.train_and_evaluate(config, tmp_path / "ref", datasets=data)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    runlog.install_stop_handlers()
+
+    def terminate_at_step_3(step, total, info):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        with pytest.raises(runlog.Stopped) as stopped:
+            train.train_and_evaluate(config, tmp_path / "run", on_progress=terminate_at_step_3, datasets=data)
+    finally:
+        runlog.clear_stop_request()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.exit_code == 143
+    assert Checkpointer(tmp_path / "run" / "checkpoints").steps()[-1] == 3
+    resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
+    assert resumed["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
+    assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
