@@ -15,8 +15,6 @@ What a user of the library imports from here:
 ``docs/library.md`` shows them on your own model, loss, data and loop; ``examples/`` has scripts to copy.
 """
 
-from typing import Any
-
 from jaxdp import accounting, clipping, fairness, noise, sampling
 from jaxdp.accounting import PrivacyLedger
 from jaxdp.clipping import clipped_grad
@@ -51,7 +49,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 

@@ -18,13 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str) -> str:
-    """The example's stdout, after checking that it exited 0 and printed its epsilon and test accuracy."""
-    # A user's environment: none of the test session's XLA device flags or compilation cache.
+def run_as_user(script: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``python script`` in a user's environment: none of the test session's XLA device flags or compilation
+    cache; jaxdp imported from this checkout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def run_example(name: str) -> str:
+    """The example's stdout, after checking that it exited 0 and printed its epsilon and test accuracy."""
+    proc = run_as_user(EXAMPLES / name, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 
@@ -97,3 +102,23 @@ def test_custom_loop_nnx_checkpoint_resumes_exactly(tmp_path):
     other = example.train(plan, plan.init(params), train_data, 0, 4, evaluate=None)
     assert not np.array_equal(np.asarray(jax.tree.leaves(other.params)[0]),
                               np.asarray(jax.tree.leaves(uninterrupted.params)[0]))
+
+
+def api_snippet(path: Path, heading: str) -> str:
+    """The first ```python block after ``heading`` in a Markdown file."""
+    match = re.search(re.escape(heading) + r"\n.*?```python\n(.*?)```", path.read_text(), re.S)
+    assert match, f"no python block after {heading!r} in {path}"
+    return match.group(1)
+
+
+@pytest.mark.slow  # a fresh interpreter, 105 DP steps of an MLP: ~8 s of CPU time
+def test_the_readmes_api_snippet_runs_and_meets_its_epsilon_target(tmp_path):
+    # The README's 15 lines, as a reader pastes them into a file; docs/library.md opens with the same lines.
+    snippet = api_snippet(ROOT / "docs" / "README-draft.md", "## The API in 15 lines")
+    assert snippet == api_snippet(ROOT / "docs" / "library.md", "## The whole thing")
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet)
+    proc = run_as_user(script, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    epsilon = float(re.fullmatch(r"epsilon = ([0-9.]+)\n", proc.stdout).group(1))
+    assert 2.9 <= epsilon <= 3.0, proc.stdout  # calibrated to the snippet's target_epsilon=3.0
