@@ -73,6 +73,27 @@ def test_custom_loop_nnx_reports_the_accountants_epsilon_and_learns():
     assert "resumed at step 100 from the checkpoint" in stdout
 
 
+@pytest.mark.slow  # a fresh interpreter, three runs of 248 steps of an MLP: ~12 s of CPU time
+def test_tabular_fairness_compares_dpsgd_and_dpsgd_f_at_one_epsilon_per_group():
+    stdout = run_example("tabular_fairness.py")
+    blocks = re.findall(r"^(non-private|dpsgd|dpsgd_f)\b.*?\n  test accuracy = ([0-9.]+)%: group 0 ([0-9.]+)% "
+                        r"\[[0-9., ]+\], group 1 ([0-9.]+)% \[[0-9., ]+\] \((\d+) / (\d+) test examples, majority "
+                        r"class ([0-9.]+)%\)$", stdout, re.M)
+    assert [b[0] for b in blocks] == ["non-private", "dpsgd", "dpsgd_f"], stdout
+    for name, overall, group0, group1, n0, n1, majority in blocks:
+        # 4000 generated test examples, 20% in group 1; labels balanced: the majority class is about 50%.
+        assert int(n0) + int(n1) == 4000 and 600 <= int(n1) <= 1000, stdout
+        assert float(majority) <= 55.0 and float(overall) >= 70.0, (name, stdout)
+        assert min(float(group0), float(group1)) >= 55.0, (name, stdout)
+    # Both private runs are calibrated to epsilon <= 2.0.
+    epsilons = [float(e) for e in re.findall(r"^  epsilon = ([0-9.]+) \(delta = 1e-05", stdout, re.M)]
+    assert len(epsilons) == 2 and all(1.95 <= e <= 2.0 for e in epsilons), stdout
+    # DPSGD-F pays for its noisy counts (count noise multiplier 10, the reference value) with more gradient noise:
+    # the combined multiplier (z^-2 + 10^-2)^-1/2 of its steps is DP-SGD's z, since both meet the same target.
+    z_dpsgd, z_f = (float(z) for z in re.findall(r"^dpsgd(?:_f)?: noise multiplier ([0-9.]+)", stdout, re.M))
+    assert z_f > z_dpsgd and (z_f**-2 + 10.0**-2) ** -0.5 == pytest.approx(z_dpsgd, abs=2e-3), stdout
+
+
 def test_custom_loop_nnx_checkpoint_resumes_exactly(tmp_path):
     """The example's checkpoint (state arrays, step, secret) and a plan rebuilt from the saved secret continue
     the run bit for bit: the same batches, the same noise, the same parameters."""
