@@ -254,10 +254,11 @@ class DPPlan:
         if model_state and not self.has_model_state:
             raise ValueError("init(params, model_state) got a model state, but the plan was built without "
                              "has_model_state=True (and a loss_fn(params, batch, model_state)).")
-        # Copies: train_step donates the state, which must not delete the caller's own arrays.
-        params, model_state = jax.tree_util.tree_map(jnp.array, (params, model_state))
-        return TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params),
-                          method_state=self.init_method_state())
+        state = TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params),
+                           method_state=self.init_method_state())
+        # Copies of every leaf: train_step donates the state, which must delete neither the caller's arrays nor
+        # those a later init returns again (the noise's init hands out the same key array every time).
+        return jax.tree_util.tree_map(jnp.array, state)
 
     def init_method_state(self) -> Any:
         """The method's state before the first step (per-group bounds, a threshold; ``{}`` for DP-SGD)."""

@@ -40,13 +40,15 @@ def test_docs_build_strictly_with_every_page_and_api_module(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "WARNING" not in log, log[-4000:]
     site = tmp_path / "site"
-    for page in ("engine", "threat-model", "accounting", "methods", "audit", "data", "training", "study", "results",
-                 "performance"):
+    for page in ("library", "engine", "threat-model", "accounting", "methods", "audit", "data", "training", "study",
+                 "results", "performance"):
         assert (site / page / "index.html").exists(), page
     # The API reference is generated from the docstrings: each module's page shows its public functions.
     for page, name in (("noise", "dp_noise"), ("clipping", "clipped_grad"), ("accounting", "PrivacyLedger"),
                        ("sampling", "PoissonSampler"), ("methods", "DPSGDF"), ("audit", "epsilon_lower_bound"),
-                       ("fairness", "group_metrics"), ("data", "load_splits"), ("plan", "make_plan")):
+                       ("fairness", "group_metrics"), ("data", "load_splits"), ("plan", "make_plan"),
+                       ("plan", "DPConfig"), ("plan", "ExecutionConfig"), ("plan", "TrainState"),
+                       ("plan", "StepOutput"), ("steps", "plan_from_config")):
         assert name in text_of(site / "api" / page / "index.html"), (page, name)
     performance = (site / "performance" / "index.html").read_text()
     assert "measurement:" not in performance  # every placeholder was filled, by a record or by its command
