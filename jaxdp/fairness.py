@@ -1,10 +1,11 @@
 """Per-group classification metrics, fairness gaps with confidence intervals, and per-group clipping statistics.
 
-Conventions of the paper (Farrand et al. 2020) and its code: the positive class (label 1) is *smiling*; group 0 is
-*female* (the majority), group 1 *male* (the minority). Accuracies are in **percent**, as in the paper's tables;
-every other rate (demographic parity, TPR, FPR, FNR) is a fraction in [0, 1]. The accuracy gap is signed, group 0
-minus group 1, in percentage points (the paper's "female minus male"); the other gaps are absolute differences
-of rates in [0, 1].
+Binary labels and groups: label 1 is the positive class (*smiling* in the paper, Farrand et al. 2020; income above
+50K in UCI Adult), and the two groups are 0 and 1 (in the paper's study group 0 is *female*, the majority, and
+group 1 *male*, the minority; a run's ``final.json`` names its groups in ``group_names``). Accuracies are in
+**percent**, as in the paper's tables; every other rate (demographic parity, TPR, FPR, FNR) is a fraction in
+[0, 1]. The accuracy gap is signed, group 0 minus group 1, in percentage points (the paper's "female minus male");
+the other gaps are absolute differences of rates in [0, 1].
 
 Confidence intervals are Wilson score intervals by default. With the paper's minority test sets (3 male images at
 99.9% female, 55 at 99%) a point estimate alone misleads, and the usual normal (Wald) interval collapses to a
@@ -95,9 +96,10 @@ def group_metrics(
     """Accuracy and fairness metrics overall and per group, with confidence intervals for every per-group rate.
 
     Args:
-      y_true: labels, 0/1 (1 = smiling), numpy or jax, ints, floats equal to 0/1, or bools; shape [N].
+      y_true: labels, 0/1 (1 = the positive class, e.g. smiling), numpy or jax, ints, floats equal to 0/1, or
+        bools; shape [N].
       y_pred: predicted classes, 0/1, shape [N].
-      group: sensitive attribute, 0/1 (0 = female, 1 = male), shape [N].
+      group: sensitive attribute, 0/1 (e.g. 0 = female, 1 = male), shape [N].
       confidence: level of the intervals (0.95).
       method: ``"wilson"`` (default) or ``"clopper-pearson"``; see the module docstring.
 

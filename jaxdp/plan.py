@@ -197,7 +197,7 @@ class DPPlan:
     secret: int | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        step = jax.jit(self._train_step, donate_argnums=(0,), static_argnames=("return_update",))
+        step = jax.jit(self.step_fn, donate_argnums=(0,), static_argnames=("return_update",))
         object.__setattr__(self, "train_step", step)
 
     # -- what the plan is ------------------------------------------------------------------------------------
@@ -280,9 +280,11 @@ class DPPlan:
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    def _train_step(self, state: TrainState, batch: PyTree, mask: jax.Array, groups: jax.Array | None = None, *,
-                    return_update: bool = False) -> tuple[TrainState, StepOutput]:
-        """One DP-SGD step (see the module docstring); jitted as ``train_step``."""
+    def step_fn(self, state: TrainState, batch: PyTree, mask: jax.Array, groups: jax.Array | None = None, *,
+                return_update: bool = False) -> tuple[TrainState, StepOutput]:
+        """One DP-SGD step (see the module docstring), not jitted: ``train_step`` is this under ``jax.jit`` (with the
+        state donated). Call it inside your own ``jax.jit`` to put more in the same program (preprocessing, metrics:
+        pass the data as arguments, never close over it, or it is compiled into the program)."""
         mask, groups, batch = _chunked_inputs(batch, mask, groups, self.method)
         zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
                  jnp.zeros((self.method.num_counts if self.private else 0,), jnp.float32))
@@ -506,7 +508,7 @@ def make_plan(
     *,
     dataset_size: int,
     batch_size: int,
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | Callable[[int], optax.GradientTransformation],
     epochs: float | None = None,
     steps: int | None = None,
     execution: ExecutionConfig | None = None,
@@ -526,7 +528,9 @@ def make_plan(
       dataset_size: the number of training examples (public, see docs/threat-model.md).
       batch_size: the expected batch size under Poisson sampling (q = batch_size / dataset_size), the exact one
         for fixed-size batches; the public normaliser of the summed gradient.
-      optimizer: the optax optimiser applied to the noised average gradient (post-processing).
+      optimizer: the optax optimiser applied to the noised average gradient (post-processing), or a function of
+        the run's step count returning one (to size a schedule: ``lambda num_steps: optax.adam(
+        optax.cosine_decay_schedule(1e-3, num_steps))``).
       epochs: the run's length in epochs of ``round(1 / q)`` steps each (give exactly one of epochs and steps).
       steps: the run's length in steps.
       execution: performance-only settings (:class:`ExecutionConfig`).
@@ -543,9 +547,9 @@ def make_plan(
     """
     execution = execution or ExecutionConfig()
     _check_sizes(dataset_size, batch_size, public_size)
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)); got "
-                        f"{type(optimizer).__name__}.")
+    if not isinstance(optimizer, optax.GradientTransformation) and not callable(optimizer):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)) or a function "
+                        f"of the step count returning one; got {type(optimizer).__name__}.")
     if dp is not None and not isinstance(dp, DPConfig):
         raise TypeError(f"dp must be a jaxdp.DPConfig or None (non-private); got {type(dp).__name__}.")
     if dp is not None and has_model_state:
@@ -568,6 +572,11 @@ def make_plan(
                                     num_chunk_widths=execution.num_chunk_widths, public_size=public_size,
                                     physical_batch_size=execution.physical_batch_size)
     num_steps = _num_steps(epochs, steps, sampler.steps_per_epoch)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        optimizer = optimizer(num_steps)
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(f"optimizer(num_steps={num_steps}) must return an optax.GradientTransformation; got "
+                            f"{type(optimizer).__name__}.")
     common = dict(dp=dp, execution=execution, sampler=sampler, optimizer=optimizer,
                   expected_batch_size=float(batch_size), num_steps=num_steps, loss_fn=loss_fn,
                   has_model_state=has_model_state, mesh=mesh, secret=secret)

@@ -172,7 +172,7 @@ def train_step(state: TrainState, stats: dict, batch: StepBatch, step: jax.Array
     pair ``(clipped sum, noised gradient)`` with ``return_update`` (the misalignment diagnostics), else None."""
     inputs = {"inputs": model_inputs(batch, step, flip_key), "labels": batch.labels}
     bounds = plan.method.clip_bounds(state.method_state, batch.groups) if plan.private else None
-    state, out = plan._train_step(state, inputs, batch.mask, batch.groups, return_update=return_update)
+    state, out = plan.step_fn(state, inputs, batch.mask, batch.groups, return_update=return_update)
     if diagnostics_on:
         stats = diagnostics.add_stats(stats, out.norms, out.losses, batch.mask, batch.groups, bounds)
     return state, stats, out.update

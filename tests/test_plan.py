@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jaxdp
 
@@ -30,3 +31,22 @@ def test_init_after_a_donating_step_gives_a_fresh_usable_state():
     for a, b in zip(jax.tree.leaves(stepped), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(params["w"]), np.zeros((3, 2)))  # the caller's arrays survive
+
+
+def test_the_optimizer_may_be_a_function_of_the_step_count():
+    import optax
+
+    from jaxdp import DPConfig, make_plan
+
+    seen = []
+
+    def optimizer(num_steps):
+        seen.append(num_steps)
+        return optax.sgd(optax.linear_schedule(0.1, 0.0, num_steps))
+
+    plan = make_plan(DPConfig(l2_clip_norm=1.0, noise_multiplier=1.0, delta=1e-5), lambda p, b: b["x"] @ p,
+                     dataset_size=1000, batch_size=50, epochs=3, optimizer=optimizer)
+    assert seen == [60] == [plan.num_steps]  # 3 epochs of round(1000 / 50) steps
+    with pytest.raises(TypeError, match=r"optimizer\(num_steps=60\) must return an optax.GradientTransformation"):
+        make_plan(None, lambda p, b: b["x"] @ p, dataset_size=1000, batch_size=50, epochs=3,
+                  optimizer=lambda n: 0.1)
