@@ -373,6 +373,10 @@ class CelebASource(DataSource):
     def load_splits(self, data_config: Any, holdout_per_group: int) -> Splits:
         return build_splits(**self.build_arguments(data_config), holdout_per_group=holdout_per_group)
 
+    def input_shape(self, data_config: Any) -> tuple[int, ...]:
+        size = config_value(data_config, "image_size", 128)
+        return (int(size), int(size), 3)
+
     def holdout_capacity(self, data_config: Any) -> dict[int, int]:
         arguments = self.build_arguments(data_config)
         plan = self.plan(arguments)
