@@ -6,7 +6,9 @@ One generated set of 1,200 rows (800 in adult.data, 400 in adult.test) is writte
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -416,3 +418,28 @@ def test_a_dp_run_on_generated_adult_data_writes_its_groups_and_shape(generated:
     assert final["train_size"] == 300 and final["test_size"] == 100
     assert final["metrics"]["n_0"] + final["metrics"]["n_1"] == 100 and 0 < final["epsilon"]["pld"] < 100
     assert 0 <= final["metrics"]["accuracy_0"] <= 100
+
+
+def test_fairdp_comparison_table_by_hand(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_fairdp", CONFIGS.parent / "launch" / "compare_fairdp.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    # Means 91 and 90, sample SDs sqrt(2) and 0: pooled SD sqrt((1 * 2 + 0) / 2) = 1, SE = 1 * sqrt(1/2 + 1/2) = 1.
+    assert compare.difference([90.0, 92.0], [90.0, 90.0]) == pytest.approx((1.0, 1.0))
+    assert compare.difference([90.0], [89.0]) == (1.0, None)  # no spread to estimate
+    fairdp = {"runs": [{"method": "regular", "seed": s, "wall_s": 100.0 * (s + 1), "epsilon": None,
+                        "test_accuracy_per_group": {"male": 0.80, "female": f}} for s, f in ((0, 0.90), (1, 0.90))]}
+    (tmp_path / "fairdp.json").write_text(json.dumps(fairdp))
+    rows = [{"method": "", "dp_enabled": "false", "group_0": "female", "group_1": "male", "seed": str(s),
+             "wall_time_s": "3.0", "epsilon_rdp": "", "accuracy_0": str(f), "accuracy_1": "80.0"}
+            for s, f in ((0, 90.0), (1, 92.0))]
+    with open(tmp_path / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = compare.table(compare.fairdp_runs(tmp_path / "fairdp.json"), compare.jaxdp_runs(tmp_path / "summary.csv"))
+    assert ("| regular | 2 / 2 | 91.00 ± 1.41 | 90.00 ± 0.00 | +1.00 ± 1.00 | 80.00 ± 0.00 | 80.00 ± 0.00 | "
+            "+0.00 ± 0.00 | – / – | 3.0 / 150.0 | 1/50 |") in text
+    assert "| dpsgd | 0 / 0 | – | – | – |" in text
