@@ -672,7 +672,7 @@ def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words
         "fig5_fairness_gaps_vs_imbalance.png", "fig6_clipping_per_group.png", "fig7_privacy_audit.png",
         "fig8_methods_per_group.png", "fig9_misalignment.png"}
     markdown = {p.name: p.read_text() for p in written if p.suffix == ".md"}
-    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md"}
+    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md", "group_accuracy.md"}
     for text in [*markdown.values(), *texts, printed.out, printed.err]:
         assert not IMAGE_WORDS.search(text), (IMAGE_WORDS.search(text).group(), text)
     # Group 0 is white, group 1 non-white, everywhere, and the data is described by its features.
@@ -682,6 +682,8 @@ def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words
         markdown["imbalance_drop.md"]
     assert "accuracy white | accuracy non-white | gap white − non-white" in markdown["methods.md"]
     assert "lower bound white / non-white" in markdown["audit.md"]
+    assert "| % white | seeds | accuracy white | accuracy non-white | TPR white | TPR non-white |" in \
+        markdown["group_accuracy.md"]
     assert "skipped: Figure 2 needs DP runs at two or more clip bounds at one white fraction" in printed.out
     assert "white share of the data" in texts and "Δ accuracy, white − non-white (pp)" in texts
     assert {"white", "non-white"} <= set(texts)
