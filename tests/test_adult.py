@@ -272,6 +272,8 @@ def test_input_shape_and_names_without_loading(tmp_path: Path) -> None:
     assert data.input_shape(config) == (99,) and data.group_names(config) == ("female", "male")
     assert data.input_shape({"source": "adult", "manual_dir": str(tmp_path)}) == (99,)
     assert data.input_shape({"source": "synthetic", "image_size": 32}) == (32, 32, 3)
+    assert adult.GeneratedAdultSource().train_size(config) == 300  # 400 - round(400 * 0.25)
+    assert adult.AdultSource().train_size({"female_fraction": 0.5, "total": 29_355, "test_fraction": 0.2}) == 23_484
     data.check_available(config)  # generated on first use: available, nothing written by the check
     assert not (tmp_path / "never-written").exists()
 

@@ -506,6 +506,11 @@ class AdultSource(DataSource):
         return build_splits(self.table(data_config), **self.settings(data_config),
                             holdout_per_group=holdout_per_group)
 
+    def train_size(self, data_config: Any) -> int:
+        """Exact from the settings (the counting rule of the module docstring): ``total - round_half_up(total p)``."""
+        settings = self.settings(data_config)
+        return int(settings["total"]) - round_half_up(int(settings["total"]) * _exact(settings["test_fraction"]))
+
     def holdout_capacity(self, data_config: Any) -> dict[int, int]:
         chosen = _select(self.table(data_config), **self.settings(data_config))
         return {g: len(chosen.leftover[g]) for g in (0, 1)}
