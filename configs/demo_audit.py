@@ -26,9 +26,9 @@ Run it with::
 from pathlib import Path
 
 from jaxdp_study.grid import grid, load_config
+from jaxdp_study.paper import PAPER_EPSILONS
 
 FEMALE_FRACTIONS = (0.7, 0.9)
-PAPER_EPSILONS = {"high": 1.15, "medium": 4.98, "low": 16.2}
 
 
 def get_config():

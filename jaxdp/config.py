@@ -32,10 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "base"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "celeba"  # a registered source: "celeba" (the five files placed locally) | "synthetic" (generated)
-    c.data.label_attribute = "Smiling"  # the CelebA attribute to predict
-    c.data.group_attribute = "Male"  # the CelebA attribute that defines the groups (group 1 has it)
-    c.data.female_fraction = 0.7  # fraction of group 0 (without the group attribute: women for Male)
+    # A registered source: "celeba" (the five files placed locally) | "synthetic" (generated CelebA-format images) |
+    # "adult" (UCI Adult's adult.data and adult.test placed locally) | "adult_synthetic" (generated Adult-format rows).
+    c.data.source = "celeba"
+    c.data.label_attribute = "Smiling"  # the CelebA attribute to predict; "income" (> 50K) for Adult
+    # The attribute that defines the groups: a CelebA attribute (group 1 has it), or for Adult "sex" (group 0:
+    # female) or "race" (group 0: non-white).
+    c.data.group_attribute = "Male"
+    c.data.female_fraction = 0.7  # fraction of group 0 (without the group attribute: women for Male and for sex)
     c.data.total = 30_000
     c.data.split_scheme = "paper"  # "paper" | "official"
     c.data.test_fraction = 0.2
@@ -43,16 +47,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seed = 0
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.synthetic_num_images = 4_000  # used when source == "synthetic"
+    c.data.synthetic_num_images = 4_000  # images (source "synthetic") or rows (source "adult_synthetic") generated
     c.data.synthetic_seed = 0  # seed of the generated images (data.seed picks the subset)
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet18"
+    c.model.name = "resnet18"  # "resnet18" (its family: stage_sizes, width, norm) | "mlp" (hidden_sizes, activation)
     c.model.stage_sizes = (2, 2, 2, 2)  # ResNet18; smaller family members shrink this
     c.model.width = 64  # channels of the first stage; doubled at each later stage
     c.model.norm = "group"  # "group" | "batch" (refused under DP) | "none"
     c.model.num_groups = 32
     c.model.num_classes = 2
+    c.model.hidden_sizes = (256, 256)  # the MLP's hidden layers (fair-dp's Adult network: 256-256, tanh)
+    c.model.activation = "tanh"  # the MLP's activation: jaxdp.models.mlp.ACTIVATIONS
     c.model.pretrained_path = ml_collections.FieldReference(None, field_type=str)
 
     c.dp = ml_collections.ConfigDict()

@@ -16,7 +16,8 @@ writes into ``workdir``:
 - ``final.json`` — written last and atomically, so its presence means the run finished: final metrics, epsilon
   under every accountant, steps, the padded widths its batches ran at (``chunk_widths``: public, a function of
   the public training-set size and q), the method and its noise multipliers, the groups' names
-  (``group_names``, after ``config.data.group_attribute``), where the wall time went (``time_split_s``,
+  (``group_names``, after ``config.data.group_attribute``), one example's shape (``input_shape``: ``[H, W, C]``
+  images or ``[D]`` features), where the wall time went (``time_split_s``,
   :class:`jaxdp.clock.RunClock`), and ``privacy_note`` when the epsilon is not a guarantee
   (``config.dp.reproducible``);
 - ``checkpoints/`` — orbax checkpoints (parameters, optimiser and noise state, sampler position, privacy ledger,
@@ -103,9 +104,11 @@ class _Run:
         self.checkpointer = Checkpointer(workdir / "checkpoints")
         # An "rbg" key for initialisation only: with the default threefry key, XLA takes several times longer to
         # compile model.init on CPU.
+        self.input_shape = tuple(steps.inputs_of(self.train_set).shape[1:])
         with self.clock.phase("init"):
             self.variables = models.init_variables(self.model, jax.random.key(int(config.train.seed), impl="rbg"),
-                                                   pretrained_path=config.model.pretrained_path)
+                                                   pretrained_path=config.model.pretrained_path,
+                                                   input_shape=self.input_shape)
         self.secret, fresh_secret = None, False
         if private and not config.dp.reproducible:
             with self.clock.phase("checkpoints"):
@@ -268,7 +271,8 @@ class _Run:
             "noise_multiplier": plan.noise_multiplier, "method": plan.method.name if plan.private else None,
             "clipping_strategy": self.strategy[0], "clipping_strategy_reason": self.strategy[1],
             "extra_noise_multipliers": list(plan.extra_noise_multipliers),
-            "group_names": list(self.group_names), "steps": plan.num_steps,
+            "group_names": list(self.group_names), "input_shape": list(self.input_shape),
+            "steps": plan.num_steps,
             "sampling": plan.sampler.scheme, "sampling_prob": plan.sampler.sampling_prob,
             "chunk_widths": list(plan.sampler.chunk_widths), "train_size": self.public_size,
             "test_size": int(len(self.test_set.label)), "devices": int(self.mesh.size),

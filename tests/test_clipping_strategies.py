@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clipping_testlib import CONVNET_LOSS, ConvNet, assert_same, cross_entropy_loss, normal, perturbed
+from clipping_testlib import CONVNET_LOSS, ConvNet, assert_same, cross_entropy_loss, flat, normal, perturbed
 
 import jaxdp
 from jaxdp import clipping
-from jaxdp.models import ResNet18, random_params
+from jaxdp.models import MLP, ResNet18, random_params
 
 FAST = tuple(s for s in clipping.available_strategies() if s != "vmap")
 
@@ -155,3 +155,37 @@ def test_strategies_registered():
     assert clipping.available_strategies()[0] == "vmap"
     with pytest.raises(ValueError, match="l2_clip_norm"):
         jaxdp.clipped_grad(lambda p, x, y: 0.0, -1.0, strategy="bookkeeping")
+
+
+@functools.cache
+def _mlp_grad_fn(strategy):
+    return jax.jit(jaxdp.clipped_grad(cross_entropy_loss(MLP(num_classes=2, hidden_sizes=(8, 8))), _MLP_BOUND,
+                                      strategy=strategy))
+
+
+_MLP_BOUND = 1.9  # between these examples' gradient norms (0.8 to 3.7): some are clipped, some are not
+
+
+def test_auto_picks_bookkeeping_for_the_mlp():
+    model = MLP(num_classes=2, hidden_sizes=(8, 8))
+    x = normal(3, (4, 6))
+    name, reason = clipping.resolve_strategy(cross_entropy_loss(model), random_params(model, x[:1]), x,
+                                             jnp.zeros(4, jnp.int32))
+    assert (name, reason) == ("bookkeeping", "every Conv/Dense layer is on the book-keeping fast path")
+
+
+@pytest.mark.parametrize("strategy", clipping.available_strategies())
+def test_removing_one_example_moves_the_mlp_clipped_sum_by_at_most_c(strategy):
+    # The Adult network's shape in small (tanh, Dense only): under add-or-remove-one neighbours the clipped sum's
+    # sensitivity is C, attained when the removed example's gradient is at least C long.
+    model, bound = MLP(num_classes=2, hidden_sizes=(8, 8)), _MLP_BOUND
+    x, y = normal(5, (8, 6)) * 3, jnp.asarray(np.arange(8) % 2)
+    params = perturbed(random_params(model, x[:1], seed=2))
+    fn = _mlp_grad_fn(strategy)
+    full, norms = fn(params, x, y, jnp.ones(8, bool))
+    assert np.sum(np.asarray(norms) > bound) >= 3 and np.sum(np.asarray(norms) < bound) >= 3
+    for i in range(8):
+        removed, _ = fn(params, x, y, jnp.arange(8) != i)
+        moved = np.linalg.norm(flat(full) - flat(removed))
+        assert moved <= bound * (1 + 1e-5)
+        np.testing.assert_allclose(moved, min(bound, float(norms[i])), rtol=1e-4)

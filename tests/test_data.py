@@ -505,8 +505,8 @@ def test_sources_are_registered_by_name(monkeypatch: pytest.MonkeyPatch) -> None
         data.register_source("tiny", TinySource())
     with pytest.raises(NotImplementedError, match="TinySource provides no held-out examples"):
         data.load_splits({"source": "tiny"}, holdout_per_group=2)
-    with pytest.raises(ValueError, match=r"config.data.source='imagenet': use 'celeba' or 'synthetic' or 'tiny' "
-                                         r"\(the registered data sources"):
+    with pytest.raises(ValueError, match=r"config.data.source='imagenet': use 'celeba' or 'synthetic' or 'adult' or "
+                                         r"'adult_synthetic' or 'tiny' \(the registered data sources"):
         data.load({"source": "imagenet"})
     from jaxdp.config import base_config, validate_run_config
 
@@ -514,7 +514,7 @@ def test_sources_are_registered_by_name(monkeypatch: pytest.MonkeyPatch) -> None
     config.data.source = "tiny"
     validate_run_config(config)  # the config schema accepts every registered name
     config.data.source = "imagenet"
-    with pytest.raises(ValueError, match="choose one of 'celeba', 'synthetic', 'tiny'"):
+    with pytest.raises(ValueError, match="choose one of 'celeba', 'synthetic', 'adult', 'adult_synthetic', 'tiny'"):
         validate_run_config(config)
 
 
@@ -538,7 +538,7 @@ def test_names_checks_and_capacity_do_not_import_tensorflow(tmp_path: Path) -> N
                          cwd=Path(__file__).parents[1])
     lines = out.stdout.strip().splitlines()
     # 4,000 generated images: cells of 1,000, 800 / 100 / 100 per partition; total 200 at 70%: 70 / 70 / 30 / 30.
-    assert lines[-2] == "('celeba', 'synthetic') {0: 1860, 1: 1940} ('female', 'male')"
+    assert lines[-2] == "('celeba', 'synthetic', 'adult', 'adult_synthetic') {0: 1860, 1: 1940} ('female', 'male')"
     assert lines[-1] == "False False"
     assert not any(tmp_path.iterdir())
 

@@ -10,12 +10,14 @@ import pytest
 
 from jaxdp.config import base_config
 from jaxdp.models import (
+    MLP,
     ResNet,
     ResNet18,
     convert_resnet18_state_dict,
     create_model,
     init_variables,
     load_torchvision_checkpoint,
+    random_params,
 )
 from jaxdp.models import torchvision as tv
 from jaxdp.models.pooling import max_pool
@@ -226,6 +228,72 @@ def test_create_model_names_unknown_values():
     config.width = 16
     small = create_model(config, private=True)
     assert n_params(param_shapes(small)["params"]) < 1_000_000
+
+
+# --- the MLP --------------------------------------------------------------------------------------------------
+
+
+def mlp_config(**kwargs):
+    config = base_config().model
+    config.name = "mlp"
+    for key, value in kwargs.items():
+        config[key] = value
+    return config
+
+
+def test_mlp_has_fairdps_layout_and_size():
+    model = create_model(mlp_config(), private=True)
+    assert isinstance(model, MLP) and (model.hidden_sizes, model.activation, model.num_classes) == ((256, 256),
+                                                                                                   "tanh", 2)
+    # 99 inputs (jaxdp's Adult features): 99*256 + 256 + 256*256 + 256 + 256*2 + 2 = 91,906. fair-dp's 98 inputs
+    # give its 91,650 (256 fewer).
+    for inputs, count in ((99, 91_906), (98, 91_650)):
+        params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, inputs)))["params"]
+        assert n_params(params) == count
+    assert [params[f"dense{i}"]["kernel"].shape for i in range(3)] == [(98, 256), (256, 256), (256, 2)]
+
+
+def test_mlp_initialisation_is_pytorchs_linear_default():
+    params = init_variables(create_model(mlp_config(), private=True), jax.random.key(1), input_shape=(99,))["params"]
+    for name, fan_in in (("dense0", 99), ("dense1", 256), ("dense2", 256)):
+        bound = 1 / np.sqrt(fan_in)  # nn.Linear: kernel and bias uniform in +-1/sqrt(fan_in)
+        for leaf in (params[name]["kernel"], params[name]["bias"]):
+            leaf = np.asarray(leaf)
+            assert np.abs(leaf).max() <= bound
+            if leaf.size >= 256:  # enough draws to reach the ends and centre on 0
+                assert np.abs(leaf).max() > 0.95 * bound and abs(leaf.mean()) < 0.1 * bound
+
+
+def test_mlp_activation_and_depth_follow_the_config():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
+    linear = create_model(mlp_config(hidden_sizes=(), activation="relu"), private=True)
+    p = random_params(linear, x)  # numpy draws: no random-number program to compile
+    np.testing.assert_allclose(linear.apply({"params": p}, x), x @ p["dense0"]["kernel"] + p["dense0"]["bias"],
+                               rtol=1e-5, atol=1e-6)
+    relu = create_model(mlp_config(hidden_sizes=(5,), activation="relu"), private=True)
+    p = random_params(relu, x)
+    hidden = np.maximum(0, x @ p["dense0"]["kernel"] + p["dense0"]["bias"])
+    np.testing.assert_allclose(relu.apply({"params": p}, x), hidden @ p["dense1"]["kernel"] + p["dense1"]["bias"],
+                               rtol=1e-5, atol=1e-6)
+    images = jnp.zeros((2, 4, 4, 3))  # any example shape is flattened
+    shapes = jax.eval_shape(create_model(mlp_config(hidden_sizes=(3,)), private=True).init, jax.random.key(0), images)
+    assert shapes["params"]["dense0"]["kernel"].shape == (48, 3)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"hidden_sizes": (256, 0)}, r"hidden_sizes=\(256, 0\) must be a tuple of layer widths >= 1"),
+    ({"activation": "swish"}, r"activation='swish'; choose one of 'tanh', 'relu'"),
+    ({"norm": "batch"}, "the MLP has no normalisation layer"),
+    ({"num_classes": 1}, "num_classes=1 must be an integer >= 2"),
+])
+def test_mlp_settings_out_of_range_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(mlp_config(**setting), private=False)
+
+
+def test_mlp_needs_the_input_shape_to_initialise():
+    with pytest.raises(ValueError, match=r"needs input_shape= .*jaxdp.data.input_shape"):
+        init_variables(create_model(mlp_config(), private=True), jax.random.key(0))
 
 
 # --- torchvision conversion -----------------------------------------------------------------------------------

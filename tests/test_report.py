@@ -310,6 +310,25 @@ def test_imbalance_drop_when_group_0_is_the_one_made_rarer_by_hand():
     assert "| medium | 0.7 | 5 | 5 | 1 | 12.00 | 12.00 | -1.00 | +7.00 | – | – |" in md
 
 
+def test_group_accuracy_by_hand():
+    # Women's accuracy 80 and 86 over two seeds at 33%: mean 83, SD sqrt(18); TPR 0.4 and 0.6: mean 0.5, SD sqrt(0.02).
+    rows = [_drop_row("medium", 0.33, s, 84, female) | {"epsilon_pld": 5.0, "tpr_0": tpr, "tpr_1": 0.7,
+                                                          "accuracy_0_ci_low": female - 3,
+                                                          "accuracy_0_ci_high": female + 2}
+            for s, female, tpr in ((0, 80, 0.4), (1, 86, 0.6))]
+    table = report.group_accuracy([_drop_row("nondp", 0.05, 0, 85, 91), *rows])
+    assert [(r["privacy_level"], r["female_fraction"], r["seeds"]) for r in table] == [("medium", 0.33, 2),
+                                                                                       ("nondp", 0.05, 1)]
+    medium, nondp = table
+    assert (medium["accuracy_0_mean"], medium["accuracy_0_sd"]) == pytest.approx((83.0, math.sqrt(18)))
+    assert (medium["accuracy_0_ci_low"], medium["accuracy_0_ci_high"]) == pytest.approx((80.0, 85.0))
+    assert (medium["tpr_0_mean"], medium["tpr_0_sd"], medium["tpr_1_sd"]) == pytest.approx((0.5, math.sqrt(0.02), 0))
+    assert medium["epsilon_pld"] == 5.0 and nondp["epsilon_pld"] is None and nondp["accuracy_0_sd"] is None
+    md = report.group_accuracy_markdown(table, names=("female", "male"))
+    assert "| medium | 5 | 5.00 | 33 | 2 | 83.00 ± 4.24 [80.00, 85.00] | 84.00 ± 0.00 [–, –] | 0.500 ± 0.141 " in md
+    assert "| nondp | – | – | 5 | 1 | 91.00 [–, –] | 85.00 [–, –] |" in md
+
+
 def test_imbalance_drop_is_written_for_the_fake_sweep(workdir):
     table = _rows(workdir / "imbalance_drop.csv")
     assert [(r["privacy_level"], r["to_female_fraction"]) for r in table] == [
@@ -653,7 +672,7 @@ def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words
         "fig5_fairness_gaps_vs_imbalance.png", "fig6_clipping_per_group.png", "fig7_privacy_audit.png",
         "fig8_methods_per_group.png", "fig9_misalignment.png"}
     markdown = {p.name: p.read_text() for p in written if p.suffix == ".md"}
-    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md"}
+    assert set(markdown) == {"table1.md", "imbalance_drop.md", "methods.md", "audit.md", "group_accuracy.md"}
     for text in [*markdown.values(), *texts, printed.out, printed.err]:
         assert not IMAGE_WORDS.search(text), (IMAGE_WORDS.search(text).group(), text)
     # Group 0 is white, group 1 non-white, everywhere, and the data is described by its features.
@@ -663,6 +682,8 @@ def test_tabular_runs_are_reported_with_their_own_group_names_and_no_image_words
         markdown["imbalance_drop.md"]
     assert "accuracy white | accuracy non-white | gap white − non-white" in markdown["methods.md"]
     assert "lower bound white / non-white" in markdown["audit.md"]
+    assert "| % white | seeds | accuracy white | accuracy non-white | TPR white | TPR non-white |" in \
+        markdown["group_accuracy.md"]
     assert "skipped: Figure 2 needs DP runs at two or more clip bounds at one white fraction" in printed.out
     assert "white share of the data" in texts and "Δ accuracy, white − non-white (pp)" in texts
     assert {"white", "non-white"} <= set(texts)

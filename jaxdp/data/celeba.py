@@ -385,6 +385,10 @@ class CelebASource(DataSource):
         """Exact by the counting rule (the module docstring): the sum of the plan's training cells."""
         return sum(self.plan(self.build_arguments(data_config)).train.values())
 
+    def input_shape(self, data_config: Any) -> tuple[int, ...]:
+        size = config_value(data_config, "image_size", 128)
+        return (int(size), int(size), 3)
+
     def holdout_capacity(self, data_config: Any) -> dict[int, int]:
         arguments = self.build_arguments(data_config)
         plan = self.plan(arguments)

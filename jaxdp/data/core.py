@@ -2,15 +2,18 @@
 
 ``config.data.source`` names a registered :class:`DataSource`; ``"celeba"`` (the five files of CelebA's aligned
 release) and ``"synthetic"`` (CelebA-format data generated on first use) are built in, registered by
-:mod:`jaxdp.data.celeba`. A new dataset is one module that subclasses :class:`DataSource` and calls
-:func:`register_source` when imported; import it before loading, then set ``config.data.source`` to its name.
-This module imports neither TensorFlow nor any source, so the registered names are available to config
-validation at no cost.
+:mod:`jaxdp.data.celeba`, and so are ``"adult"`` (UCI Adult's two files) and ``"adult_synthetic"`` (Adult-format
+rows generated on first use), registered by :mod:`jaxdp.data.adult`. A new dataset is one module that subclasses
+:class:`DataSource` and calls :func:`register_source` when imported; import it before loading, then set
+``config.data.source`` to its name. This module imports neither TensorFlow nor any source, so the registered names
+are available to config validation at no cost.
 
-Every source returns examples as a :class:`GroupedSplit`: images with a binary label and a binary group. For the
-CelebA sources the label is ``config.data.label_attribute`` (default ``"Smiling"``) and the group is
-``config.data.group_attribute`` (default ``"Male"``): group 1 has the attribute, group 0 does not, and
-``config.data.female_fraction`` is the fraction of group 0 (women when the group attribute is ``"Male"``).
+Every source returns examples as a :class:`GroupedSplit`: images or feature vectors, with a binary label and a
+binary group. For the CelebA sources the label is ``config.data.label_attribute`` (default ``"Smiling"``) and the
+group is ``config.data.group_attribute`` (default ``"Male"``): group 1 has the attribute, group 0 does not, and
+``config.data.female_fraction`` is the fraction of group 0 (women when the group attribute is ``"Male"``). For the
+Adult sources the label is income > 50K and the group ``"sex"`` (group 0: female) or ``"race"`` (group 0:
+non-white).
 
 Example::
 
@@ -35,11 +38,17 @@ DEFAULT_LABEL_ATTRIBUTE = "Smiling"
 DEFAULT_GROUP_ATTRIBUTE = "Male"
 
 
+# Group attributes whose groups have names of their own: CelebA's Male, Adult's sex and race (group 0 first: the
+# group whose share data.female_fraction sets).
+NAMED_GROUPS = {"Male": ("female", "male"), "sex": ("female", "male"), "race": ("non-white", "white")}
+
+
 def group_names_of(group_attribute: str) -> tuple[str, str]:
-    """Names of group 0 and group 1 for a binary group attribute: ``("female", "male")`` for ``"Male"``,
-    else ``("not <attribute>", "<attribute>")``, e.g. ``("not Young", "Young")``."""
-    if group_attribute == "Male":
-        return "female", "male"
+    """Names of group 0 and group 1 for a binary group attribute: ``("female", "male")`` for ``"Male"`` (CelebA)
+    and ``"sex"`` (Adult), ``("non-white", "white")`` for ``"race"`` (Adult), else ``("not <attribute>",
+    "<attribute>")``, e.g. ``("not Young", "Young")``."""
+    if group_attribute in NAMED_GROUPS:
+        return NAMED_GROUPS[group_attribute]
     return f"not {group_attribute}", group_attribute
 
 
@@ -157,6 +166,11 @@ class DataSource:
         """Names of group 0 and group 1 (default: from ``data_config.group_attribute``)."""
         return group_names_of(config_value(data_config, "group_attribute", DEFAULT_GROUP_ATTRIBUTE))
 
+    def input_shape(self, data_config: Any) -> tuple[int, ...]:
+        """The shape of one example as :meth:`load_splits` returns it (``(H, W, C)`` for images, ``(D,)`` for
+        feature vectors), from the settings alone: nothing is loaded (e.g. to build the model before the data)."""
+        raise NotImplementedError(f"the data source {type(self).__name__} does not state its input shape")
+
 
 _SOURCES: dict[str, DataSource] = {}
 
@@ -177,7 +191,8 @@ def register_source(name: str, source: DataSource, *, replace: bool = False) -> 
 
 
 def available_sources() -> tuple[str, ...]:
-    """The registered source names, in registration order (the built-ins first: ``"celeba"``, ``"synthetic"``)."""
+    """The registered source names, in registration order (the built-ins first: ``"celeba"``, ``"synthetic"``,
+    ``"adult"``, ``"adult_synthetic"``)."""
     return tuple(_SOURCES)
 
 
@@ -254,6 +269,12 @@ def holdout_capacity(data_config: Any) -> dict[int, int]:
     only: no image is decoded.
     """
     return _source_of(data_config).holdout_capacity(data_config)
+
+
+def input_shape(data_config: Any) -> tuple[int, ...]:
+    """The shape of one example of ``config.data`` (no batch axis): ``(image_size, image_size, 3)`` for CelebA,
+    ``(99,)`` for Adult. Cheap: nothing is loaded."""
+    return tuple(int(n) for n in _source_of(data_config).input_shape(data_config))
 
 
 def group_names(data_config: Any) -> tuple[str, str]:

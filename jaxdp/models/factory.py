@@ -11,16 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdp.models import torchvision
+from jaxdp.models.mlp import ACTIVATIONS, MLP
 from jaxdp.models.resnet import NORMS, ResNet
 
-MODEL_NAMES = ("resnet18", "resnet")
+MODEL_NAMES = ("resnet18", "resnet", "mlp")
 
 
-def create_model(model_config: Any, *, private: bool) -> ResNet:
+def create_model(model_config: Any, *, private: bool) -> ResNet | MLP:
     """The Flax model described by ``config.model`` (see :func:`jaxdp.config.base_config`).
 
     ``name`` is ``"resnet18"`` or its synonym ``"resnet"``: the BasicBlock ResNet whose depth and width are
-    ``stage_sizes`` and ``width`` (ResNet18 at the defaults; smaller members for CPU demos).
+    ``stage_sizes`` and ``width`` (ResNet18 at the defaults; smaller members for CPU demos); or ``"mlp"``: the
+    multilayer perceptron of :mod:`jaxdp.models.mlp` with ``hidden_sizes`` and ``activation`` (for feature
+    vectors; ``norm`` does not apply to it: it has no normalisation layer).
 
     Raises:
       ValueError: for ``norm="batch"`` when ``private`` -- BatchNorm on batch statistics voids DP (see the
@@ -29,6 +32,8 @@ def create_model(model_config: Any, *, private: bool) -> ResNet:
     name = str(model_config.name).lower()
     if name not in MODEL_NAMES:
         raise ValueError(f"config.model.name={model_config.name!r} is not a known model; choose one of {MODEL_NAMES}.")
+    if name == "mlp":
+        return _mlp(model_config)
     norm = model_config.norm
     if norm not in NORMS:
         raise ValueError(f"config.model.norm={norm!r} is not supported; choose one of {NORMS}.")
@@ -51,16 +56,39 @@ def create_model(model_config: Any, *, private: bool) -> ResNet:
     )
 
 
+def _mlp(model_config: Any) -> MLP:
+    hidden = model_config.get("hidden_sizes", (256, 256))
+    hidden = tuple(hidden) if isinstance(hidden, list | tuple) else hidden
+    if not isinstance(hidden, tuple) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"config.model.hidden_sizes={model_config.get('hidden_sizes')!r} must be a tuple of layer "
+                         "widths >= 1, e.g. (256, 256) (fair-dp's Adult network); () is a linear model.")
+    activation = model_config.get("activation", "tanh")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"config.model.activation={activation!r}; choose one of {', '.join(map(repr, ACTIVATIONS))}.")
+    if model_config.get("pretrained_path") is not None:
+        raise ValueError("config.model.pretrained_path is a torchvision ResNet checkpoint; the MLP has none: set it "
+                         "to None.")
+    if model_config.get("norm") == "batch":
+        raise ValueError("config.model.norm='batch' with config.model.name='mlp': the MLP has no normalisation "
+                         "layer; leave config.model.norm at 'group' (the default; it applies to ResNets only).")
+    if isinstance(model_config.num_classes, bool) or int(model_config.num_classes) < 2:
+        raise ValueError(f"config.model.num_classes={model_config.num_classes!r} must be an integer >= 2.")
+    return MLP(num_classes=int(model_config.num_classes), hidden_sizes=hidden, activation=activation)
+
+
 def init_variables(
-    model: ResNet,
+    model: ResNet | MLP,
     rng: jax.Array,
     *,
     pretrained_path: str | os.PathLike[str] | None = None,
     in_channels: int = 3,
+    input_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Initial variables of ``model`` (``params``, plus ``batch_stats`` for ``norm="batch"``).
 
-    Parameter shapes do not depend on the image size, so initialisation traces a 32x32 image. With
+    ``input_shape`` is one example's shape (:func:`jaxdp.data.input_shape`), which an MLP's first layer depends
+    on (required for it). A ResNet's parameter shapes do not depend on the image size, so its initialisation traces
+    a 32x32 image (of ``input_shape``'s channels when given, else ``in_channels``). With
     ``pretrained_path`` (a torchvision resnet18 checkpoint, see :mod:`jaxdp.models.torchvision`) the
     parameters, and the running statistics of a BatchNorm model, come from the checkpoint; a head of a
     different class count is freshly initialised from ``rng``.
@@ -70,6 +98,13 @@ def init_variables(
         ``norm="none"`` which has no place for the checkpoint's normalisation parameters).
     """
     init_rng, head_rng = jax.random.split(rng)
+    if isinstance(model, MLP):
+        if input_shape is None:
+            raise ValueError("init_variables(MLP, ...) needs input_shape= (one example's shape, e.g. (99,) for "
+                             "Adult: jaxdp.data.input_shape(config.data)).")
+        return dict(jax.jit(model.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32)))
+    if input_shape is not None:
+        in_channels = int(input_shape[-1])
     dummy = jnp.zeros((1, 32, 32, in_channels), jnp.float32)
     if pretrained_path is None:
         return dict(jax.jit(model.init)(init_rng, dummy))

@@ -13,6 +13,9 @@
 - ``imbalance_drop.csv`` / ``imbalance_drop.md``: the paper's central comparison — per privacy level, each
   group's accuracy lost from the least imbalanced fraction to each more imbalanced one, and the minority's loss
   beyond non-DP's, per seed and as mean ± SD over seeds (:func:`imbalance_drop`);
+- ``group_accuracy.csv`` / ``group_accuracy.md``: each group's test accuracy and true positive rate per series
+  and fraction, mean ± SD over seeds and the mean of the runs' 95% intervals (:func:`group_accuracy`; the numbers
+  behind Figure 1, and the TPR, which shows what accuracy hides when a group's base rate is far from 1/2);
 - ``methods.csv`` / ``methods.md`` (when any run used a DP-fairness method, ``config.dp.method``): the methods
   side by side per privacy level and fraction — each group's accuracy, the gaps, epsilon, 95% intervals, and the
   mean misalignment cosines (non-private) — with the non-DP runs as a baseline (:func:`methods_table`);
@@ -87,16 +90,24 @@ from jaxdp_study.report.summary import (
     reproducible_note,
     summary_rows,
 )
-from jaxdp_study.report.tables import imbalance_drop, imbalance_drop_markdown, table1, table1_markdown
+from jaxdp_study.report.tables import (
+    group_accuracy,
+    group_accuracy_markdown,
+    imbalance_drop,
+    imbalance_drop_markdown,
+    table1,
+    table1_markdown,
+)
 from jaxdp_study.workdir import runs_by_name
 
 __all__ = [
     "audit_markdown", "audit_rows", "audit_violations", "bonferroni_note", "clip_stat_by_fraction",
     "family_wise_alpha", "figure_audit", "figure_clipping", "figure_clipping_diagnostics", "figure_fairness_gaps",
     "figure_imbalance", "figure_methods", "figure_misalignment", "figure_training_by_imbalance",
-    "figure_training_by_privacy", "group_names", "has_methods", "imbalance_drop", "imbalance_drop_markdown",
-    "imbalance_order", "load_history", "methods_markdown", "methods_table", "newcombe_interval",
-    "reproducible_note", "summary_rows", "table1", "table1_markdown", "write_report",
+    "figure_training_by_privacy", "group_accuracy", "group_accuracy_markdown", "group_names", "has_methods",
+    "imbalance_drop", "imbalance_drop_markdown", "imbalance_order", "load_history", "methods_markdown",
+    "methods_table", "newcombe_interval", "reproducible_note", "summary_rows", "table1", "table1_markdown",
+    "write_report",
 ]
 
 
@@ -115,6 +126,9 @@ def _write_tables(root: Path, rows: list[dict], run_dirs: dict[str, Path]) -> li
                _write(root / "table1.md", table1_markdown(t1, ff, note, names)),
                _write(root / "imbalance_drop.csv", _csv_text(drop)),
                _write(root / "imbalance_drop.md", imbalance_drop_markdown(drop, note, names))]
+    by_group = group_accuracy(rows)
+    written += [_write(root / "group_accuracy.csv", _csv_text(by_group)),
+                _write(root / "group_accuracy.md", group_accuracy_markdown(by_group, note, names))]
     if has_methods(rows):
         comparison = methods_table(rows, run_dirs)
         written += [_write(root / "methods.csv", _csv_text(comparison)),

@@ -1,5 +1,6 @@
-"""The paper's tables: Table 1 (overall accuracy per privacy level, ours vs the paper's) and the imbalance drop
-(each group's accuracy lost to imbalance, and the minority's loss beyond non-DP's)."""
+"""The paper's tables: Table 1 (overall accuracy per privacy level, ours vs the paper's), the imbalance drop (each
+group's accuracy lost to imbalance, and the minority's loss beyond non-DP's), and each group's accuracy and true
+positive rate per series and fraction, over seeds (the numbers behind Figure 1)."""
 
 from __future__ import annotations
 
@@ -200,4 +201,45 @@ def imbalance_drop_markdown(rows: Sequence[Mapping[str, Any]], note: str | None 
             f"{_f(r[f'{o}_drop_mean'])} | "
             f"{pm(r[f'{m}_drop_excess_vs_nondp_mean'], r[f'{m}_drop_excess_vs_nondp_sd'], '+.2f')} | "
             f"{_f(r['paper_male_drop'])} | {_f(r['paper_male_drop_excess_vs_nondp'], '+.2f')} |" for r in rows]
+    return head + "\n".join(body) + "\n" + _note_text(note)
+
+
+def group_accuracy(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each group's test accuracy and true positive rate per series (privacy level, variant) and fraction of group
+    0, over the seeds: the mean, the sample SD between seeds (None for one seed) and the mean of the runs' own 95%
+    intervals (test-sampling uncertainty of one run). Every run counts (every clip bound, every method: the variant
+    names them), ordered like summary.csv."""
+    out = []
+    cells = _group_by(rows, ("privacy_level", "variant", "l2_clip_norm", "female_fraction"))
+    for (level, variant, clip, ff), rs in sorted(cells.items(), key=lambda kv: _row_sort_key(kv[1][0])):
+        row: dict[str, Any] = {"privacy_level": level, "variant": variant, "l2_clip_norm": clip,
+                               "female_fraction": ff, "seeds": len(rs),
+                               "epsilon_pld": _mean(rs, "epsilon_pld") if rs[0]["dp_enabled"] else None}
+        for g in GROUP_IDS:
+            for rate in ("accuracy", "tpr"):
+                values = [_num(r.get(f"{rate}_{g}")) for r in rs]
+                row[f"{rate}_{g}_mean"] = _mean(rs, f"{rate}_{g}")
+                row[f"{rate}_{g}_sd"] = _sd([v for v in values if not math.isnan(v)])
+                row[f"{rate}_{g}_ci_low"] = _mean(rs, f"{rate}_{g}_ci_low")
+                row[f"{rate}_{g}_ci_high"] = _mean(rs, f"{rate}_{g}_ci_high")
+        out.append(row)
+    return out
+
+
+def group_accuracy_markdown(rows: Sequence[Mapping[str, Any]], note: str | None = None,
+                            names: tuple[str, str] = DEFAULT_GROUP_NAMES) -> str:
+    """:func:`group_accuracy` as markdown: accuracy (%) and TPR as ``mean ± SD over seeds [mean 95% CI]``."""
+    head = (f"**Each group's test accuracy (%) and true positive rate per fraction of {names[0]}: mean ± sample SD "
+            "over seeds [mean of the runs' 95% intervals].**\n\n"
+            f"| privacy level | clip | ε (PLD) | % {names[0]} | seeds | accuracy {names[0]} | accuracy {names[1]} | "
+            f"TPR {names[0]} | TPR {names[1]} |\n|---|---|---|---|---|---|---|---|---|\n")
+
+    def cell(r: Mapping[str, Any], key: str, fmt: str) -> str:
+        sd = "" if r[f"{key}_sd"] is None else f" ± {_f(r[f'{key}_sd'], fmt)}"
+        return f"{_f(r[f'{key}_mean'], fmt)}{sd} [{_f(r[f'{key}_ci_low'], fmt)}, {_f(r[f'{key}_ci_high'], fmt)}]"
+
+    body = [f"| {r['privacy_level']}{' ' + r['variant'] if r['variant'] else ''} | {_f(r['l2_clip_norm'], 'g')} | "
+            f"{_f(r['epsilon_pld'])} | {100 * r['female_fraction']:g} | {r['seeds']} | "
+            + " | ".join(cell(r, f"{rate}_{g}", ".2f" if rate == "accuracy" else ".3f")
+                         for rate in ("accuracy", "tpr") for g in GROUP_IDS) + " |" for r in rows]
     return head + "\n".join(body) + "\n" + _note_text(note)
