@@ -261,7 +261,6 @@ class _Run:
 
     def final(self, started: float) -> dict:
         """``final.json``'s content (after the audit, if the run has one)."""
-
         plan, config = self.plan, self.config
         delta = float(config.dp.delta)
         with self.clock.phase("accounting"):
