@@ -349,8 +349,7 @@ def lattice_exponent(l2_clip_norm: float, num_params: int, noise_multiplier: flo
         exponent -= 1
     while not fits(exponent):
         exponent += 1
-    z = float(noise_multiplier)
-    while z * (float(c) * 2.0**exponent + math.sqrt(d)) > MAX_STDDEV:
+    while lattice_units_stddev(noise_multiplier, float(c), d, exponent) > MAX_STDDEV:
         exponent -= 1
     if not -120 <= exponent <= 120:
         raise ValueError(f"The lattice step 2^-{exponent} for l2_clip_norm={float(c)} and {d} parameters is outside "
@@ -370,9 +369,16 @@ def effective_sensitivity(l2_clip_norm: float, num_params: int, noise_multiplier
     return float(np.nextafter(float(l2_clip_norm) + gamma * math.sqrt(int(num_params)), np.inf))
 
 
+# The sampler is built for 1 + 2^-14 times the required standard deviation: more than the 1 + 2^-16 by which a
+# per-step one computed in float32 is enlarged (LatticeNoise.required_stddev), so that the largest per-step
+# sensitivity still fits the outer multiplier the smoothing bound was computed for. The default step's noise is
+# therefore 6e-5 (relative) above z times the effective sensitivity.
+_BUILD_MARGIN = 1 + 2**-14
+
+
 def lattice_units_stddev(noise_multiplier: float, l2_clip_norm: float, num_params: int, exponent: int) -> float:
-    """``z (C 2^e + sqrt(d))``, slightly enlarged to cover its float64 rounding: the noise in lattice units."""
-    return float(noise_multiplier) * (float(l2_clip_norm) * 2.0**exponent + math.sqrt(int(num_params))) * (1 + 2**-40)
+    """``z (C 2^e + sqrt(d))`` (times ``1 + 2^-14``): the noise the sampler is built for, in lattice units."""
+    return float(noise_multiplier) * (float(l2_clip_norm) * 2.0**exponent + math.sqrt(int(num_params))) * _BUILD_MARGIN
 
 
 def quantise(values: jax.Array, exponent: int) -> jax.Array:

@@ -259,10 +259,14 @@ def _gaussian_step(updates, key, count, stddev, noise_multiplier, l2_clip_norm, 
     z = _draw(_derive(key, count, _STEP), sum(g.size for g in leaves), secure=secure)
     noised, offset = [], 0
     for g in leaves:
-        noise = stddev * z[offset:offset + g.size].reshape(g.shape)
-        noised.append((g + noise.astype(g.dtype)) * scale)
+        noised.append(_gaussian_release(g, z[offset:offset + g.size].reshape(g.shape), stddev, scale))
         offset += g.size
     return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+
+
+def _gaussian_release(g: jax.Array, z: jax.Array, stddev, scale) -> jax.Array:
+    """What the Gaussian mechanism releases for one leaf ``g`` and its standard normals ``z``."""
+    return (g + (stddev * z).astype(g.dtype)) * scale
 
 
 @functools.partial(jax.jit, static_argnames=("mechanism",))
@@ -281,14 +285,19 @@ def _lattice_step(updates, key, count, l2_clip_norm, scale, *, mechanism: lattic
         noise = sampler.draw(_derive(key, count, _STEP), size, outer_multiplier=multiplier)
     # y * gamma / B: a function of the integers y alone. A per-step sensitivity above the one the tables were
     # built for would need more noise than they can make: the step's output is then NaN (never a leak).
-    to_output = np.float32(2.0**-mechanism.exponent) * jnp.asarray(scale, jnp.float32)
     noised, offset = [], 0
     for g in leaves:
-        y = lattice.quantise(g, mechanism.exponent).ravel() + noise[offset:offset + g.size]
-        out = jnp.where(allowed, y.astype(jnp.float32) * to_output, jnp.nan)
-        noised.append(out.reshape(g.shape).astype(g.dtype))
+        noised.append(_lattice_release(g, noise[offset:offset + g.size].reshape(g.shape), mechanism.exponent, scale,
+                                       allowed))
         offset += g.size
     return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+
+
+def _lattice_release(g: jax.Array, noise: jax.Array, exponent: int, scale, allowed=True) -> jax.Array:
+    """What the lattice mechanism releases for one leaf ``g`` and its integer noise: a function of ``k + noise``."""
+    to_output = np.float32(2.0**-exponent) * jnp.asarray(scale, jnp.float32)
+    y = lattice.quantise(g, exponent) + noise
+    return jnp.where(allowed, y.astype(jnp.float32) * to_output, jnp.nan).astype(g.dtype)
 
 
 def check_mechanism(mechanism: str) -> str:
@@ -422,7 +431,7 @@ def noise_stddev(noise_multiplier: float, l2_clip_norm: float | object, expected
                  mechanism: str = "gaussian", num_params: int | None = None) -> float:
     """Standard deviation of the noise in the averaged gradient that ``dp_noise`` outputs: ``z C / B``; for
     ``mechanism="lattice"`` (which needs ``num_params``, the number of noised coordinates) ``z`` times the
-    lattice's effective sensitivity, over ``B`` (a lower bound: the sampler's may be larger by ``1e-12``)."""
+    lattice's effective sensitivity, over ``B`` (a lower bound: the sampler's is larger by ``2^-14``, relative)."""
     c = sensitivity(l2_clip_norm)
     if check_mechanism(mechanism) == "lattice":
         if num_params is None:
