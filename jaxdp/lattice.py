@@ -30,6 +30,10 @@ rounding moves by at most 1/2), clamping is 1-Lipschitz, and the triangle inequa
 the effective sensitivity ``C + gamma sqrt(d) <= C (1 + 2^-10)`` (:func:`effective_sensitivity`); the noise is
 scaled to ``z`` times it, so ``z`` keeps its meaning and the accountant is unchanged.
 
+*The noise* is ``sigma = (1 + 2^-14) z Delta`` (lattice units; the margin lets a per-step sensitivity computed in
+float32 fit the tables, see :func:`lattice_units_stddev`), so at most ``2^-10 + 2^-14`` above the Gaussian
+mechanism's ``z C`` at the same ``z``.
+
 *The ideal mechanism* ``k + round(sigma G)``, ``G ~ N(0, I_d)``, equals ``round(k + sigma G)`` for integer
 ``k``: a post-processing of the Gaussian mechanism with L2 sensitivity ``Delta`` and noise multiplier
 ``sigma / Delta >= z``. Everything the accountant proves for the Poisson-subsampled Gaussian mechanism
@@ -62,7 +66,8 @@ What this does not cover
   given and assumes ``||S - S'|| <= C`` for the float sums. The float sum of ``n`` clipped per-example
   gradients deviates from the exact sum by at most ``(n - 1) 2^-24 sum_i |g_i|`` per coordinate (any summation
   order; Higham, "Accuracy and Stability of Numerical Algorithms", 2002, eq. 4.4), so by at most about
-  ``n^2 2^-24 C`` in L2 in the worst case (``0.4% of C`` at ``n = 256``), typically ``sqrt(n) 2^-24`` relative.
+  ``n^2 2^-24 C`` in L2 in the worst case (``0.4% of C`` at ``n = 256``; the two neighbours' sums can then be
+  up to twice that further apart than ``C``), typically ``sqrt(n) 2^-24`` relative.
   The clip factors' own rounding adds a relative ``~ 2^-23``. The bookkeeping strategy sums over examples
   inside matrix products, and accelerators may run float32 products at reduced precision (TF32 on recent
   NVIDIA GPUs unless ``jax_default_matmul_precision`` asks for full float32), which makes these errors larger.

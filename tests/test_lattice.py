@@ -262,6 +262,27 @@ def test_two_levels_are_pointwise_the_rounded_gaussian():
     assert sampler.tv_bound <= lattice.TV_PER_DRAW and sampler.smoothing_bound < 1e-39
 
 
+def test_two_discrete_levels_are_pointwise_the_discrete_gaussian():
+    """The demo sampler's inner part R1 + 128 R2 (discrete Gaussians of 358.6 and 4.85) against D_{Z,S1},
+    S1 = inner_stddev = 721.7, at every integer within 6 S1: relative error below 1e-9."""
+    sampler = lattice.lattice_noise(Z, C, D).sampler
+    _, middle, inner = sampler.tables
+    multiplier = sampler.multipliers[1]
+    p_middle = np.array([w / 2**128 for w in middle.weights])
+    p_inner = np.array([w / 2**128 for w in inner.weights])
+    reach = multiplier * inner.half_width + middle.half_width
+    pmf = np.zeros(2 * reach + 1)
+    for j, p in enumerate(p_inner):
+        start = multiplier * (j - inner.half_width) + reach - middle.half_width
+        pmf[start:start + len(p_middle)] += p * p_middle
+    values = np.arange(-reach, reach + 1).astype(np.float64)
+    s = sampler.inner_stddev
+    assert s == pytest.approx(math.sqrt(middle.stddev**2 + multiplier**2 * inner.stddev**2), rel=1e-12)
+    bulk = np.abs(values) <= 6 * s
+    ideal = np.exp(-values[bulk] ** 2 / (2 * s**2)) / (math.sqrt(2 * math.pi) * s)  # normaliser exact to 1e-200
+    assert np.max(np.abs(pmf[bulk] / ideal - 1)) < 1e-9
+
+
 def test_draws_follow_the_rounded_gaussian():
     """2^20 draws of the demo's 3-level sampler (sigma 183,601): standard deviation within 1% (6 standard errors),
     and the fractions within 1, 2 and 3 sigma within 6 standard errors of the Gaussian's."""
