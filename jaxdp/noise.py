@@ -1,4 +1,4 @@
-"""Gaussian noise for DP-SGD: tail-correct normals, secret keys, and the noise step as an optax transformation.
+"""Noise for DP-SGD: tail-correct normals, secret keys, and the noise step as an optax transformation.
 
 ``optax.chain(dp_noise(...), optax.adam(5e-5))`` reads like the algorithm: the clipped sum of per-example
 gradients (from :func:`jaxdp.clipped_grad`) goes in, ``(sum + N(0, (z C)^2 I)) / B`` comes out and is handed to
@@ -26,7 +26,15 @@ Two conditions belong to the guarantee and are easy to break:
   ``2^-23`` grid, so its support is only about ``[-5.42, 5.22]`` standard deviations; an output beyond the
   support the neighbouring dataset allows reveals membership outright, which the accounting's delta does not
   cover. :func:`gaussian` resolves each tail's probability to ``2^-64``, correct beyond 9 standard
-  deviations (``P(N > 9) ~ 1.1e-19 ~ 2^-63``).
+  deviations (``P(N > 9) ~ 1.1e-19 ~ 2^-63``). Its support still ends at 9.155 standard deviations: the
+  accountant charges that to delta (:func:`jaxdp.accounting.truncation_delta`) and refuses noise multipliers
+  for which it would take half of delta or more.
+
+What floating point still breaks: the release ``fl(fl(g + fl(s Z)) / B)`` in float32 has holes in its support
+(which outputs can occur depends on ``g``), so an adversary who knows a neighbour's value of one coordinate can,
+on some outputs, tell the datasets apart with certainty (Mironov 2012). ``dp_noise(..., mechanism="lattice")``
+(:mod:`jaxdp.lattice`) removes this: it quantises the sum exactly to a lattice, adds integer noise and converts
+to float only afterwards, so its output is a post-processing of a Gaussian mechanism's.
 
 Post-processing by the optimiser (Adam, weight decay on the parameters, ...) does not change the guarantee.
 
@@ -34,9 +42,9 @@ Randomness
 ----------
 All randomness here comes from Threefry-4x32-20 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; the counter-based generator of Random123, checked against its known-answer vectors), implemented in
-``jax.numpy`` so that it is the same on every backend and JAX version. Its key is 128 bits, all of which
-:func:`key_from_seed` fills from a 128-bit seed. Each normal takes one block (the counter is the value's index):
-128 random bits, folded to the 64 that :func:`gaussian` uses by XOR of the block's two halves.
+``jax.numpy`` (:mod:`jaxdp.threefry`) so that it is the same on every backend and JAX version. Its key is 128
+bits, all of which :func:`key_from_seed` fills from a 128-bit seed. Each normal takes one block (the counter is
+the value's index): 128 random bits, folded to the 64 that :func:`gaussian` uses by XOR of the block's two halves.
 """
 
 from __future__ import annotations
