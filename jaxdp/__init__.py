@@ -15,7 +15,7 @@ What a user of the library imports from here:
 ``docs/library.md`` shows them on your own model, loss, data and loop; ``examples/`` has scripts to copy.
 """
 
-from jaxdp import accounting, clipping, fairness, noise, sampling
+from jaxdp import accounting, clipping, fairness, lattice, noise, sampling
 from jaxdp.accounting import PrivacyLedger
 from jaxdp.clipping import clipped_grad
 from jaxdp.fairness import group_metrics
@@ -41,6 +41,7 @@ __all__ = [
     "dp_noise",
     "fairness",
     "group_metrics",
+    "lattice",
     "make_plan",
     "noise",
     "sampling",

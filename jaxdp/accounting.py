@@ -46,13 +46,35 @@ Accountants:
 * ``"rdp_classic"`` — RDP at :data:`PAPER_RDP_ORDERS` converted with the classic
   ``eps = min_alpha [RDP(alpha) + log(1/delta) / (alpha - 1)]`` (Mironov 2017, Prop. 3): the computation
   behind the published 1.15 / 4.98 / 16.2 of Farrand et al. 2020, kept so results can be compared. It
-  gives 1.1470 / 4.9803 / 16.2574 for z = 1.5 / 0.7 / 0.5: the paper's numbers rounded to two decimals,
-  the last printed as 16.2 rather than 16.26 (or 16.3).
+  gives 1.1470 / 4.9803 / 16.2574 for z = 1.5 / 0.7 / 0.5 (``mechanism=None``, below): the paper's numbers
+  rounded to two decimals, the last printed as 16.2 rather than 16.26 (or 16.3).
+
+What the samplers add. The accountants describe the ideal Gaussian mechanism; jaxdp's noise comes from a sampler,
+whose own delta is spent out of the configured one, so the reported (epsilon, delta) covers what ran (``mechanism``
+of :func:`epsilon`, :func:`calibrate_noise` and :meth:`PrivacyLedger.record`):
+
+* ``"gaussian"`` (:func:`jaxdp.noise.gaussian`): its draws end at 9.155 standard deviations; an output beyond
+  what the neighbouring dataset can produce reveals membership. :func:`truncation_delta` bounds that
+  probability (about ``steps * q * Phi(-(9.155 - 1/z))``, plus ``1e-19`` per noised coordinate and step); epsilon
+  is computed at ``delta - delta_trunc`` and refused (:class:`SamplerDeltaError`, naming the smallest noise
+  multiplier allowed) when ``delta_trunc >= delta / 2``: z < 0.285 in the paper's setting. What it does not
+  cover: the float32 rounding of the release (holes in the output's support, :mod:`jaxdp.lattice`) and the
+  sampler's other deviations from N(0, 1) (:func:`jaxdp.noise.gaussian`).
+* ``"lattice"`` (:mod:`jaxdp.lattice`): the output is a post-processing of a Gaussian mechanism's up to a total
+  variation of ``jaxdp.lattice.TV_PER_DRAW`` per draw; :func:`lattice_delta` (``(1 + e^epsilon) n tau``) is
+  spent the same way. It has no truncation term, and it is a proof, under the assumptions stated there.
+* ``None``: the ideal mechanism, to compare with published analyses and other libraries.
+
+Both terms grow with the coordinates noised per step (``num_params``); unknown, they are taken as the largest
+draw jaxdp makes (:data:`DEFAULT_NUM_PARAMS`), which is conservative.
 
 Example::
 
     >>> from jaxdp import accounting
-    >>> round(accounting.epsilon(0.7, 32 / 24_000, 45_000, 1e-6, accountant="rdp_classic"), 2)
+    >>> round(accounting.epsilon(0.7, 32 / 24_000, 45_000, 1e-6, accountant="rdp_classic", mechanism=None), 2)
+    4.98
+    >>> round(accounting.epsilon(0.7, 32 / 24_000, 45_000, 1e-6, accountant="rdp_classic",
+    ...                          num_params=11_200_000), 2)
     4.98
 """
 
@@ -69,6 +91,10 @@ from typing import Any, Protocol
 
 import dp_accounting
 import numpy as np
+from scipy import special
+
+from jaxdp import lattice, threefry
+from jaxdp import noise as _noise
 
 
 class _DropNonConvergedOrders(logging.Filter):
@@ -315,6 +341,151 @@ def _compute_event_epsilon(
     return float(pld.get_epsilon(delta))
 
 
+# ----------------------------------------------------------------------------------------------------
+# What the samplers add to delta
+
+
+class SamplerDeltaError(ValueError):
+    """The noise sampler's own delta (tails, total variation) would take half of delta or more."""
+
+
+MECHANISMS = _noise.MECHANISMS
+# Coordinates noised per step when the caller does not say: the largest draw jaxdp makes (one counter word).
+DEFAULT_NUM_PARAMS = threefry.MAX_DRAW - 1
+
+
+@functools.cache
+def _gaussian_tail_constants() -> tuple[float, float, float, float]:
+    """``(T_low, T2, c, per_coordinate)`` for :func:`truncation_delta` (see there)."""
+    rho = _noise.QUANTILE_RELATIVE_ERROR
+    top = -float(special.ndtri(_noise.TAIL_PROBABILITY_GRID / 2))  # Q(2^-65) = 9.1554
+    t_low = top * (1 - rho)
+    c = 1 / (1 + rho)
+    t2 = c * t_low
+    y0 = (t2 - math.sqrt(t2 * t2 - 4)) / 2  # below it, Phi(-(t2 - sqrt(t))) is not convex in t
+    per_coordinate = (1 + 2 * _noise.UNIFORM_RELATIVE_ERROR) * special.ndtr(y0 - t2) + _noise.TAIL_PROBABILITY_GRID / 2
+    return t_low, t2, c, per_coordinate
+
+
+def _truncation_per_step(noise_multiplier: float, sampling: str, num_params: int) -> float:
+    t_low, t2, c, per_coordinate = _gaussian_tail_constants()
+    shift = (2.0 if sampling == "fixed" else 1.0) / noise_multiplier  # sensitivity / std: 1/z, 2/z replace-one
+    if c * shift >= t2 - (t2 - math.sqrt(t2 * t2 - 4)) / 2:
+        return 1.0  # beyond the convex range: the shift reaches the sampler's end, nothing is bounded
+    head = (1 + 2 * _noise.UNIFORM_RELATIVE_ERROR) * special.ndtr(c * shift - t2)
+    return min(1.0, head + num_params * per_coordinate)
+
+
+def truncation_delta(noise_multiplier: float, sampling_prob: float, steps: int, *, num_params: int | None = None,
+                     sampling: str = "poisson") -> float:
+    """The delta that the end of :func:`jaxdp.noise.gaussian`'s support costs ``steps`` Gaussian-mechanism steps.
+
+    The sampler's values end at ``T = Q(2^-65) = 9.155`` standard deviations (each tail's probabilities are
+    multiples of ``2^-64``). When the example that tells the datasets apart is in the batch (probability ``q``)
+    and shifts coordinate ``j`` by ``x_j`` standard deviations, an output beyond ``T - x_j`` there is impossible
+    under the neighbouring dataset: membership revealed, which the Gaussian accountant's delta does not cover.
+    Per step its probability is at most ``q`` times
+
+        ``(1 + 2^-23) Phi(-(T2 - a)) + d ((1 + 2^-23) Phi(-(T2 - y0)) + 2^-65)``
+
+    with ``a = (1 + rho)^-1 / noise_multiplier`` (``2 /`` for replace-one) the largest shift of all coordinates
+    together, ``T2 = T (1 - rho) / (1 + rho)`` (``rho = 4e-7``, the quantile's tested relative error),
+    ``y0 = 1/T2`` nearly, and ``d`` the coordinates noised per step: ``P(N > t) <= (1 + 2^-23) Phi(-t / (1 +
+    rho)) + 2^-65`` for the sampler, and ``sum_j Phi(-(T2 - y_j))`` over ``sum_j y_j^2 <= a^2`` is at most
+    ``d Phi(-(T2 - y0)) + Phi(-(T2 - a))`` because ``Phi(-(T2 - sqrt(t)))`` is convex in ``t`` above ``y0^2``
+    (a chord bound). The steps add (a union bound). ``noise_multiplier`` is the step's combined one
+    (:func:`combined_noise_multiplier`: the gradient and the method's counts), ``num_params`` all the noised
+    coordinates of a step (default :data:`DEFAULT_NUM_PARAMS`, the largest draw, about ``4e-10`` per step).
+
+    The lattice mechanism (:mod:`jaxdp.lattice`) has no such term: its integer noise reaches 12.5 standard
+    deviations and the mass beyond is in its total variation (:func:`lattice_delta`).
+
+    >>> f"{truncation_delta(0.25, 32 / 24_000, 45_000, num_params=11_200_000):.3g}"   # the paper, z = 0.25
+    '7.6e-06'
+    """
+    z = _check_noise_multiplier(noise_multiplier)
+    q = _check_sampling_prob(sampling_prob)
+    steps = _check_steps(steps)
+    sampling = _check_scheme(sampling)
+    d = DEFAULT_NUM_PARAMS if num_params is None else _check_num_params(num_params)
+    return min(1.0, steps * q * _truncation_per_step(z, sampling, d))
+
+
+def lattice_delta(epsilon: float, steps: int, *, num_params: int | None = None) -> float:
+    """``(1 + e^epsilon) n tau``: what the lattice sampler's distance from its ideal costs delta over a run.
+
+    ``tau`` = :data:`jaxdp.lattice.TV_PER_DRAW` (total variation of one integer draw from ``round(N(0,
+    sigma^2))``) and ``n = steps * num_params`` draws. Coupling every draw with an ideal one, the real run's
+    output equals the ideal run's except with probability ``n tau``; so if the ideal run is (epsilon,
+    delta)-DP, the real one is (epsilon, delta + (1 + e^epsilon) n tau)-DP. Negligible up to epsilon of about 30.
+
+    >>> f"{lattice_delta(4.0, 45_000, num_params=11_200_000):.2g}"
+    '4.7e-21'
+    """
+    draws = _check_steps(steps) * (DEFAULT_NUM_PARAMS if num_params is None else _check_num_params(num_params))
+    growth = math.exp(epsilon) if epsilon < 700 else math.inf
+    return (1 + growth) * draws * lattice.TV_PER_DRAW
+
+
+def _check_num_params(num_params: int) -> int:
+    if isinstance(num_params, bool) or int(num_params) != num_params or not 0 <= num_params <= DEFAULT_NUM_PARAMS:
+        raise ValueError(f"num_params={num_params!r} must be the number of noised coordinates per step, a whole "
+                         f"number in [0, {DEFAULT_NUM_PARAMS}].")
+    return int(num_params)
+
+
+def _smallest_noise_multiplier(sampling_prob: float, steps: int, delta: float, sampling: str, num_params: int) -> float:
+    """The smallest z (to 1e-4) whose truncation delta is below delta / 2, or inf."""
+    def fits(z):
+        return steps * sampling_prob * _truncation_per_step(z, sampling, num_params) < delta / 2
+    lo, hi = 1e-3, 1e3
+    if not fits(hi):
+        return math.inf
+    while hi - lo > 1e-4 * hi:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def _smallest_advice(truncation: float, q: float, steps: int, delta: float, sampling: str, num_params: int) -> str:
+    if truncation < delta / 2:
+        return ""
+    smallest = _smallest_noise_multiplier(q, steps, delta, sampling, num_params)
+    if not math.isfinite(smallest):
+        return "No noise multiplier is large enough at this many coordinates. "
+    return f"The smallest noise multiplier allowed here is {smallest:.4g}. "
+
+
+def _spend_sampler_deltas(event: dp_accounting.DpEvent, delta: float, accountant: str,
+                          neighboring: dp_accounting.NeighboringRelation, pld_value_discretization: float | None,
+                          truncation: float, lattice_draws: int, run: str, advice: str = "") -> float:
+    """Epsilon at ``delta`` minus the samplers' deltas, so that the total stays ``delta``; refuses when they take
+    half of it or more (``run`` says which run, ``advice`` what to do)."""
+    if truncation >= delta / 2:
+        raise SamplerDeltaError(
+            f"{run}: the Gaussian sampler's draws end at 9.155 standard deviations, and an output beyond what the "
+            f"neighbouring dataset can produce costs delta_trunc = {truncation:.3g} (jaxdp.accounting."
+            f"truncation_delta), at least half of delta = {delta:g}. {advice}Raise the noise, take fewer steps or "
+            "a smaller sampling rate, or pass num_params if it was left at its conservative default.")
+    rest = delta - truncation
+    if not lattice_draws:
+        return _event_epsilon(event, rest, accountant, neighboring, pld_value_discretization)
+    bound = _event_epsilon(event, rest / 2, "rdp" if accountant == "pld" else accountant, neighboring)
+    for _ in range(3):  # bound >= the epsilon reported, so (1 + e^eps) n tau <= lattice
+        lattice_cost = (1 + (math.exp(bound) if bound < 700 else math.inf)) * lattice_draws * lattice.TV_PER_DRAW
+        if lattice_cost >= rest / 2:
+            raise SamplerDeltaError(
+                f"{run}: the lattice sampler's distance from the ideal rounded Gaussian (total variation "
+                f"{lattice.TV_PER_DRAW:.2g} per draw, {lattice_draws:.3g} draws) costs (1 + e^{bound:.3g}) * "
+                f"{lattice_draws * lattice.TV_PER_DRAW:.3g} = {lattice_cost:.3g}, at least half of the delta left "
+                f"({rest:g}): an epsilon this large cannot be certified with it; add noise.")
+        eps = _event_epsilon(event, rest - lattice_cost, accountant, neighboring, pld_value_discretization)
+        if eps <= bound:
+            return eps
+        bound = eps
+    raise AssertionError("the lattice delta did not settle")
+
+
 def epsilon(
     noise_multiplier: float,
     sampling_prob: float,
@@ -325,6 +496,8 @@ def epsilon(
     dataset_size: int | None = None,
     *,
     pld_value_discretization: float | None = None,
+    mechanism: str | None = "gaussian",
+    num_params: int | None = None,
 ) -> float:
     """The epsilon of ``steps`` DP-SGD steps at the given delta (an upper bound for every accountant).
 
@@ -340,6 +513,14 @@ def epsilon(
         does and does not cover for shuffled batches).
       dataset_size: number of training examples; required for sampling="fixed".
       pld_value_discretization: override :func:`pld_discretization` (smaller is tighter and slower).
+      mechanism: the noise sampler that ran, whose own delta is spent out of ``delta`` (so the total stays
+        ``delta``): ``"gaussian"`` (:func:`jaxdp.noise.gaussian`, whose tails end at 9.155 standard deviations:
+        :func:`truncation_delta`; refused with :class:`SamplerDeltaError`, naming the smallest noise multiplier
+        allowed, when that is half of ``delta`` or more), ``"lattice"`` (:mod:`jaxdp.lattice`:
+        :func:`lattice_delta`), or None: the ideal Gaussian mechanism, as in published analyses (the paper's
+        numbers, other libraries).
+      num_params: the coordinates noised per step (the model's parameters, plus a method's counts), for the
+        samplers' deltas; default :data:`DEFAULT_NUM_PARAMS` (the largest draw: conservative).
 
     The cost does not grow with ``steps`` (the steps are one self-composed event).
     """
@@ -352,15 +533,17 @@ def epsilon(
     event = step_event(sampling, q, z, dataset_size)
     neighboring = _neighboring_relation({sampling})
     _check_supported(accountant, neighboring)
+    if mechanism is not None:
+        _noise.check_mechanism(mechanism)
+    d = DEFAULT_NUM_PARAMS if num_params is None else _check_num_params(num_params)
     if steps == 0:
         return 0.0
-    return _event_epsilon(
-        dp_accounting.SelfComposedDpEvent(event, steps),
-        delta,
-        accountant,
-        neighboring,
-        pld_value_discretization,
-    )
+    truncation = truncation_delta(z, q, steps, num_params=d, sampling=sampling) if mechanism == "gaussian" else 0.0
+    run = f"noise_multiplier={z} (q={q:.4g}, {steps} steps, {d} coordinates noised per step)"
+    return _spend_sampler_deltas(
+        dp_accounting.SelfComposedDpEvent(event, steps), delta, accountant, neighboring, pld_value_discretization,
+        truncation, steps * d if mechanism == "lattice" else 0, run, _smallest_advice(truncation, q, steps, delta,
+                                                                                       sampling, d))
 
 
 def calibrate_noise(
@@ -375,13 +558,16 @@ def calibrate_noise(
     *,
     max_noise_multiplier: float = 1000.0,
     pld_value_discretization: float | None = None,
+    mechanism: str | None = "gaussian",
+    num_params: int | None = None,
 ) -> float:
     """The smallest noise multiplier z (to relative tolerance ``tol``) with epsilon(z) <= target_epsilon.
 
     Bisection on z between a value whose epsilon exceeds the target and one that meets it. The returned
     z always satisfies ``epsilon(z, ...) <= target_epsilon`` exactly as computed by :func:`epsilon` with
-    the same arguments (``pld_value_discretization`` included), and z * (1 - tol) does not. Raises if
-    even ``max_noise_multiplier`` does not reach the target.
+    the same arguments (``pld_value_discretization``, ``mechanism`` and ``num_params`` included), and
+    z * (1 - tol) does not. Raises if even ``max_noise_multiplier`` does not reach the target, and
+    :class:`SamplerDeltaError` if the target needs less noise than the sampler allows (:func:`epsilon`).
 
     For the paper setting (target 4.98, q = 32/24000, 45,000 steps, delta 1e-6) it gives z = 0.70044
     (rdp_classic), 0.66938 (rdp) and 0.64448 (pld).
@@ -389,13 +575,14 @@ def calibrate_noise(
     # A pure function of its arguments, and seconds of PLD work per call: a sweep calibrating many runs of one
     # setting (every female fraction and seed of a privacy level) computes it once per process.
     key = tuple(repr(a) for a in (target_epsilon, sampling_prob, steps, delta, accountant, sampling, dataset_size,
-                                  tol, max_noise_multiplier, pld_value_discretization))
+                                  tol, max_noise_multiplier, pld_value_discretization, mechanism, num_params))
     if key not in _CALIBRATION_CACHE:
         if len(_CALIBRATION_CACHE) > 1024:
             _CALIBRATION_CACHE.clear()
         _CALIBRATION_CACHE[key] = _calibrate_noise(
             target_epsilon, sampling_prob, steps, delta, accountant, sampling, dataset_size, tol,
-            max_noise_multiplier=max_noise_multiplier, pld_value_discretization=pld_value_discretization)
+            max_noise_multiplier=max_noise_multiplier, pld_value_discretization=pld_value_discretization,
+            mechanism=mechanism, num_params=num_params)
     return _CALIBRATION_CACHE[key]
 
 
@@ -404,7 +591,8 @@ _CALIBRATION_CACHE: dict[tuple[str, ...], float] = {}
 
 def _calibrate_noise(target_epsilon: float, sampling_prob: float, steps: int, delta: float, accountant: str,
                      sampling: str, dataset_size: int | None, tol: float, *, max_noise_multiplier: float,
-                     pld_value_discretization: float | None) -> float:
+                     pld_value_discretization: float | None, mechanism: str | None,
+                     num_params: int | None) -> float:
     target = float(target_epsilon)
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"target_epsilon={target_epsilon!r} must be a finite number > 0.")
@@ -414,17 +602,16 @@ def _calibrate_noise(target_epsilon: float, sampling_prob: float, steps: int, de
     if steps == 0:
         raise ValueError("steps=0 spends no privacy; there is no noise multiplier to calibrate.")
 
-    def eps(z: float) -> float:
-        return epsilon(
-            z,
-            sampling_prob,
-            steps,
-            delta,
-            accountant,
-            sampling,
-            dataset_size,
-            pld_value_discretization=pld_value_discretization,
-        )
+    refused: dict[float, SamplerDeltaError] = {}
+
+    def eps(z: float, mechanism: str | None = mechanism) -> float:
+        try:
+            return epsilon(z, sampling_prob, steps, delta, accountant, sampling, dataset_size,
+                           pld_value_discretization=pld_value_discretization, mechanism=mechanism,
+                           num_params=num_params)
+        except SamplerDeltaError as e:  # less noise than the sampler allows: as if epsilon were infinite
+            refused[z] = e
+            return math.inf
 
     hi = 1.0
     while eps(hi) > target:
@@ -447,6 +634,12 @@ def _calibrate_noise(target_epsilon: float, sampling_prob: float, steps: int, de
             hi = mid
         else:
             lo = mid
+    if lo in refused and eps(lo, None) <= target:
+        # The sampler, not the target, bounded the search: a silently noisier run would misreport the target.
+        raise SamplerDeltaError(
+            f"target_epsilon={target} needs less noise than the {mechanism} sampler allows: {refused[lo]} The "
+            f"smallest noise multiplier it allows here is about {hi:.4g}, whose epsilon is {eps(hi):.4g}; lower "
+            "target_epsilon to that, or take fewer steps or a smaller sampling rate.")
     return hi
 
 
@@ -496,7 +689,9 @@ class LedgerEntry:
 
     ``noise_multiplier`` is the gradient's; ``extra_noise_multipliers`` those of the other sensitivity-1
     Gaussian releases each step makes on the same batch (none for plain DP-SGD). A step is accounted as one
-    sampled Gaussian with :func:`combined_noise_multiplier` of the two.
+    sampled Gaussian with :func:`combined_noise_multiplier` of the two. ``mechanism``: the noise sampler that
+    ran (``"gaussian"`` or ``"lattice"``), ``num_params``: the coordinates it noised per step (None: unknown,
+    :data:`DEFAULT_NUM_PARAMS`), for the sampler's own delta (:func:`epsilon`).
     """
 
     scheme: str
@@ -505,16 +700,11 @@ class LedgerEntry:
     dataset_size: int
     steps: int
     extra_noise_multipliers: tuple[float, ...] = ()
+    mechanism: str = "gaussian"
+    num_params: int | None = None
 
     def same_step(self, other: LedgerEntry) -> bool:
-        return (self.scheme, self.sampling_prob, self.noise_multiplier, self.dataset_size,
-                self.extra_noise_multipliers) == (
-            other.scheme,
-            other.sampling_prob,
-            other.noise_multiplier,
-            other.dataset_size,
-            other.extra_noise_multipliers,
-        )
+        return dataclasses.replace(self, steps=0) == dataclasses.replace(other, steps=0)
 
     @property
     def effective_noise_multiplier(self) -> float:
@@ -525,21 +715,32 @@ class LedgerEntry:
         return step_event(self.scheme, self.sampling_prob, self.effective_noise_multiplier, self.dataset_size)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form; ``extra_noise_multipliers`` only when there are some (plain DP-SGD's form is unchanged)."""
+        """The JSON form; ``extra_noise_multipliers``, ``mechanism`` and ``num_params`` only when they are not
+        the defaults (plain DP-SGD's form is unchanged)."""
         out = dataclasses.asdict(self)
-        if self.extra_noise_multipliers:
-            out["extra_noise_multipliers"] = list(self.extra_noise_multipliers)
-        else:
-            del out["extra_noise_multipliers"]
+        out["extra_noise_multipliers"] = list(self.extra_noise_multipliers)
+        for key, default in (("extra_noise_multipliers", []), ("mechanism", "gaussian"), ("num_params", None)):
+            if out[key] == default:
+                del out[key]
         return out
+
+    @property
+    def version(self) -> int:
+        """The ledger format version this entry needs (see ``_LEDGER_VERSION``)."""
+        if self.mechanism != "gaussian" or self.num_params is not None:
+            return _LEDGER_VERSION_MECHANISM
+        return _LEDGER_VERSION_EXTRA if self.extra_noise_multipliers else _LEDGER_VERSION
 
 
 _LEDGER_FORMAT = "jaxdp.PrivacyLedger"
 # Version 1: plain DP-SGD entries. Version 2 (written only when some entry has extra releases): entries may carry
-# "extra_noise_multipliers". A jaxdp that reads only version 1 refuses a version-2 ledger instead of silently
-# dropping the extra releases (which would understate epsilon); this one reads both.
+# "extra_noise_multipliers". Version 3 (only when some entry names its "mechanism" or "num_params"). A jaxdp that
+# reads only older versions refuses a newer ledger instead of silently dropping what it does not know (which would
+# understate epsilon); this one reads all three.
 _LEDGER_VERSION = 1
 _LEDGER_VERSION_EXTRA = 2
+_LEDGER_VERSION_MECHANISM = 3
+_LEDGER_VERSIONS = (_LEDGER_VERSION, _LEDGER_VERSION_EXTRA, _LEDGER_VERSION_MECHANISM)
 
 
 class PrivacyLedger:
@@ -577,12 +778,15 @@ class PrivacyLedger:
             self._entries.append(entry)
 
     def record(self, sampler: SamplerLike, noise_multiplier: float, steps: int = 1,
-               extra_noise_multipliers: Sequence[float] = ()) -> None:
+               extra_noise_multipliers: Sequence[float] = (), *, mechanism: str = "gaussian",
+               num_params: int | None = None) -> None:
         """Records ``steps`` steps with batches from ``sampler`` and Gaussian noise ``noise_multiplier``.
 
         ``extra_noise_multipliers``: the noise multipliers of the other Gaussian releases each step makes on the
         same batch, each of L2 sensitivity 1 under add/remove (e.g. ``(10.0,)`` for DPSGD-F's noisy counts with
-        sigma 10); the step is then accounted with :func:`combined_noise_multiplier`.
+        sigma 10); the step is then accounted with :func:`combined_noise_multiplier`. ``mechanism`` (the noise
+        sampler, ``"gaussian"`` or ``"lattice"``) and ``num_params`` (all coordinates it noised per step: the
+        gradient's and the counts') set the sampler's own delta (:func:`epsilon`).
         """
         try:
             scheme, q, n = sampler.scheme, sampler.sampling_prob, sampler.dataset_size
@@ -594,9 +798,12 @@ class PrivacyLedger:
         steps = _check_steps(steps)
         extras = tuple(float(s) for s in extra_noise_multipliers)
         step_event(scheme, q, combined_noise_multiplier(noise_multiplier, extras), n)  # validates every field
+        _noise.check_mechanism(mechanism)
+        num_params = None if num_params is None else _check_num_params(num_params)
         if self._entries and self._entries[-1].scheme != scheme:
             _neighboring_relation({scheme, self._entries[-1].scheme})
-        self._append(LedgerEntry(scheme, float(q), float(noise_multiplier), int(n), steps, extras))
+        self._append(LedgerEntry(scheme, float(q), float(noise_multiplier), int(n), steps, extras, mechanism,
+                                 num_params))
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
@@ -628,18 +835,30 @@ class PrivacyLedger:
         if not self._entries:
             return 0.0
         neighboring = _neighboring_relation({e.scheme for e in self._entries})
-        return _event_epsilon(
-            self.dp_event(), delta, accountant, neighboring, pld_value_discretization
-        )
+        _check_supported(accountant, neighboring)
+        truncation, lattice_draws = 0.0, 0
+        for e in self._entries:
+            d = DEFAULT_NUM_PARAMS if e.num_params is None else e.num_params
+            if e.mechanism == "gaussian":
+                truncation += truncation_delta(e.effective_noise_multiplier, e.sampling_prob, e.steps, num_params=d,
+                                               sampling=e.scheme)
+            else:
+                lattice_draws += e.steps * d
+        advice = ""
+        if len(self._entries) == 1:
+            e = self._entries[0]
+            advice = _smallest_advice(truncation, e.sampling_prob, e.steps, delta, e.scheme,
+                                      DEFAULT_NUM_PARAMS if e.num_params is None else e.num_params)
+        return _spend_sampler_deltas(self.dp_event(), delta, accountant, neighboring, pld_value_discretization,
+                                     min(1.0, truncation), lattice_draws, f"the ledger's {self.steps} steps", advice)
 
     # -- serialisation ------------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        extra = any(e.extra_noise_multipliers for e in self._entries)
         return json.dumps(
             {
                 "format": _LEDGER_FORMAT,
-                "version": _LEDGER_VERSION_EXTRA if extra else _LEDGER_VERSION,
+                "version": max((e.version for e in self._entries), default=_LEDGER_VERSION),
                 "entries": [e.to_dict() for e in self._entries],
             },
             indent=1,
@@ -650,10 +869,10 @@ class PrivacyLedger:
         data: Any = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != _LEDGER_FORMAT:
             raise ValueError("Not a jaxdp privacy ledger (missing 'format': 'jaxdp.PrivacyLedger').")
-        if data.get("version") not in (_LEDGER_VERSION, _LEDGER_VERSION_EXTRA):
+        if data.get("version") not in _LEDGER_VERSIONS:
             raise ValueError(
                 f"Privacy ledger version {data.get('version')!r} is not supported by this jaxdp "
-                f"(reads versions {_LEDGER_VERSION} and {_LEDGER_VERSION_EXTRA})."
+                f"(reads versions {', '.join(map(str, _LEDGER_VERSIONS))})."
             )
         ledger = cls()
         for raw in data["entries"]:
@@ -664,6 +883,8 @@ class PrivacyLedger:
                 dataset_size=int(raw["dataset_size"]),
                 steps=_check_steps(raw["steps"]),
                 extra_noise_multipliers=tuple(float(x) for x in raw.get("extra_noise_multipliers", ())),
+                mechanism=_noise.check_mechanism(str(raw.get("mechanism", "gaussian"))),
+                num_params=None if raw.get("num_params") is None else _check_num_params(raw["num_params"]),
             )
             entry.step_event()  # validates
             ledger._append(entry)

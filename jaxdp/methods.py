@@ -49,13 +49,15 @@ Guarantees (add or remove one example; Poisson sampling with rate q):
   One step: ``PoissonSampled(q, Gaussian((z^-2 + sigma_b^-2)^-1/2))``.
 
 Every count's noise comes from the run's secret noise stream (:meth:`jaxdp.plan.DPPlan.release`: a separate
-``fold_in`` of the secret noise key) through the tail-correct :func:`jaxdp.noise.gaussian`. The
+``fold_in`` of the secret noise key) through the tail-correct :func:`jaxdp.noise.gaussian`, or, with
+``mechanism="lattice"``, as integers (:func:`release`). The
 sensitivity of each clip rule is tested empirically on every clipping strategy (``tests/test_methods.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -63,7 +65,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxdp import noise
+from jaxdp import lattice, noise
 from jaxdp.fairness import GROUPS
 
 PyTree = Any
@@ -340,14 +342,31 @@ class DPSGDGlobalAdapt:
         return {"method_threshold": float(jax.device_get(state["threshold"]))}
 
 
-def release(method: Method, state: PyTree, counts: jax.Array, key: jax.Array) -> PyTree:
-    """Adds ``N(0, sigma^2)`` (``sigma = method.count_noise_multiplier``, tail-correct :func:`jaxdp.noise.gaussian`
-    keyed by ``key``, which must be secret and fresh for every step) to each of a step's exact counts and returns
-    the method's next state; the identity for methods that release nothing else."""
+def release(method: Method, state: PyTree, counts: jax.Array, key: jax.Array, *,
+            mechanism: str = "gaussian") -> PyTree:
+    """Adds noise of standard deviation ``sigma = method.count_noise_multiplier`` to each of a step's exact counts,
+    keyed by ``key`` (which must be secret and fresh for every step), and returns the method's next state; the
+    identity for methods that release nothing else.
+
+    ``mechanism="gaussian"``: ``counts + sigma Z`` in float32, ``Z`` from the tail-correct
+    :func:`jaxdp.noise.gaussian`. ``mechanism="lattice"``: ``counts + N`` with integer ``N`` within total variation
+    :data:`jaxdp.lattice.TV_PER_DRAW` of ``round(N(0, sigma^2))`` (:func:`jaxdp.lattice.noised_counts`): counts are
+    integers already, so this is the lattice mechanism with lattice step 1 and unchanged sensitivity 1, and the
+    released values are integers (no floating-point holes, no truncation at 9.155 sigma). Either way one compiled
+    program per call, also outside ``jit``.
+    """
     if method.num_counts == 0:
         return state
-    # The std as a float32 never below sigma (a float64 constant rounded to nearest could fall below it).
-    noisy = counts + noise.stddev_at_least(method.count_noise_multiplier) * noise.gaussian(key, counts.shape)
+    return _release(method, state, counts, key, mechanism=noise.check_mechanism(mechanism))
+
+
+@functools.partial(jax.jit, static_argnames=("method", "mechanism"))
+def _release(method: Method, state: PyTree, counts: jax.Array, key: jax.Array, *, mechanism: str) -> PyTree:
+    if mechanism == "lattice":
+        noisy = lattice.noised_counts(counts, key, method.count_noise_multiplier)
+    else:
+        # The std as a float32 never below sigma (a float64 constant rounded to nearest could fall below it).
+        noisy = counts + noise.stddev_at_least(method.count_noise_multiplier) * noise.gaussian(key, counts.shape)
     return method.update(state, noisy)
 
 

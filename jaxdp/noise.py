@@ -1,4 +1,4 @@
-"""Gaussian noise for DP-SGD: tail-correct normals, secret keys, and the noise step as an optax transformation.
+"""Noise for DP-SGD: tail-correct normals, secret keys, and the noise step as an optax transformation.
 
 ``optax.chain(dp_noise(...), optax.adam(5e-5))`` reads like the algorithm: the clipped sum of per-example
 gradients (from :func:`jaxdp.clipped_grad`) goes in, ``(sum + N(0, (z C)^2 I)) / B`` comes out and is handed to
@@ -26,7 +26,15 @@ Two conditions belong to the guarantee and are easy to break:
   ``2^-23`` grid, so its support is only about ``[-5.42, 5.22]`` standard deviations; an output beyond the
   support the neighbouring dataset allows reveals membership outright, which the accounting's delta does not
   cover. :func:`gaussian` resolves each tail's probability to ``2^-64``, correct beyond 9 standard
-  deviations (``P(N > 9) ~ 1.1e-19 ~ 2^-63``).
+  deviations (``P(N > 9) ~ 1.1e-19 ~ 2^-63``). Its support still ends at 9.155 standard deviations: the
+  accountant charges that to delta (:func:`jaxdp.accounting.truncation_delta`) and refuses noise multipliers
+  for which it would take half of delta or more.
+
+What floating point still breaks: the release ``fl(fl(g + fl(s Z)) / B)`` in float32 has holes in its support
+(which outputs can occur depends on ``g``), so an adversary who knows a neighbour's value of one coordinate can,
+on some outputs, tell the datasets apart with certainty (Mironov 2012). ``dp_noise(..., mechanism="lattice")``
+(:mod:`jaxdp.lattice`) removes this: it quantises the sum exactly to a lattice, adds integer noise and converts
+to float only afterwards, so its output is a post-processing of a Gaussian mechanism's.
 
 Post-processing by the optimiser (Adam, weight decay on the parameters, ...) does not change the guarantee.
 
@@ -34,13 +42,14 @@ Randomness
 ----------
 All randomness here comes from Threefry-4x32-20 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011; the counter-based generator of Random123, checked against its known-answer vectors), implemented in
-``jax.numpy`` so that it is the same on every backend and JAX version. Its key is 128 bits, all of which
-:func:`key_from_seed` fills from a 128-bit seed. Each normal takes one block (the counter is the value's index):
-128 random bits, folded to the 64 that :func:`gaussian` uses by XOR of the block's two halves.
+``jax.numpy`` (:mod:`jaxdp.threefry`) so that it is the same on every backend and JAX version. Its key is 128
+bits, all of which :func:`key_from_seed` fills from a 128-bit seed. Each normal takes one block (the counter is
+the value's index): 128 random bits, folded to the 64 that :func:`gaussian` uses by XOR of the block's two halves.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Sequence
@@ -51,65 +60,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdp import lattice, threefry
 from jaxdp.clipping import sensitivity, validate_clip_norm
 
 SEED_BITS = 128
 
-# --- Threefry-4x32-20 ------------------------------------------------------------------------------------------
+# The random bits (Threefry-4x32-20, keys as four words) live in jaxdp.threefry, shared with jaxdp.lattice.
+_threefry4x32, _derive, _key_words = threefry.threefry4x32, threefry.derive, threefry.key_words
+_BITS, _STEP = threefry.BITS, threefry.STEP
 
-_ROTATIONS = ((10, 26), (11, 21), (13, 27), (23, 5), (6, 20), (17, 11), (25, 10), (18, 20))
-_PARITY = np.uint32(0x1BD11BDA)
-# The fourth counter word separates the uses of one key: random bits (0), a step's key (1).
-_BITS, _STEP = 0, 1
+MECHANISMS = ("gaussian", "lattice")
 
-
-def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
-    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
-
-
-def _threefry4x32(key: Sequence, counter: Sequence) -> list[jax.Array]:
-    """Threefry-4x32 with 20 rounds (Random123): four uint32 key words and four counter words -> four words.
-
-    Counter words broadcast against each other (arrays or scalars); the key words are scalars.
-    """
-    k = [jnp.asarray(w, jnp.uint32) for w in key]
-    schedule = k + [k[0] ^ k[1] ^ k[2] ^ k[3] ^ _PARITY]
-    x = [jnp.asarray(c, jnp.uint32) + schedule[i] for i, c in enumerate(counter)]
-    for r in range(20):
-        a, b = _ROTATIONS[r % 8]
-        if r % 2 == 0:
-            x[0] = x[0] + x[1]
-            x[1] = _rotate_left(x[1], a) ^ x[0]
-            x[2] = x[2] + x[3]
-            x[3] = _rotate_left(x[3], b) ^ x[2]
-        else:
-            x[0] = x[0] + x[3]
-            x[3] = _rotate_left(x[3], a) ^ x[0]
-            x[2] = x[2] + x[1]
-            x[1] = _rotate_left(x[1], b) ^ x[2]
-        if r % 4 == 3:
-            s = r // 4 + 1
-            x = [x[i] + schedule[(s + i) % 5] for i in range(4)]
-            x[3] = x[3] + np.uint32(s)
-    return x
-
-
-def _derive(words: jax.Array, data, domain: int) -> jax.Array:
-    """A new 128-bit key from ``words`` and an integer (a step count)."""
-    out = _threefry4x32(list(jnp.asarray(words, jnp.uint32)), [jnp.asarray(data).astype(jnp.uint32), 0, 0, domain])
-    return jnp.stack(out)
-
-
-def _key_words(key: jax.Array) -> jax.Array:
-    """The key's data as four uint32 words (shorter keys, e.g. a 64-bit Threefry-2x32 key, are zero-padded)."""
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape:
-            raise ValueError(f"Expected a single PRNG key; got an array of keys with shape {key.shape}.")
-        key = jax.random.key_data(key)
-    words = jnp.ravel(jnp.asarray(key)).astype(jnp.uint32)
-    if words.size > 4:
-        raise ValueError(f"A key holds at most 4 uint32 words (128 bits); got {words.size}.")
-    return jnp.concatenate([words, jnp.zeros(4 - words.size, jnp.uint32)])
+# What the accountant needs to know of gaussian()'s distribution (its docstring; tests/test_noise.py checks them):
+# each tail's probabilities are multiples of 2^-64 and the largest magnitude is Q(2^-65), where Q(u) = Phi^-1(1 - u)
+# is evaluated with relative error below QUANTILE_RELATIVE_ERROR at u rounded to float32 (UNIFORM_RELATIVE_ERROR).
+TAIL_PROBABILITY_GRID = 2.0**-64
+QUANTILE_RELATIVE_ERROR = 4e-7
+UNIFORM_RELATIVE_ERROR = 2.0**-24
 
 
 # --- Standard normals with correct tails --------------------------------------------------------------------
@@ -158,36 +125,25 @@ def _normal_from_bits(high: jax.Array, low: jax.Array) -> jax.Array:
     return jnp.where(high >> np.uint32(31) == 1, q, -q)
 
 
-_CHUNK = 2**20  # values per iteration of the drawing loop
-
-
 def _draw(words: jax.Array, size: int, *, secure: bool = False) -> jax.Array:
     """``size`` float32 standard normals from the 128-bit key ``words``: value ``i`` takes the block at counter
-    ``(i, stream, 0, 0)``, so the values do not depend on how the loop below is chunked. ``secure``: the sum of
-    the four streams' normals, halved (see :func:`dp_noise`)."""
-    if size >= 2**32:
-        raise ValueError(f"gaussian draws fewer than 2**32 values at once; got {size}.")
-    if size == 0:
-        return jnp.zeros((0,), jnp.float32)
-    # A loop of at least two iterations: XLA neither fuses a loop's output into its consumers nor unrolls it
-    # (a one-iteration loop it inlines). Fused, the integer-only generator counts as cheap and is recomputed in
-    # every consumer (Adam's two moments and the update, for each leaf), which multiplies the compile time and
-    # the work. One block per value: XLA evaluates a block once per output word, so two values per block would
-    # cost twice as much.
-    n_chunks = max(2, -(-size // _CHUNK))
-    chunk = -(-size // n_chunks)
+    ``(i, stream, 0, 0)`` (:func:`jaxdp.threefry.map_chunks`: independent of the chunking). ``secure``: the sum of
+    the four streams' normals, halved (see :func:`dp_noise`). One block per value: XLA evaluates a block once
+    per output word, so two values per block would cost twice as much."""
 
-    def chunk_of_normals(carry, start):
-        index = start + jax.lax.iota(jnp.uint32, chunk)
+    def normals(index):
         z = []
         for stream in range(4 if secure else 1):
             x0, x1, x2, x3 = _threefry4x32(list(words), [index, stream, 0, _BITS])
             z.append(_normal_from_bits(x0 ^ x2, x1 ^ x3))
-        return carry, (sum(z) * 0.5 if secure else z[0])
+        return sum(z) * 0.5 if secure else z[0]
 
-    starts = jnp.arange(n_chunks, dtype=jnp.uint32) * np.uint32(chunk)
-    _, z = jax.lax.scan(chunk_of_normals, None, starts)
-    return z.reshape(-1)[:size]
+    return threefry.map_chunks(normals, size, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _gaussian(key: jax.Array, *, shape: tuple[int, ...], dtype) -> jax.Array:
+    return _draw(_key_words(key), math.prod(shape)).reshape(shape).astype(dtype)
 
 
 def gaussian(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
@@ -220,7 +176,9 @@ def gaussian(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Arr
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"gaussian draws floating-point values; got dtype {dtype}.")
     shape = tuple(int(d) for d in shape)
-    return _draw(_key_words(key), math.prod(shape)).reshape(shape).astype(dtype)
+    threefry.check_draw_size(math.prod(shape))
+    # One compiled program per call, also outside jit (the draw is many small operations).
+    return _gaussian(key, shape=shape, dtype=dtype)
 
 
 # --- Secret seeds and keys ----------------------------------------------------------------------------------
@@ -299,6 +257,64 @@ def _traced_sensitivity(l2_clip_norm) -> jax.Array:
     return jnp.sqrt(sum(jnp.square(jnp.asarray(c, jnp.float32)) for c in leaves))
 
 
+@functools.partial(jax.jit, static_argnames=("secure",))
+def _gaussian_step(updates, key, count, stddev, noise_multiplier, l2_clip_norm, scale, *, secure):
+    """One step of the Gaussian mechanism, compiled as one program (also when ``update`` is called eagerly)."""
+    if l2_clip_norm is not None:
+        stddev = (noise_multiplier * _traced_sensitivity(l2_clip_norm)) * np.float32(_TRACED_STDDEV_MARGIN)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    # One draw for all leaves (each coordinate its own counter), fresh at every step.
+    z = _draw(_derive(key, count, _STEP), sum(g.size for g in leaves), secure=secure)
+    noised, offset = [], 0
+    for g in leaves:
+        noised.append(_gaussian_release(g, z[offset:offset + g.size].reshape(g.shape), stddev, scale))
+        offset += g.size
+    return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+
+
+def _gaussian_release(g: jax.Array, z: jax.Array, stddev, scale) -> jax.Array:
+    """What the Gaussian mechanism releases for one leaf ``g`` and its standard normals ``z``."""
+    return (g + (stddev * z).astype(g.dtype)) * scale
+
+
+@functools.partial(jax.jit, static_argnames=("mechanism",))
+def _lattice_step(updates, key, count, l2_clip_norm, scale, *, mechanism: lattice.LatticeNoise):
+    """One step of the lattice mechanism (:mod:`jaxdp.lattice`): quantise each coordinate of the sum, add integer
+    noise, then scale the integers; one compiled program per call."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    sampler, multiplier, allowed = mechanism.sampler, None, True
+    if sampler is not None and l2_clip_norm is not None:
+        multiplier, allowed = lattice.outer_multiplier(
+            sampler, mechanism.required_stddev(_traced_sensitivity(l2_clip_norm)))
+    size = sum(g.size for g in leaves)
+    if sampler is None:
+        noise = jnp.zeros((size,), jnp.int32)
+    else:
+        noise = sampler.draw(_derive(key, count, _STEP), size, outer_multiplier=multiplier)
+    # y * gamma / B: a function of the integers y alone. A per-step sensitivity above the one the tables were
+    # built for would need more noise than they can make: the step's output is then NaN (never a leak).
+    noised, offset = [], 0
+    for g in leaves:
+        noised.append(_lattice_release(g, noise[offset:offset + g.size].reshape(g.shape), mechanism.exponent, scale,
+                                       allowed))
+        offset += g.size
+    return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+
+
+def _lattice_release(g: jax.Array, noise: jax.Array, exponent: int, scale, allowed=True) -> jax.Array:
+    """What the lattice mechanism releases for one leaf ``g`` and its integer noise: a function of ``k + noise``."""
+    to_output = np.float32(2.0**-exponent) * jnp.asarray(scale, jnp.float32)
+    y = lattice.quantise(g, exponent) + noise
+    return jnp.where(allowed, y.astype(jnp.float32) * to_output, jnp.nan).astype(g.dtype)
+
+
+def check_mechanism(mechanism: str) -> str:
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism={mechanism!r} is not a noise mechanism; choose one of {MECHANISMS}: 'gaussian' "
+                         "(float32 Gaussian noise) or 'lattice' (integer noise on a lattice, jaxdp.lattice).")
+    return mechanism
+
+
 def dp_noise(
     noise_multiplier: float,
     l2_clip_norm: float | object,
@@ -306,6 +322,7 @@ def dp_noise(
     key: jax.Array,
     *,
     secure: bool = False,
+    mechanism: str = "gaussian",
 ) -> optax.GradientTransformationExtraArgs:
     """Adds ``N(0, (noise_multiplier * C)^2)`` to each coordinate of a clipped sum, then divides by the batch size.
 
@@ -319,6 +336,22 @@ def dp_noise(
     noise makes training deterministic, so replaying it under two neighbouring datasets tells them apart
     (epsilon = infinity). Get one with ``jaxdp.noise.secret_key()``; to resume a run, keep the state (or the
     seed of ``jaxdp.noise.secret_seed()``) in the checkpoint, never in a config or a log.
+
+    **Two mechanisms.** ``mechanism="gaussian"`` (the default) releases ``fl(fl(g + fl(s Z)) / B)`` in float32.
+    With ``s`` not a power of two, which float32 outputs can occur near a value depends on the value of the sum:
+    knowing the neighbour's value of one coordinate, some outputs are possible under one dataset and impossible
+    under the other (Mironov 2012; see :mod:`jaxdp.lattice`), which no accountant covers. It also ends at
+    9.155 standard deviations, which the accountant charges to delta
+    (:func:`jaxdp.accounting.truncation_delta`). ``mechanism="lattice"`` quantises the sum to a power-of-two
+    lattice ``gamma Z`` (exactly), adds integer noise that is, per coordinate, within total variation
+    :data:`jaxdp.lattice.TV_PER_DRAW` of ``round(N(0, sigma^2))`` with ``sigma`` at least ``noise_multiplier``
+    times the lattice's sensitivity ``C + gamma sqrt(d)`` (:func:`jaxdp.lattice.effective_sensitivity`,
+    ``<= C (1 + 2^-10)``), and only then converts to float: the output is a post-processing of the Gaussian
+    mechanism's, so the accountant's epsilon holds for it up to the small delta of
+    :func:`jaxdp.accounting.lattice_delta` (its guarantee, and what floating point still does not cover, are in
+    :mod:`jaxdp.lattice`). Its noise is up to ``2^-10`` larger (relative) than the Gaussian's at the same
+    ``noise_multiplier``; the lattice and tables depend on the number of coordinates ``d``, so they are built
+    when ``update`` first sees the gradient (about a second, then cached).
 
     Args:
       noise_multiplier: ``z >= 0``; the noise standard deviation in units of the clipping bound. ``0`` gives
@@ -341,18 +374,26 @@ def dp_noise(
         times the random bits and quantiles of the default. What it does **not** protect against: the
         rounding of ``sum + noise`` (and of the division by ``B``) to float32, where which outputs can occur
         near a value depends on the binary exponent of the unnoised sum (Mironov's 2012 attack on the
-        floating-point Laplace mechanism works this way; only a mechanism on a fixed grid, such as the
-        discrete Gaussian of Canonne, Kamath & Steinke 2020, removes it); timing (neither mode has a
-        data-dependent branch or loop, so drawing the noise takes the same time whatever its values, but a
-        step's duration reveals the size of its batch); and the generator, Threefry-4x32-20, which has no
+        floating-point Laplace mechanism works this way; ``mechanism="lattice"`` removes it); timing (neither
+        mode has a data-dependent branch or loop, so drawing the noise takes the same time whatever its values,
+        but a step's duration reveals the size of its batch); and the generator, Threefry-4x32-20, which has no
         known attack but is not a standardised cryptographic generator (Opacus's secure mode uses torchcsprng's
-        AES-128 in counter mode).
+        AES-128 in counter mode). Only for ``mechanism="gaussian"``: the lattice mechanism's guarantee is about
+        the exact distribution of its integers, so there is nothing for such a search to find.
+      mechanism: ``"gaussian"`` or ``"lattice"`` (above).
 
     The returned transformation's ``update(updates, state, params=None, *, l2_clip_norm=None)`` takes an optional
     per-step sensitivity: a (traced) number, or a pytree of per-layer bounds, that replaces ``l2_clip_norm``
     for this step, so the noise standard deviation is ``noise_multiplier * l2_clip_norm`` (for DPSGD-F, whose
     sensitivity ``max_k C_k`` changes every step). It is not validated (it may be traced); it must be the bound
-    the clipping of this step enforced. Other keyword arguments passed down an ``optax.chain`` are ignored.
+    the clipping of this step enforced. With ``mechanism="lattice"`` it must not exceed the ``l2_clip_norm``
+    given here (the largest per-step one: the lattice and tables are built for it); a larger one makes the
+    step's output NaN. The noise standard deviation then exceeds the required one by at most one step of the
+    sampler's outer multiplier (``jaxdp.lattice.IntegerGaussian.inner_stddev``, about 0.4% of the noise at the
+    largest sensitivity). Other keyword arguments passed down an ``optax.chain`` are ignored.
+
+    ``update`` runs one compiled program per call, also when called outside ``jit`` (and inside a ``jit`` it
+    is part of the caller's program).
 
     Example::
 
@@ -367,12 +408,17 @@ def dp_noise(
         raise TypeError(f"noise_multiplier must be a number >= 0; got the {type(noise_multiplier).__name__} "
                         f"{noise_multiplier!r}.")
     validate_clip_norm(l2_clip_norm)
+    check_mechanism(mechanism)
     noise_multiplier = float(noise_multiplier)
     if not np.isfinite(noise_multiplier) or noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier}.")
     if int(expected_batch_size) != expected_batch_size or expected_batch_size < 1:
         raise ValueError(f"expected_batch_size must be an integer >= 1; got {expected_batch_size!r}.")
-    default_stddev = stddev_at_least(noise_multiplier * sensitivity(l2_clip_norm))
+    if secure and mechanism == "lattice":
+        raise ValueError("secure=True applies to mechanism='gaussian' (a defence for float32 Gaussian sampling); "
+                         "the lattice mechanism's guarantee covers its exact integer distribution: leave secure=False.")
+    total_sensitivity = sensitivity(l2_clip_norm)
+    default_stddev = stddev_at_least(noise_multiplier * total_sensitivity)
     scale = 1.0 / float(expected_batch_size)
     key_words = _key_words(key)
 
@@ -383,24 +429,26 @@ def dp_noise(
     def update_fn(updates: optax.Updates, state: DPNoiseState, params: optax.Params | None = None, *,
                   l2_clip_norm=None, **extra_args):
         del params, extra_args
-        if l2_clip_norm is None:
-            stddev = default_stddev
+        if mechanism == "lattice":
+            size = sum(math.prod(np.shape(g)) for g in jax.tree_util.tree_leaves(updates))
+            setup = lattice.lattice_noise(noise_multiplier, total_sensitivity, size)
+            noised, count = _lattice_step(updates, state.key, state.count, l2_clip_norm, scale, mechanism=setup)
         else:
-            stddev = (noise_multiplier * _traced_sensitivity(l2_clip_norm)) * np.float32(_TRACED_STDDEV_MARGIN)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        # One draw for all leaves (each coordinate its own counter), fresh at every step.
-        z = _draw(_derive(state.key, state.count, _STEP), sum(g.size for g in leaves), secure=secure)
-        noised, offset = [], 0
-        for g in leaves:
-            noise = stddev * z[offset:offset + g.size].reshape(g.shape)
-            noised.append((g + noise.astype(g.dtype)) * scale)
-            offset += g.size
-        new_state = DPNoiseState(key=state.key, count=state.count + 1)
-        return jax.tree_util.tree_unflatten(treedef, noised), new_state
+            noised, count = _gaussian_step(updates, state.key, state.count, default_stddev, noise_multiplier,
+                                           l2_clip_norm, scale, secure=secure)
+        return noised, DPNoiseState(key=state.key, count=count)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def noise_stddev(noise_multiplier: float, l2_clip_norm: float | object, expected_batch_size: int) -> float:
-    """Standard deviation of the noise in the averaged gradient that ``dp_noise`` outputs: ``z C / B``."""
-    return float(noise_multiplier) * sensitivity(l2_clip_norm) / float(expected_batch_size)
+def noise_stddev(noise_multiplier: float, l2_clip_norm: float | object, expected_batch_size: int, *,
+                 mechanism: str = "gaussian", num_params: int | None = None) -> float:
+    """Standard deviation of the noise in the averaged gradient that ``dp_noise`` outputs: ``z C / B``; for
+    ``mechanism="lattice"`` (which needs ``num_params``, the number of noised coordinates) ``z`` times the
+    lattice's effective sensitivity, over ``B`` (a lower bound: the sampler's is larger by ``2^-14``, relative)."""
+    c = sensitivity(l2_clip_norm)
+    if check_mechanism(mechanism) == "lattice":
+        if num_params is None:
+            raise ValueError("noise_stddev(mechanism='lattice') needs num_params, the number of noised coordinates.")
+        c = lattice.effective_sensitivity(c, num_params, noise_multiplier)
+    return float(noise_multiplier) * c / float(expected_batch_size)

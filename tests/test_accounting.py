@@ -17,9 +17,10 @@ def test_paper_epsilons_with_rdp_classic():
     # Farrand et al. 2020 print 1.15 / 4.98 / 16.2 for z = 1.5 / 0.7 / 0.5. The classic conversion over
     # the Opacus orders gives 1.1470 / 4.9803 / 16.2574 (optimal orders 25 / 5 / 2.5): the paper's
     # numbers are these rounded to two decimals (1.15, 4.98, 16.26), the last printed with its last
-    # digit dropped (16.2; rounding to one decimal would give 16.3).
+    # digit dropped (16.2; rounding to one decimal would give 16.3). mechanism=None: the ideal Gaussian mechanism
+    # the paper analysed (jaxdp's own samplers add their delta, tested below).
     got = {
-        z: accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, accountant="rdp_classic")
+        z: accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, accountant="rdp_classic", mechanism=None)
         for z in (1.5, 0.7, 0.5)
     }
     assert got[1.5] == pytest.approx(1.1470, abs=5e-5)
@@ -36,9 +37,9 @@ def test_modern_accountants_are_tighter_than_rdp_classic_in_paper_setting():
     # the improved conversion.
     expected = {1.5: (0.8948, 0.9656), 0.7: (3.7818, 4.3103), 0.5: (13.4363, 15.0200)}
     for z, (pld_ref, rdp_ref) in expected.items():
-        classic = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp_classic")
-        rdp = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp")
-        pld = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "pld")
+        classic = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp_classic", mechanism=None)
+        rdp = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", mechanism=None)
+        pld = accounting.epsilon(z, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "pld", mechanism=None)
         assert pld < rdp < classic
         assert rdp == pytest.approx(rdp_ref, abs=1e-4)
         assert pld == pytest.approx(pld_ref, abs=1e-3)
@@ -67,8 +68,8 @@ def test_full_batch_gaussian_by_hand():
     def by_hand(rdp_per_order):
         return min(rdp_per_order * a + log_inv_delta / (a - 1) for a in accounting.PAPER_RDP_ORDERS)
 
-    poisson = accounting.epsilon(10.0, 1.0, 1, 1e-5, "rdp_classic")
-    fixed = accounting.epsilon(10.0, 1.0, 1, 1e-5, "rdp_classic", "fixed", dataset_size=100)
+    poisson = accounting.epsilon(10.0, 1.0, 1, 1e-5, "rdp_classic", mechanism=None)
+    fixed = accounting.epsilon(10.0, 1.0, 1, 1e-5, "rdp_classic", "fixed", dataset_size=100, mechanism=None)
     assert poisson == pytest.approx(by_hand(1 / 200), rel=1e-9)
     assert poisson == pytest.approx(0.48486, abs=1e-5)
     assert fixed == pytest.approx(by_hand(4 / 200), rel=1e-9)
@@ -89,7 +90,7 @@ def test_fixed_vs_poisson_events():
 def test_fixed_accounting_in_paper_setting():
     # Fixed-size batches, replace-one: much larger than Poisson (rdp 0.9656) for the same z, because the
     # sensitivity is 2C and the without-replacement RDP bound is looser. Measured: 5.3255.
-    eps = accounting.epsilon(1.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", "fixed", 24_000)
+    eps = accounting.epsilon(1.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", "fixed", 24_000, mechanism=None)
     assert eps == pytest.approx(5.3255, abs=1e-3)
     with pytest.raises(ValueError, match="accountant='pld' cannot account for sampling='fixed'.*'rdp'"):
         accounting.epsilon(1.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "pld", "fixed", 24_000)
@@ -211,7 +212,7 @@ def test_ledger_compresses_and_matches_epsilon():
 def test_ledger_scheme_comes_from_sampler():
     shuffled = ShuffledSampler(24_000, 32)
     ledger = accounting.PrivacyLedger()
-    ledger.record(shuffled, 1.5, steps=PAPER_STEPS)
+    ledger.record(shuffled, 1.5, steps=PAPER_STEPS, num_params=11_200_000)  # ResNet18: its truncation delta is 1e-10
     assert ledger.entries[0].scheme == "fixed" and ledger.entries[0].dataset_size == 24_000
     assert ledger.epsilon(PAPER_DELTA, "rdp") == pytest.approx(5.3255, abs=1e-3)
     with pytest.raises(ValueError, match="accountant='pld' cannot account for sampling='fixed'"):
@@ -290,5 +291,118 @@ def test_ledger_with_extra_releases_round_trips_and_plain_json_is_unchanged():
     restored = accounting.PrivacyLedger.from_json(text)
     assert restored == method and restored.entries[1].extra_noise_multipliers == (10.0, 8.0)
     assert restored.epsilon(1e-5, "rdp") == method.epsilon(1e-5, "rdp") > plain.epsilon(1e-5, "rdp")
-    with pytest.raises(ValueError, match="version 3 is not supported"):
-        accounting.PrivacyLedger.from_json(text.replace('"version": 2', '"version": 3'))
+    with pytest.raises(ValueError, match="version 4 is not supported"):
+        accounting.PrivacyLedger.from_json(text.replace('"version": 2', '"version": 4'))
+
+
+# --- What the samplers add to delta (issue 23, sections 2 and 3) --------------------------------------------------
+
+DEMO_Q, DEMO_STEPS, DEMO_PARAMS = 256 / 12_000, 141, 20_650
+RESNET18_PARAMS = 11_200_000
+
+
+def test_truncation_delta_by_hand():
+    """jaxdp.noise.gaussian ends at T = Q(2^-65) = 9.15529 standard deviations. At z = 0.25 the target shifts the
+    sum by a = 4 of them: per step q (1 + 2^-23) Phi(-(T2 - a c)) = q 1.266e-7, with T2 = T (1 - 4e-7) / (1 + 4e-7)
+    and c = 1 / (1 + 4e-7) (the quantile's error), plus 1.02e-19 per noised coordinate; 60 = q * steps of them in
+    the paper: 7.6e-6, more than delta = 1e-6 (issue 23: z < 0.275 exceeds it)."""
+    from scipy.special import ndtr, ndtri
+
+    top = -ndtri(2.0**-65)
+    assert top == pytest.approx(9.155294, abs=1e-6)
+    rho = 4e-7
+    t2, c = top * (1 - rho) / (1 + rho), 1 / (1 + rho)
+    y0 = (t2 - math.sqrt(t2 * t2 - 4)) / 2
+    per_coordinate = (1 + 2**-23) * ndtr(y0 - t2) + 2.0**-65
+    assert per_coordinate == pytest.approx(1.0213e-19, rel=1e-4)
+    by_hand = PAPER_Q * PAPER_STEPS * ((1 + 2**-23) * ndtr(4 * c - t2) + RESNET18_PARAMS * per_coordinate)
+    got = accounting.truncation_delta(0.25, PAPER_Q, PAPER_STEPS, num_params=RESNET18_PARAMS)
+    assert got == pytest.approx(by_hand, rel=1e-12) and got == pytest.approx(7.597e-6, rel=1e-3)
+    # z = 0.7: Phi(-(9.155 - 1.43)) = 5.5e-15 per step; the coordinates' 1.1e-12 dominate.
+    assert accounting.truncation_delta(0.7, PAPER_Q, PAPER_STEPS, num_params=RESNET18_PARAMS) == pytest.approx(
+        6.896e-11, rel=1e-3)
+    # Unknown coordinates: the largest draw, 2^32 - 1 of them (conservative).
+    assert accounting.truncation_delta(0.7, PAPER_Q, PAPER_STEPS) == pytest.approx(
+        60 * (2**32 - 1) * per_coordinate, rel=1e-3)
+    # Replace-one (fixed batches) shifts by 2C: a = 2 / z.
+    assert accounting.truncation_delta(0.5, PAPER_Q, PAPER_STEPS, num_params=0, sampling="fixed") == pytest.approx(
+        PAPER_Q * PAPER_STEPS * (1 + 2**-23) * ndtr(4 * c - t2), rel=1e-9)
+
+
+def test_epsilon_spends_the_truncation_delta_out_of_delta():
+    """The Gaussian sampler's epsilon is the ideal mechanism's at delta - delta_trunc, so the total is delta."""
+    for accountant in ("rdp", "rdp_classic", "pld"):
+        trunc = accounting.truncation_delta(0.5, PAPER_Q, PAPER_STEPS, num_params=RESNET18_PARAMS)
+        ideal = accounting.epsilon(0.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA - trunc, accountant, mechanism=None)
+        got = accounting.epsilon(0.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA, accountant, num_params=RESNET18_PARAMS)
+        assert got == ideal > accounting.epsilon(0.5, PAPER_Q, PAPER_STEPS, PAPER_DELTA, accountant, mechanism=None)
+
+
+def test_a_noise_multiplier_whose_truncation_takes_half_of_delta_is_refused():
+    """The paper's setting at z = 0.25 (what target_epsilon=100 calibrates to): refused, with the numbers."""
+    message = (r"noise_multiplier=0.25 \(q=0.001333, 45000 steps, 11200000 coordinates noised per step\): the "
+               r"Gaussian sampler's draws end at 9.155 standard deviations.*delta_trunc = 7.6e-06.*at least half of "
+               r"delta = 1e-06. The smallest noise multiplier allowed here is 0.2848")
+    with pytest.raises(accounting.SamplerDeltaError, match=message):
+        accounting.epsilon(0.25, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", num_params=RESNET18_PARAMS)
+    ledger = accounting.PrivacyLedger()
+    ledger.record(PoissonSampler(24_000, expected_batch_size=32), 0.25, steps=PAPER_STEPS, num_params=RESNET18_PARAMS)
+    with pytest.raises(accounting.SamplerDeltaError, match="the ledger's 45000 steps.*smallest noise multiplier"):
+        ledger.epsilon(PAPER_DELTA, "rdp")
+    # z = 0.2848 is allowed, 0.2847 is not; the ideal mechanism has no such limit.
+    accounting.epsilon(0.2848, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", num_params=RESNET18_PARAMS)
+    with pytest.raises(accounting.SamplerDeltaError):
+        accounting.epsilon(0.2847, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", num_params=RESNET18_PARAMS)
+    ideal = accounting.epsilon(0.2848, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", mechanism=None)
+    assert 170 < ideal < 180
+    # Calibrating to a target that needs a smaller z (RDP epsilon 200 needs about 0.27) says so instead of silently
+    # adding noise; a target above the limit's epsilon is met as usual.
+    with pytest.raises(accounting.SamplerDeltaError, match="target_epsilon=200.0 needs less noise than the gaussian "
+                                                         r"sampler allows.*about 0.28"):
+        accounting.calibrate_noise(200.0, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", num_params=RESNET18_PARAMS)
+    z = accounting.calibrate_noise(100.0, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", num_params=RESNET18_PARAMS)
+    assert z == pytest.approx(0.326, abs=1e-3)
+
+
+def test_lattice_epsilon_at_the_demos_settings():
+    """z 0.7, q 256/12000, 141 steps, delta 1e-6 (the demo's model: 20,650 parameters). The lattice's epsilon at
+    the same z (its noise is z times its sensitivity C + gamma sqrt(d)) equals the ideal's up to its delta (1e-24
+    here). At the same noise standard deviation as the Gaussian's (z C / (C + gamma sqrt(d)) relative to its
+    sensitivity) it is 0.15% larger (5.3367 against 5.3288) for a sensitivity 0.055% larger: epsilon grows by
+    2.7 times the relative increase of the sensitivity here, so at most 3 x 2^-10 = 0.3%."""
+    from jaxdp import lattice
+
+    kwargs = {"num_params": DEMO_PARAMS}
+    gaussian = accounting.epsilon(0.7, DEMO_Q, DEMO_STEPS, 1e-6, **kwargs)
+    lattice_eps = accounting.epsilon(0.7, DEMO_Q, DEMO_STEPS, 1e-6, mechanism="lattice", **kwargs)
+    ideal = accounting.epsilon(0.7, DEMO_Q, DEMO_STEPS, 1e-6, mechanism=None)
+    assert lattice_eps == pytest.approx(ideal, rel=1e-9) and gaussian == pytest.approx(ideal, rel=1e-6)
+    assert 5.2 < ideal < 5.5
+    increase = lattice.effective_sensitivity(1.0, DEMO_PARAMS, 0.7) - 1.0
+    assert 2**-11 < increase <= 2**-10
+    same_noise = accounting.epsilon(0.7 / (1 + increase), DEMO_Q, DEMO_STEPS, 1e-6, mechanism="lattice", **kwargs)
+    assert 1 + 2 * increase < same_noise / gaussian <= 1 + 3 * increase
+    assert accounting.lattice_delta(lattice_eps, DEMO_STEPS, num_params=DEMO_PARAMS) < 1e-24
+
+
+def test_lattice_refuses_an_epsilon_too_large_for_its_total_variation():
+    with pytest.raises(accounting.SamplerDeltaError, match=r"the lattice sampler's distance from the ideal rounded "
+                                                         r"Gaussian \(total variation 1.7e-34 per draw"):
+        accounting.epsilon(0.25, PAPER_Q, PAPER_STEPS, PAPER_DELTA, "rdp", mechanism="lattice",
+                           num_params=RESNET18_PARAMS)
+
+
+def test_ledger_records_the_mechanism_and_its_coordinates():
+    sampler = PoissonSampler(12_000, expected_batch_size=256)
+    ledger = accounting.PrivacyLedger()
+    ledger.record(sampler, 0.7, steps=DEMO_STEPS, mechanism="lattice", num_params=DEMO_PARAMS)
+    text = ledger.to_json()
+    assert '"version": 3' in text and '"mechanism": "lattice"' in text and '"num_params": 20650' in text
+    restored = accounting.PrivacyLedger.from_json(text)
+    assert restored == ledger and restored.entries[0].mechanism == "lattice"
+    assert restored.epsilon(1e-6, "rdp") == accounting.epsilon(0.7, DEMO_Q, DEMO_STEPS, 1e-6, "rdp",
+                                                               mechanism="lattice", num_params=DEMO_PARAMS)
+    ledger.record(sampler, 0.7, mechanism="gaussian", num_params=DEMO_PARAMS)
+    assert len(ledger.entries) == 2  # another mechanism: another entry
+    with pytest.raises(ValueError, match="mechanism='float' is not a noise mechanism"):
+        ledger.record(sampler, 0.7, mechanism="float")

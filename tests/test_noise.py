@@ -326,3 +326,73 @@ def test_the_standard_deviation_used_is_never_below_z_c():
         exact = np.array([float(Fraction(z) * Fraction(float(c))) for c in c32[:64]])
         assert np.all(ratio.min(axis=1) >= exact) and np.all(ratio.max(axis=1) <= exact * (1 + 1e-4))
     assert float(noise.stddev_at_least(0.7)) > 0.7 > float(np.float32(0.7))
+
+
+# --- One compiled program per eager call (issue 25, item 1) -----------------------------------------------------
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class _CountCompiles:
+    """Counts XLA programs compiled (or fetched from the compilation cache) inside the block, through JAX's public
+    monitoring events."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        self.count += event == _BACKEND_COMPILE
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _eager_cases():
+    """Each public noise entry point called as a user calls it outside jit, on shapes no other test uses (so the
+    first call compiles)."""
+    grads = {"w": jnp.ones((1237,)), "b": jnp.ones((3, 5))}
+    cases = {}
+    for name, kwargs in (("gaussian", {}), ("secure", {"secure": True}), ("lattice", {"mechanism": "lattice"})):
+        tx = jaxdp.dp_noise(0.9, 1.0, 16, jax.random.key(7), **kwargs)
+        cases[name] = (tx.update, (grads, tx.init(grads)))
+        cases[name + " per-step sensitivity"] = (
+            lambda g, s, tx=tx: tx.update(g, s, l2_clip_norm=jnp.float32(0.5)), (grads, tx.init(grads)))
+    cases["gaussian()"] = (lambda key: jaxdp.noise.gaussian(key, (77, 3)), (jax.random.key(1),))
+    from jaxdp import methods
+    method = methods.DPSGDF(base_clip_norm=1.0, count_noise_multiplier=10.0)
+    for mechanism in ("gaussian", "lattice"):
+        cases[f"methods.release {mechanism}"] = (
+            lambda s, c, k, mechanism=mechanism: methods.release(method, s, c, k, mechanism=mechanism),
+            (method.init_state(), jnp.asarray([3.0, 1.0, 9.0, 4.0]), jax.random.key(2)))
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_eager_cases()))
+def test_eager_calls_run_one_compiled_program(case):
+    """Outside jit, each call dispatches one operation (a nested jit: one compiled program), where the
+    tail-correct sampler's small operations used to be dispatched one by one (hundreds of programs, 240 ms for
+    20,000 parameters); the first call compiles exactly one program and the next none. Inside a user's jit the
+    same calls trace into the caller's program."""
+    fn, args = _eager_cases()[case]
+    top_level = jax.make_jaxpr(fn)(*args).eqns
+    assert [eqn.primitive.name for eqn in top_level] in (["pjit"], ["jit"])
+    with _CountCompiles() as first:
+        jax.block_until_ready(fn(*args))
+    with _CountCompiles() as second:
+        jax.block_until_ready(fn(*args))
+    assert (first.count, second.count) == (1, 0)
+    jax.block_until_ready(jax.jit(fn)(*args))  # and traceable inside jit
+
+
+def test_eager_chain_dispatches_the_noise_as_one_program():
+    """In optax.chain(dp_noise, adam) called eagerly, the noise is one operation; what remains is Adam's own
+    (optax's eager tree maps), independent of the noise's cost."""
+    grads = {"w": jnp.ones((1237,)), "b": jnp.ones((3, 5))}
+    noise_only = jaxdp.dp_noise(0.9, 1.0, 16, jax.random.key(7))
+    chained = optax.chain(noise_only, optax.adam(1e-3))
+    adam = optax.adam(1e-3)
+    chain_ops = len(jax.make_jaxpr(chained.update)(grads, chained.init(grads), grads).eqns)
+    adam_ops = len(jax.make_jaxpr(adam.update)(grads, adam.init(grads), grads).eqns)
+    assert chain_ops == adam_ops + 1
