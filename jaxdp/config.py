@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxdp import methods
+from jaxdp import methods, noise
 from jaxdp.accounting import ACCOUNTANTS, SAMPLING_SCHEMES
 from jaxdp.data import available_sources
 
@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
     # True: each noise value is the sum of four independent tail-correct normals, halved (as Opacus's secure mode),
     # against floating-point attacks on one Gaussian sample (jaxdp.noise.dp_noise says what it does not cover).
     c.dp.secure_noise = False
+    # How the noise is drawn (jaxdp.noise.MECHANISMS): "lattice" quantises the clipped sum to a fixed lattice and adds
+    # integer noise (jaxdp.lattice: no floating-point holes in the output's support, for a sensitivity 2^-10 larger);
+    # "gaussian": float32 tail-correct Gaussian noise added to the float sum (the output's support has holes where
+    # float rounding depends on the sum; see docs/threat-model.md).
+    c.dp.noise_mechanism = "lattice"
     # The DP-SGD variant (jaxdp.methods): "dpsgd" (plain), "dpsgd_f" (Xu et al. 2021: per-group bounds from noisy
     # clip counts), "dpsgd_global" (Bu et al. 2021: norms <= Z scaled by C/Z, the rest dropped), "dpsgd_global_adapt"
     # (Esipova et al. 2023: the rest clipped to C, Z adapted from a noisy count). Each method's parameters are in
@@ -220,6 +225,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(p.enabled, bool), f"config.dp.enabled={p.enabled!r} must be True or False.")
     _require(isinstance(p.reproducible, bool), f"config.dp.reproducible={p.reproducible!r} must be True or False.")
     _require(isinstance(p.secure_noise, bool), f"config.dp.secure_noise={p.secure_noise!r} must be True or False.")
+    _require(p.get("noise_mechanism", "gaussian") in noise.MECHANISMS,
+             f"config.dp.noise_mechanism={p.get('noise_mechanism')!r}; choose {_choices(noise.MECHANISMS)}.")
+    _require(not (p.secure_noise and p.get("noise_mechanism") == "lattice"),
+             "config.dp.secure_noise=True draws float Gaussian noise; with config.dp.noise_mechanism='lattice' the "
+             "noise is integer (exact alias tables, no float sampling to attack): set one of them.")
     _require(isinstance(t.get("keep_checkpoints", False), bool),
              f"config.train.keep_checkpoints={t.get('keep_checkpoints')!r} must be True or False.")
     _require(isinstance(t.nonprivate_diagnostics, bool),

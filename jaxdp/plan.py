@@ -194,6 +194,7 @@ class DPPlan:
     loss_fn: LossFn
     has_model_state: bool = False
     mesh: Any = None
+    num_params: int | None = None
     secret: int | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -391,7 +392,7 @@ class DPPlan:
             return method_state
         noise_key = jax.random.wrap_key_data(noise_state.key, impl="rbg")
         key = jax.random.fold_in(jax.random.fold_in(noise_key, _RELEASE_FOLD), step)
-        return methods.release(self.method, method_state, counts, key)
+        return methods.release(self.method, method_state, counts, key, mechanism=self.dp.noise_mechanism)
 
     def noise_sensitivity(self, method_state: Any) -> jax.Array | None:
         """This step's sensitivity for the gradient noise when the method's state sets it (DPSGD-F: max_k C_k),
@@ -409,7 +410,14 @@ class DPPlan:
         those of the method's other releases on the same batch) to ``ledger``; nothing without DP."""
         if self.private:
             ledger.record(self.sampler, self.noise_multiplier, steps=steps,
-                          extra_noise_multipliers=self.extra_noise_multipliers)
+                          extra_noise_multipliers=self.extra_noise_multipliers, **self._sampler_terms)
+
+    @property
+    def _sampler_terms(self) -> dict:
+        """What the accountant needs to charge the noise sampler's own delta: the mechanism, and every coordinate it
+        noises per step (the parameters and the method's counts; unknown: a conservative 2^32 - 1)."""
+        coordinates = None if self.num_params is None else self.num_params + self.method.num_counts
+        return {"mechanism": self.dp.noise_mechanism, "num_params": coordinates}
 
     def epsilon(self, steps: int | None = None, *, delta: float | None = None,
                 accountant: str | None = None) -> float | None:
@@ -518,6 +526,7 @@ def make_plan(
     mesh: Any = None,
     public_size: int | None = None,
     has_model_state: bool = False,
+    num_params: int | None = None,
 ) -> DPPlan:
     """Builds the plan of a run (see the module docstring).
 
@@ -544,6 +553,9 @@ def make_plan(
         ``dataset_size``): a run whose pool holds examples whose number must stay secret (an audit's canaries)
         keeps the q, steps, epsilon and compiled shapes of its public training set.
       has_model_state: the loss carries a model state (BatchNorm statistics); refused under DP.
+      num_params: the number of parameters (noised coordinates per step): the accountant charges the noise
+        sampler's own delta per coordinate (:func:`jaxdp.accounting.epsilon`); None counts 2^32 - 1, an upper
+        bound that makes epsilon very slightly larger.
     """
     execution = execution or ExecutionConfig()
     _check_sizes(dataset_size, batch_size, public_size)
@@ -579,7 +591,7 @@ def make_plan(
                             f"{type(optimizer).__name__}.")
     common = dict(dp=dp, execution=execution, sampler=sampler, optimizer=optimizer,
                   expected_batch_size=float(batch_size), num_steps=num_steps, loss_fn=loss_fn,
-                  has_model_state=has_model_state, mesh=mesh, secret=secret)
+                  has_model_state=has_model_state, mesh=mesh, num_params=num_params, secret=secret)
     if not private:
         return DPPlan(clipped_grad=None, noise_multiplier=None, noise=optax.scale(1.0 / batch_size),
                       method=methods.DPSGD(), **common)
@@ -588,25 +600,30 @@ def make_plan(
     method = methods.from_params(dp.method, float(jax.tree_util.tree_leaves(dp.l2_clip_norm)[0]),
                                  dp.method_params, float(batch_size))
     noise_multiplier = dp.noise_multiplier
+    coordinates = None if num_params is None else num_params + method.num_counts
     if dp.target_epsilon is not None:
         noise_multiplier = _calibrate(dp, sampler, num_steps, public_size or dataset_size,
-                                      method.extra_noise_multipliers)
+                                      method.extra_noise_multipliers, coordinates)
     sensitivity = method.sensitivity if method.clip_rule is not None else None
     clipped = clipping.clipped_grad(_mean_loss(loss_fn), l2_clip_norm=dp.l2_clip_norm,
                                     microbatch_size=execution.microbatch_size, strategy=execution.clipping_strategy,
                                     return_loss=True, clip_rule=method.clip_rule, rule_sensitivity=sensitivity,
                                     strategy_options=execution.strategy_options)
-    tx = noise.dp_noise(noise_multiplier, clipped.sensitivity, batch_size, noise_key, secure=dp.secure_noise)
-    return DPPlan(clipped_grad=clipped, noise_multiplier=float(noise_multiplier), noise=tx, method=method, **common)
+    tx = noise.dp_noise(noise_multiplier, clipped.sensitivity, batch_size, noise_key, secure=dp.secure_noise,
+                        mechanism=dp.noise_mechanism)
+    plan = DPPlan(clipped_grad=clipped, noise_multiplier=float(noise_multiplier), noise=tx, method=method, **common)
+    plan.epsilon()  # refuses now, not at the end of the run, a noise the sampler's own delta cannot afford
+    return plan
 
 
 def _calibrate(dp: DPConfig, sampler: Any, num_steps: int, dataset_size: int,
-               extra_noise_multipliers: tuple[float, ...]) -> float:
+               extra_noise_multipliers: tuple[float, ...], num_params: int | None) -> float:
     """The gradient noise multiplier z meeting ``dp.target_epsilon`` for steps that also release the method's
     counts: the combined multiplier (z^-2 + sum sigma^-2)^-1/2 is calibrated, then solved for z."""
     target = float(dp.target_epsilon)
     z_eff = accounting.calibrate_noise(target, sampler.sampling_prob, num_steps, float(dp.delta),
-                                       accountant=dp.accountant, sampling=sampler.scheme, dataset_size=dataset_size)
+                                       accountant=dp.accountant, sampling=sampler.scheme, dataset_size=dataset_size,
+                                       mechanism=dp.noise_mechanism, num_params=num_params)
     rest = z_eff**-2 - sum(s**-2 for s in extra_noise_multipliers)
     if rest <= 0:
         raise ValueError(

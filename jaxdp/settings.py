@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdp import accounting, clipping, methods
+from jaxdp import accounting, clipping, methods, noise
 
 
 def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = True,
@@ -60,7 +60,11 @@ class DPConfig:
       accountant: ``"pld"``, ``"rdp"`` or ``"rdp_classic"``: what :meth:`DPPlan.epsilon` and calibration use.
       method: ``"dpsgd"`` or a DP-fairness method of :mod:`jaxdp.methods`; ``method_params`` its parameters (None
         or missing: the reference values of :data:`jaxdp.methods.PARAMETERS`).
-      secure_noise: Opacus-style secure Gaussian sampling (:func:`jaxdp.dp_noise`'s ``secure``).
+      noise_mechanism: ``"lattice"`` (default): the clipped sum is quantised to a fixed lattice and integer noise
+        added, so the output's support is the same for neighbouring datasets (:mod:`jaxdp.lattice`; the sensitivity
+        grows by at most 2^-10); ``"gaussian"``: float32 Gaussian noise on the float sum, whose rounding leaves holes
+        in the output's support (:func:`jaxdp.dp_noise`).
+      secure_noise: Opacus-style secure Gaussian sampling (:func:`jaxdp.dp_noise`'s ``secure``; gaussian only).
       reproducible: derive sampling and noise from the public ``public_seed`` of :func:`make_plan` instead of a
         secret (tests, exact replication): the epsilon is then no guarantee (:data:`REPRODUCIBLE_NOTE`).
     """
@@ -73,6 +77,7 @@ class DPConfig:
     accountant: str = "pld"
     method: str = "dpsgd"
     method_params: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    noise_mechanism: str = "lattice"
     secure_noise: bool = False
     reproducible: bool = False
 
@@ -93,6 +98,10 @@ class DPConfig:
             raise ValueError("DPConfig.accountant='pld' cannot count sampling='fixed' (dp-accounting's PLD "
                              "accountant has no event for sampling without replacement); use accountant='rdp'.")
         _choice("DPConfig.method", self.method, methods.METHODS)
+        _choice("DPConfig.noise_mechanism", self.noise_mechanism, noise.MECHANISMS)
+        if self.secure_noise and self.noise_mechanism == "lattice":
+            raise ValueError("DPConfig.secure_noise=True draws float Gaussian noise; the lattice mechanism's noise is "
+                             "integer (exact alias tables): use noise_mechanism='gaussian' with secure_noise.")
         for name in ("secure_noise", "reproducible"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"DPConfig.{name}={getattr(self, name)!r} must be True or False.")

@@ -135,7 +135,8 @@ def dp_config_from(config: ml_collections.ConfigDict) -> DPConfig | None:
                     noise_multiplier=None if target is not None else float(p.noise_multiplier),
                     target_epsilon=None if target is None else float(target), sampling=p.sampling,
                     accountant=p.accountant, method=p.method, method_params=methods.resolved_parameters(p),
-                    secure_noise=bool(p.secure_noise), reproducible=bool(p.reproducible))
+                    noise_mechanism=p.get("noise_mechanism", "gaussian"), secure_noise=bool(p.secure_noise),
+                    reproducible=bool(p.reproducible))
 
 
 def execution_config_from(config: ml_collections.ConfigDict) -> ExecutionConfig:
@@ -145,11 +146,12 @@ def execution_config_from(config: ml_collections.ConfigDict) -> ExecutionConfig:
 
 
 def plan_from_config(config: ml_collections.ConfigDict, model: Any, dataset_size: int, *, secret: int | None,
-                     mesh: Any = None, public_size: int | None = None) -> DPPlan:
+                     mesh: Any = None, public_size: int | None = None, num_params: int | None = None) -> DPPlan:
     """The plan of a run: its config's settings and ``model``'s cross-entropy through :func:`jaxdp.make_plan`.
 
     ``secret`` is the run's (restored from its checkpoint on resume; ignored when ``config.dp.reproducible``);
-    ``public_size`` the size of the public training set when ``dataset_size`` counts secret canaries.
+    ``public_size`` the size of the public training set when ``dataset_size`` counts secret canaries;
+    ``num_params`` the model's parameter count (the accounting of the noise sampler's own delta).
     """
     dp = dp_config_from(config)
     batch_stats = dp is None and config.model.get("norm") == "batch"
@@ -157,7 +159,7 @@ def plan_from_config(config: ml_collections.ConfigDict, model: Any, dataset_size
                      batch_size=int(config.train.batch_size), optimizer=make_optimizer(config),
                      epochs=float(config.train.epochs), execution=execution_config_from(config),
                      sampling_scheme=config.dp.sampling, public_seed=int(config.train.seed), secret=secret,
-                     mesh=mesh, public_size=public_size, has_model_state=batch_stats)
+                     mesh=mesh, public_size=public_size, has_model_state=batch_stats, num_params=num_params)
 
 
 # --------------------------------------------------------------------------------------------------------------

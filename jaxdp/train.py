@@ -125,8 +125,9 @@ class _Run:
             self.train_set = self.audit_sets.training_pool(self.train_set)
         self.data_fingerprint = data_fingerprint(self.train_set)
         with self.clock.phase("accounting"):  # calibrates the noise multiplier when dp.target_epsilon asks for it
+            num_params = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(self.variables["params"]))
             self.plan = steps.plan_from_config(config, self.model, len(self.train_set.label), secret=self.secret,
-                                               mesh=self.mesh, public_size=self.public_size)
+                                               mesh=self.mesh, public_size=self.public_size, num_params=num_params)
         self._write_config()
         self._restore(fresh_secret)
         self._compile()

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -401,10 +402,10 @@ def test_audit_asking_for_more_held_out_examples_than_exist_is_refused_before_tr
 
 def test_secure_noise_trains_and_is_part_of_the_run_identity(tmp_path):
     data = tiny_datasets()
-    config = tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True})
-    plain = train.train_and_evaluate(config, tmp_path / "plain", datasets=data)
-    secure = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True,
-                                                     "dp.secure_noise": True}), tmp_path / "secure", datasets=data)
+    gaussian = {"train.epochs": 0.5, "dp.reproducible": True, "dp.noise_mechanism": "gaussian"}  # secure's mechanism
+    plain = train.train_and_evaluate(tiny_config(**gaussian), tmp_path / "plain", datasets=data)
+    secure = train.train_and_evaluate(tiny_config(**gaussian, **{"dp.secure_noise": True}), tmp_path / "secure",
+                                      datasets=data)
     assert secure["epsilon"] == plain["epsilon"]  # the same Gaussian mechanism, other draws
     assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(final_params(tmp_path / "plain")),
                                                         jax.tree_util.tree_leaves(final_params(tmp_path / "secure")),
@@ -676,3 +677,24 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_end_of_the_step_and_resumes_exa
     resumed = train.train_and_evaluate(config, tmp_path / "run", datasets=data)
     assert resumed["metrics"]["accuracy"] == reference["metrics"]["accuracy"]
     assert_trees_close(final_params(tmp_path / "ref"), final_params(tmp_path / "run"), rtol=0, atol=0)
+
+
+def test_runs_use_the_lattice_mechanism_by_default_and_refuse_secure_noise_with_it(tmp_path):
+    from jaxdp import lattice
+
+    final = train.train_and_evaluate(tiny_config(**{"train.epochs": 0.5, "dp.reproducible": True}), tmp_path,
+                                     datasets=tiny_datasets())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dp"]["noise_mechanism"] == "lattice" and final["steps"] == 3
+    # The plan's release is (k + N) gamma / B: on a zero sum, integer multiples of gamma / B, gamma a power of two.
+    from jaxdp import steps
+
+    plan = steps.plan_from_config(tiny_config(**{"dp.reproducible": True}), None, 96, secret=None)
+    grads = {"w": jnp.zeros((50, 40), jnp.float32)}
+    released, _ = plan.noise.update(grads, plan.noise.init(grads), None)
+    gamma = 2.0 ** -lattice.lattice_exponent(1.0, 2000, 0.5)
+    units = np.asarray(released["w"], np.float64) * 16 / gamma
+    np.testing.assert_array_equal(units, np.round(units))
+    assert np.std(units) * gamma == pytest.approx(0.5, rel=0.05)  # z C, in the sum's units
+    with pytest.raises(ValueError, match="config.dp.secure_noise=True draws float Gaussian noise"):
+        train.train_and_evaluate(tiny_config(**{"dp.secure_noise": True}), tmp_path / "x", datasets=tiny_datasets())
