@@ -478,7 +478,8 @@ def _spend_sampler_deltas(event: dp_accounting.DpEvent, delta: float, accountant
                 f"{run}: the lattice sampler's distance from the ideal rounded Gaussian (total variation "
                 f"{lattice.TV_PER_DRAW:.2g} per draw, {lattice_draws:.3g} draws) costs (1 + e^{bound:.3g}) * "
                 f"{lattice_draws * lattice.TV_PER_DRAW:.3g} = {lattice_cost:.3g}, at least half of the delta left "
-                f"({rest:g}): an epsilon this large cannot be certified with it; add noise.")
+                f"({rest:g}): an epsilon this large cannot be certified with it; add noise, or use "
+                "noise_mechanism='gaussian' (float noise, whose output support has holes: docs/threat-model.md).")
         eps = _event_epsilon(event, rest - lattice_cost, accountant, neighboring, pld_value_discretization)
         if eps <= bound:
             return eps
