@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"also time PyTorch + Opacus, interleaved (needs `{bench.TORCH_INSTALL}`)")
     what.add_argument("--opacus-modes", default=None, help=f"default {','.join(bench.OPACUS_MODES)} (hooks, the "
                       "make_private default, with --loop; '' for no Opacus run)")
+    what.add_argument("--torch-threads", type=int, default=None, help="torch's intra-op threads (default: "
+                      "torch's, one per core; 1 on a machine other work shares, where waiting threads slow torch)")
     what.add_argument("--no-noise-only", action="store_true",
                       help="skip the 'noise+update only' entry (the part of a DP step no clipping strategy removes)")
     how = parser.add_argument_group("how")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             workload, strategies=_names(args.strategies), methods=_methods(args.methods),
             compare_opacus=args.compare_opacus, opacus_modes=_names(args.opacus_modes) or bench.OPACUS_MODES,
             rounds=args.rounds, steps_per_round=args.steps_per_round or 1, settle_s=args.settle,
-            include_noise_only=not args.no_noise_only)
+            include_noise_only=not args.no_noise_only, torch_threads=args.torch_threads)
     except (ImportError, ValueError, FileNotFoundError, grid.SweepError) as error:
         parser.exit(2, f"error: {error}\n")
     return _report(result, bench.format_table(result), args, _step_record_name)
@@ -182,13 +184,15 @@ def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         return _report(result, bench.format_loop_table(result), args, _loop_record_name)
     if args.run is not None or args.epochs is not None:
         parser.exit(2, "error: --run and --epochs apply to a config's --loop (--config CONFIG --loop)\n")
-    workload = bench.PLAN_WORKLOADS.get(args.workload)
-    if workload is None:
+    if args.workload not in bench.LOOP_WORKLOADS:
         parser.exit(2, f"error: --workload {args.workload} --loop: whole user runs are written for "
-                       f"{', '.join(bench.PLAN_WORKLOADS)}; for a config's run use --config CONFIG --loop\n")
+                       f"{', '.join(bench.LOOP_WORKLOADS)} (real data with a test set); for a config's run use "
+                       "--config CONFIG --loop\n")
     modes = ["hooks"] if args.opacus_modes is None else _names(args.opacus_modes)
-    result = bench.run_user_loops(workload(), strategies=_names(args.strategies) or ["auto"], opacus_modes=modes,
-                                  rounds=args.rounds, settle_s=args.settle, max_steps=args.max_steps)
+    workload = bench.PLAN_WORKLOADS[args.workload]()
+    result = bench.run_user_loops(workload, strategies=_names(args.strategies) or ["auto"], opacus_modes=modes,
+                                  rounds=args.rounds, settle_s=args.settle, max_steps=args.max_steps,
+                                  torch_threads=args.torch_threads)
     return _report(result, bench.format_runs_table(result), args, _runs_record_name)
 
 

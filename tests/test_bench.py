@@ -305,7 +305,8 @@ def test_cli_refuses_what_does_not_apply(capsys):
         (["--workload", "digits", "--batch-size", "8"], "--batch-size apply to config workloads only"),
         (["--loop", "--config", "configs/demo.py", "--batch-size", "8"], "--batch-size do not apply to --loop"),
         (["--config", "configs/demo.py", "--run", "medium"], "apply to --loop only"),
-        (["--workload", "resnet18", "--loop"], "whole user runs are written for digits, adult-mlp"),
+        (["--workload", "resnet18", "--loop"], "whole user runs are written for digits (real data"),
+        (["--workload", "adult-mlp", "--loop"], "whole user runs are written for digits (real data"),
         (["--workload", "digits", "--loop", "--run", "x"], "--run and --epochs apply to a config's --loop"),
     ):
         with pytest.raises(SystemExit) as e:
@@ -357,8 +358,15 @@ def test_user_loops_run_each_way_and_report_accuracy_and_epsilon():
 
 def test_user_loops_with_opacus():
     pytest.importorskip("opacus")
-    result = bench.run_user_loops(tiny_plan_workload(), strategies=["vmap"], opacus_modes=["hooks"], rounds=1,
-                                  settle_s=0.0, max_steps=3)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run_user_loops(tiny_plan_workload(), strategies=["vmap"], opacus_modes=["hooks"], rounds=1,
+                                      settle_s=0.0, max_steps=3, torch_threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["environment"]["torch_threads"] == 1
     plan, written, opacus = result["summary"]
     assert opacus["name"] == "opacus make_private hooks" and opacus["steps"] == 3 and opacus["accountant"] == "prv"
     assert opacus["speedup_vs_opacus"] == 1.0 and plan["speedup_vs_opacus"] > 0

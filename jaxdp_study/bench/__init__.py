@@ -24,6 +24,7 @@ from jaxdp_study.bench.user_runs import run_user_loops
 from jaxdp_study.bench.workloads import (
     ALL_STRATEGIES,
     CONFIG_WORKLOADS,
+    LOOP_WORKLOADS,
     PLAN_WORKLOADS,
     WORKLOADS,
     ConfigWorkload,
@@ -32,7 +33,8 @@ from jaxdp_study.bench.workloads import (
 )
 
 __all__ = [
-    "ALL_STRATEGIES", "CONFIG_WORKLOADS", "METHOD_NAMES", "OPACUS_MODES", "PLAN_WORKLOADS", "TORCH_INSTALL",
-    "WORKLOADS", "ConfigWorkload", "PlanWorkload", "format_loop_table", "format_runs_table", "format_table",
-    "loop_run_config", "named_config", "run_benchmark", "run_loop_benchmark", "run_user_loops", "write_json",
+    "ALL_STRATEGIES", "CONFIG_WORKLOADS", "LOOP_WORKLOADS", "METHOD_NAMES", "OPACUS_MODES", "PLAN_WORKLOADS",
+    "TORCH_INSTALL", "WORKLOADS", "ConfigWorkload", "PlanWorkload", "format_loop_table", "format_runs_table",
+    "format_table", "loop_run_config", "named_config", "run_benchmark", "run_loop_benchmark", "run_user_loops",
+    "write_json",
 ]

@@ -130,19 +130,21 @@ def run_benchmark(
     steps_per_round: int = 1,
     settle_s: float = 1.0,
     include_noise_only: bool = True,
+    torch_threads: int | None = None,
 ) -> dict[str, Any]:
     """Benchmarks the workload's training steps (module docstring); returns a JSON-ready dict with ``config``
     (the workload's settings and the benchmark's), ``environment`` and ``results`` (one per entry).
 
     ``strategies`` defaults to the workload's (a config's own ``dp.clipping_strategy``), else every strategy of
     :func:`jaxdp.clipping.available_strategies` but "auto". An entry that fails to build or run (e.g. an Opacus
-    mode that does not support a layer) is reported with its ``error`` and no speed.
+    mode that does not support a layer) is reported with its ``error`` and no speed. ``torch_threads`` sets torch's
+    intra-op threads (:func:`jaxdp_study.bench.torch_side.set_threads`; None: torch's default).
     """
     strategies = list(strategies if strategies is not None else (workload.strategies or ALL_STRATEGIES))
     method_names = list(methods)
     _check(strategies, method_names, opacus_modes if compare_opacus else (), rounds, steps_per_round, settle_s)
     if compare_opacus:
-        torch_side.require_torch()  # fail before the long JAX compiles
+        torch_side.set_threads(torch_threads)  # fails before the long JAX compiles when torch is missing
         spec = workload.torch_spec()
     entries, width = jax_entries(workload, strategies, method_names, include_noise_only)
     if compare_opacus:

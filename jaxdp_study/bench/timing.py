@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -148,6 +149,9 @@ def environment() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "memory_method": ("rss growth per step" if jax.default_backend() == "cpu"
                           else "xla memory_analysis temp+argument+output-alias (jax); rss growth (torch)"),
+        # Runnable processes averaged over 1, 5 and 15 minutes when the measurement ended: above the core count,
+        # other work shared the machine, and absolute times (less so ratios) are inflated.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 

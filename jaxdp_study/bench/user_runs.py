@@ -42,7 +42,8 @@ from jaxdp_study.bench.workloads import PlanWorkload
 def _finish(started: float, step_s: list[float], state_or_params: Any) -> dict[str, Any]:
     jax.block_until_ready(state_or_params)
     return {"run_s": time.perf_counter() - started, "steps": len(step_s), "step_s": step_s,
-            "median_step_s": statistics.median(step_s), "first_step_s": step_s[0]}
+            "median_step_s": statistics.median(step_s), "first_step_s": step_s[0],
+            "slowest_later_step_s": max(step_s[1:], default=None)}
 
 
 def plan_run(workload: PlanWorkload, strategy: str, *, max_steps: int | None = None) -> dict[str, Any]:
@@ -123,11 +124,12 @@ def _entries(workload: PlanWorkload, strategies: Sequence[str], opacus_modes: Se
 
 def run_user_loops(workload: PlanWorkload, *, strategies: Sequence[str] = ("auto",),
                    opacus_modes: Sequence[str] = ("hooks",), rounds: int = 3, settle_s: float = 1.0,
-                   max_steps: int | None = None) -> dict[str, Any]:
+                   max_steps: int | None = None, torch_threads: int | None = None) -> dict[str, Any]:
     """Times whole runs of the workload (module docstring), ``rounds`` interleaved rounds; returns a JSON-ready dict
     with ``config``, ``environment``, ``runs`` (every round of every entry) and ``summary`` (medians per entry).
 
     ``opacus_modes`` empty: no Opacus entry (and no torch needed). ``max_steps`` shortens every run (tests).
+    ``torch_threads``: torch's intra-op threads (:func:`jaxdp_study.bench.torch_side.set_threads`).
     """
     if rounds < 1 or not settle_s >= 0 or (max_steps is not None and max_steps < 1):
         raise ValueError(f"Need rounds >= 1, settle_s >= 0, max_steps >= 1; got rounds={rounds}, "
@@ -135,7 +137,7 @@ def run_user_loops(workload: PlanWorkload, *, strategies: Sequence[str] = ("auto
     if workload.test is None:
         raise ValueError(f"the {workload.name} workload has no test set to train and evaluate whole runs on")
     if opacus_modes:
-        torch_side.require_torch()
+        torch_side.set_threads(torch_threads)
     entries = _entries(workload, strategies, opacus_modes, max_steps)
     runs = []
     for r in range(rounds):

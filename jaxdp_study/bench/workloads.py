@@ -359,4 +359,5 @@ def named_config(name: str) -> ml_collections.ConfigDict:
 CONFIG_WORKLOADS = ("resnet18", "demo")
 PLAN_WORKLOADS: dict[str, Callable[[], PlanWorkload]] = {"digits": digits_workload, "adult-mlp": adult_mlp_workload}
 WORKLOADS = (*CONFIG_WORKLOADS, *PLAN_WORKLOADS)
+LOOP_WORKLOADS = ("digits",)  # the user workloads with real data and a test set: whole runs (--loop)
 ALL_STRATEGIES = tuple(s for s in clipping.available_strategies() if s != "auto")
