@@ -9,6 +9,7 @@ so the benchmark times the very step that training runs:
 * :func:`train_step` — one training step as one compiled program: the batch's inputs as the model sees them
   (normalised images, random flips; features as they are), the plan's step (clipped sums of every chunk, noise
   once, the method's release, the optimiser), and the step's non-private statistics for the diagnostics;
+  :func:`jit_train_step` compiles it with a run config's settings, for the training loop and the benchmark alike;
 * :func:`eval_step` (predicted classes), :func:`loss_step` (per-example losses, the audit's attack input) and
   :func:`unclipped_sum_step` (the misalignment diagnostics' unclipped gradients).
 
@@ -18,6 +19,8 @@ split and the sampler's :class:`jaxdp.sampling.Batch`).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -178,6 +181,28 @@ def train_step(state: TrainState, stats: dict, batch: StepBatch, step: jax.Array
     if diagnostics_on:
         stats = diagnostics.add_stats(stats, out.norms, out.losses, batch.mask, batch.groups, bounds)
     return state, stats, out.update
+
+
+def flip_key(config: ml_collections.ConfigDict) -> jax.Array | None:
+    """The public key of a run's random flips (``config.train.random_flip``), or None without flips."""
+    return jax.random.fold_in(jax.random.key(int(config.train.seed)), 2) if config.train.random_flip else None
+
+
+def measures_misalignment(config: ml_collections.ConfigDict, plan: DPPlan) -> bool:
+    """Whether a run measures gradient misalignment (private, with non-private diagnostics and a sample size):
+    its step then hands back its clipped sum and noised gradient at every call (one compiled step, not two)."""
+    return bool(config.train.nonprivate_diagnostics and plan.private
+                and int(config.train.misalignment_examples_per_group) > 0)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, plan: DPPlan) -> Callable:
+    """The compiled training step of a run: :func:`train_step` with the config's flips, diagnostics and
+    misalignment settings bound, its state and statistics donated. Called as ``step(state, stats, batch, step)``;
+    :func:`jaxdp.train.train_and_evaluate` runs it, and the benchmark (``launch/bench.py``) times it."""
+    return jax.jit(functools.partial(train_step, plan=plan, flip_key=flip_key(config),
+                                     diagnostics_on=bool(config.train.nonprivate_diagnostics),
+                                     return_update=measures_misalignment(config, plan)),
+                   donate_argnums=(0, 1))
 
 
 def unclipped_sum_step(state: TrainState, batch: StepBatch, step: jax.Array, *, plan: DPPlan,

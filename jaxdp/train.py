@@ -201,22 +201,17 @@ class _Run:
 
     def _compile(self) -> None:
         config, plan = self.config, self.plan
-        self.flip_key = (jax.random.fold_in(jax.random.key(int(config.train.seed)), 2)
-                         if config.train.random_flip else None)
-        diagnostics_on = bool(config.train.nonprivate_diagnostics)
-        # Gradient misalignment, once per evaluation window (private runs with non-private diagnostics). The step
-        # then always hands back its clipped sum and noised gradient: one compiled step, not two.
+        self.flip_key = steps.flip_key(config)
+        # Gradient misalignment, once per evaluation window (private runs with non-private diagnostics).
         self.misaligned = None
-        if diagnostics_on and plan.private and int(config.train.misalignment_examples_per_group) > 0:
+        if steps.measures_misalignment(config, plan):
             self.misaligned = diagnostics.MisalignmentSample(config, self.train_set, self.mesh,
                                                              plan.sampler.physical_batch_size)
             self.unclipped_sum = jax.jit(functools.partial(steps.unclipped_sum_step, plan=plan,
                                                            flip_key=self.flip_key))
             self.cosines = jax.jit(diagnostics.misalignment_cosines)
-        self.step_fn = jax.jit(functools.partial(steps.train_step, plan=plan, flip_key=self.flip_key,
-                                                 diagnostics_on=diagnostics_on,
-                                                 return_update=self.misaligned is not None),
-                               donate_argnums=(0, 1))
+        # The one compiled step of the run, which the benchmark times too (jaxdp.steps.jit_train_step).
+        self.step_fn = steps.jit_train_step(config, plan)
         self.predict = jax.jit(functools.partial(steps.eval_step, model=self.model))
 
     def prepare(self, step: int) -> steps.StepBatch | None:

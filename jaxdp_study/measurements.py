@@ -12,9 +12,9 @@ in a page by the newest record named ``NAME`` rendered as a table, or, when ther
 nothing has been recorded yet and which ``COMMAND`` records it. The tables therefore cannot drift from the files.
 
 A record's ``name`` says what kind of measurement it is, so that records of one kind replace each other in the
-docs (``step-cpu-resnet18-64px-b32-opacus``, ``loop-demo-medium-ff0.9``, ``sweep-demo``); the part before the
-first ``-`` picks the renderer (:data:`RENDERERS`). Records are never overwritten: a second record of one name
-in the same second gets a numeric suffix.
+docs (``step-cpu-resnet18-64px-b32-opacus``, ``loop-cpu-medium-ff0.9-clip1-seed0``, ``runs-cpu-digits-cnn-b64``,
+``sweep-demo``); the part before the first ``-`` picks the renderer (:data:`RENDERERS`). Records are never
+overwritten: a second record of one name in the same second gets a numeric suffix.
 
 ``$JAXDP_MEASUREMENTS_DIR`` replaces the default directory (the test suite points it at a temporary one, so that
 tests never add records to the repository).
@@ -41,8 +41,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "dp-accounting", "torch",
 # Renderers by the name's first part: "module:function" taking the payload and returning markdown (imported only
 # when a record of that kind is rendered). Each is the function that prints the same result on the command line.
 RENDERERS = {
-    "step": "jaxdp_study.bench:format_table",
-    "loop": "jaxdp_study.bench:format_loop_table",
+    "step": "jaxdp_study.bench.reports:format_table",
+    "loop": "jaxdp_study.bench.reports:format_loop_table",
+    "runs": "jaxdp_study.bench.reports:format_runs_table",
     "sweep": "jaxdp_study.measurements:format_sweep_table",
 }
 PLACEHOLDER = re.compile(r"<!--\s*measurement:\s*(?P<name>[A-Za-z0-9._-]+)\s*\|\s*(?P<command>.+?)\s*-->")

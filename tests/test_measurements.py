@@ -22,12 +22,13 @@ def step_result(examples_per_s: float, backend: str = "cpu") -> dict:
     entry = dict(framework="jax", step_s=[0.5], compile_s=2.25, peak_memory_bytes=3 * 2**20, error=None,
                  vs_fastest_opacus=None, memory_vs_nonprivate=None, vs_dpsgd=None)
     return {
-        "config": dict(image_size=16, batch_size=32, strategies=["vmap"], rounds=2, steps_per_round=1, settle_s=0.0,
-                       max_pixels=16, compare_opacus=False, opacus_modes=[], stage_sizes=[1, 1, 1, 1], width=8,
-                       num_groups=4, l2_clip_norm=5.0, noise_multiplier=0.7, learning_rate=1e-3, seed=0),
+        "config": dict(workload="resnet-s1111-w8-16px-b32", title="tiny: resnet-s1111-w8, inputs [16, 16, 3], batch 32",
+                       chunk_width=46, input_shape=[16, 16, 3], batch_size=32, dataset_size=160, strategies=["vmap"],
+                       rounds=2, steps_per_round=1, settle_s=0.0, compare_opacus=False, opacus_modes=[],
+                       l2_clip_norm=5.0, noise_multiplier=0.7, learning_rate=1e-3),
         "environment": dict(jax="0.0", backend=backend, device="cpu", cpu="x86_64", date="2026-12-02",
                             memory_method="rss growth per step"),
-        "results": [dict(entry, name="jax nonprivate (flax conv)", private=False, examples_per_s=64.0,
+        "results": [dict(entry, name="jax nonprivate", private=False, examples_per_s=64.0,
                          vs_jax_nonprivate=1.0),
                     dict(entry, name="jax dp vmap", private=True, examples_per_s=examples_per_s,
                          vs_jax_nonprivate=examples_per_s / 64.0)],
@@ -105,7 +106,7 @@ def test_bench_writes_a_record_named_after_what_it_measured(tmp_path, monkeypatc
     monkeypatch.setenv(measurements.DIR_ENV, str(tmp_path))
     monkeypatch.chdir(ROOT)
     cli = _load_bench_cli()
-    monkeypatch.setattr(cli.bench, "run_benchmark", lambda **kw: step_result(22.0))
+    monkeypatch.setattr(cli.bench, "run_benchmark", lambda workload, **kw: step_result(22.0))
     argv = ["--config", "configs/tiny.py", "--rounds", "2", "--json", str(tmp_path / "bare.json")]
     result = cli.main(argv)
     (path,) = tmp_path.glob("step-*.json")
@@ -123,7 +124,7 @@ def test_bench_writes_a_record_named_after_what_it_measured(tmp_path, monkeypatc
 def test_bench_names_resnet18_opacus_and_method_records():
     cli = _load_bench_cli()
     result = step_result(1.0, backend="gpu")
-    result["config"].update(stage_sizes=[2, 2, 2, 2], width=64, image_size=128, batch_size=256)
+    result["config"].update(workload="resnet18-128px-b256", batch_size=256)
     assert cli._step_record_name(result) == "step-gpu-resnet18-128px-b256"
     result["config"].update(compare_opacus=True, methods=["dpsgd_f"])
     assert cli._step_record_name(result) == "step-gpu-resnet18-128px-b256-methods-opacus"
