@@ -105,18 +105,18 @@ def misalignment_cosines(group_sums: Any, group_counts: jax.Array, group_weights
 
 class MisalignmentSample:
     """A fixed sample of the training set: up to ``config.train.misalignment_examples_per_group`` examples of each
-    group, drawn once from the public ``train.seed``, as one :class:`jaxdp.steps.StepBatch` per group in padded
-    chunks of the training chunk width, flipped as in training."""
+    group, drawn once from the public ``train.seed``, as chunks (:class:`jaxdp.steps.StepBatch`) of the training
+    chunk width per group, flipped as in training."""
 
     def __init__(self, config: ml_collections.ConfigDict, train_set: Any, mesh: Any, width: int) -> None:
-        from jaxdp.steps import step_batch
+        from jaxdp.steps import step_batches
 
         rng = np.random.default_rng(np.random.SeedSequence([int(config.train.seed), _MISALIGNMENT_STREAM]))
         per_group = int(config.train.misalignment_examples_per_group)
         groups = np.asarray(train_set.group)
         self.counts = np.zeros(len(fairness.GROUPS), np.float32)
         self.weights = np.array([np.mean(groups == g) for g in fairness.GROUPS], np.float32)
-        self.batches = []
+        self.chunks = []
         for g in fairness.GROUPS:
             members = np.flatnonzero(groups == g)
             chosen = np.sort(rng.choice(members, min(per_group, len(members)), replace=False))
@@ -125,14 +125,22 @@ class MisalignmentSample:
             indices = np.zeros(n_chunks * width, np.int32)
             mask = np.zeros(n_chunks * width, bool)
             indices[:len(chosen)], mask[:len(chosen)] = chosen, True
-            self.batches.append(step_batch(mesh, train_set, indices.reshape(n_chunks, width),
-                                           mask.reshape(n_chunks, width)))
+            self.chunks.append(step_batches(mesh, train_set, indices.reshape(n_chunks, width),
+                                            mask.reshape(n_chunks, width)))
 
-    def sums(self, sum_step: Any, state: Any, batch: Any, step: int) -> tuple[list[Any], Any]:
+    def sums(self, sum_step: Any, zeros: Any, state: Any, chunks: list, step: int) -> tuple[list[Any], Any]:
         """The first half of a step's misalignment, at the parameters the step's gradient is computed at (before
-        its update): each group's sum of the sample's unclipped gradients, and the batch's unclipped sum."""
-        group_sums = [sum_step(state, b, np.int32(step)) for b in self.batches]
-        return group_sums, sum_step(state, batch, np.int32(step))
+        its update): each group's sum of the sample's unclipped gradients, and the batch's (``chunks``) unclipped
+        sum. ``sum_step(state, total, chunk, step)`` adds a chunk's (:func:`jaxdp.steps.unclipped_sum_step`),
+        starting from ``zeros``."""
+
+        def total(chunk_list):
+            out = zeros
+            for chunk in chunk_list:
+                out = sum_step(state, out, chunk, np.int32(step))
+            return out
+
+        return [total(group) for group in self.chunks], total(chunks)
 
     def cosines(self, cosines_fn: Any, sums: tuple[list[Any], Any], update: tuple[Any, Any]) -> dict:
         """:func:`misalignment_cosines` from :meth:`sums` and the step's ``(clipped sum, noised gradient)``."""

@@ -156,6 +156,13 @@ class StepOutput(NamedTuple):
     update: tuple[Any, Any] | None = None
 
 
+class Accumulator(NamedTuple):
+    """What a step's chunks add up before the noise: the (clipped) gradient sum and the method's exact counts."""
+
+    grad_sum: Any
+    counts: jax.Array  # float32[num_counts] (empty for DP-SGD)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The plan.
 
@@ -198,8 +205,9 @@ class DPPlan:
     secret: int | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        step = jax.jit(self.step_fn, donate_argnums=(0,), static_argnames=("return_update",))
-        object.__setattr__(self, "train_step", step)
+        chunk_step = jax.jit(self.chunk_fn, donate_argnums=(0,), static_argnames=("return_update",))
+        object.__setattr__(self, "chunk_step", chunk_step)
+        object.__setattr__(self, "_zeros", {})
 
     # -- what the plan is ------------------------------------------------------------------------------------
 
@@ -281,32 +289,71 @@ class DPPlan:
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    def step_fn(self, state: TrainState, batch: PyTree, mask: jax.Array, groups: jax.Array | None = None, *,
-                return_update: bool = False) -> tuple[TrainState, StepOutput]:
-        """One DP-SGD step (see the module docstring), not jitted: ``train_step`` is this under ``jax.jit`` (with the
-        state donated). Call it inside your own ``jax.jit`` to put more in the same program (preprocessing, metrics:
-        pass the data as arguments, never close over it, or it is compiled into the program)."""
-        mask, groups, batch = _chunked_inputs(batch, mask, groups, self.method)
-        zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
-                 jnp.zeros((self.method.num_counts if self.private else 0,), jnp.float32))
+    def train_step(self, state: TrainState, batch: PyTree, mask: Any, groups: Any = None, *,
+                   return_update: bool = False) -> tuple[TrainState, StepOutput]:
+        """One DP-SGD step (see the module docstring): ``batch`` ``[n_chunks, width, ...]`` (or ``[width, ...]`` for
+        one chunk), ``mask`` bool of the same leading shape, ``groups`` int (needed by methods that use them).
 
-        def chunk(carry, inputs):
-            grad_sum, counts, model_state = carry
-            x, m, g = inputs
-            chunk_sum, norms, losses, model_state = self.chunk_grads(state.params, model_state, x, m, g,
-                                                                     state.method_state)
-            counts = counts + self.release_counts(norms, m, g, state.method_state)
-            return (jax.tree_util.tree_map(jnp.add, grad_sum, chunk_sum), counts, model_state), (norms, losses)
+        Each chunk goes through :attr:`chunk_step`, one compiled program whatever the number of chunks (a Poisson
+        batch that overflows its chunk runs it twice instead of compiling a second program): it adds the chunk's
+        clipped sum and counts to the step's, and on the last chunk adds the noise once, releases the method's
+        counts and applies the optimiser. The state is donated. Works as it is (host arrays, e.g. from
+        :meth:`gather`, are sliced on the host) and inside your own ``jax.jit`` (the chunks are then unrolled into
+        your program: pass the data as arguments, never close over it, or it is compiled into the program).
+        """
+        batch, mask, groups = _chunked_inputs(batch, mask, groups, self.method)
+        n = mask.shape[0]
+        acc, outs = self.zero_accumulator(state.params), []
+        for c in range(n):
+            state, acc, out = self.chunk_step(state, acc, jax.tree_util.tree_map(lambda a, c=c: a[c], batch),
+                                              mask[c], groups[c], np.bool_(c == 0), np.bool_(c == n - 1),
+                                              return_update=return_update)
+            outs.append(out)
+        if n == 1:
+            return state, outs[0]
+        stacked = [jnp.concatenate([getattr(o, f) for o in outs]) for f in ("losses", "norms")]
+        return state, StepOutput(*stacked, outs[-1].update)
 
-        carry = (*zeros, state.model_state)
-        if mask.shape[0] == 1:  # nearly every Poisson step: no loop
-            carry, (norms, losses) = chunk(carry, jax.tree_util.tree_map(lambda a: a[0], (batch, mask, groups)))
-            norms, losses = norms[None], losses[None]
-        else:
-            carry, (norms, losses) = jax.lax.scan(chunk, carry, (batch, mask, groups))
-        grad_sum, counts, model_state = carry
-        state, noised = self.apply_update(state, grad_sum, counts, model_state)
-        return state, StepOutput(losses, norms, (grad_sum, noised) if return_update else None)
+    def chunk_fn(self, state: TrainState, acc: Accumulator, batch: PyTree, mask: jax.Array, groups: jax.Array,
+                 first: jax.Array, last: jax.Array, *, return_update: bool = False
+                 ) -> tuple[TrainState, Accumulator, StepOutput]:
+        """One chunk of a step, not jitted (:attr:`chunk_step` is this under ``jax.jit``, the state donated):
+        ``acc`` plus the chunk's clipped sum and exact counts (``acc`` is ignored where ``first``); where ``last``,
+        the noise, the method's release and the optimiser on the sum (else the state is kept and nothing of an
+        update leaves the program). ``first`` and ``last`` are arguments, not constants, so that every chunk of
+        every step runs one program. Outputs are ``[1, width]``."""
+        acc = jax.tree_util.tree_map(lambda a: jnp.where(first, jnp.zeros_like(a), a), acc)
+        chunk_sum, norms, losses, model_state = self.chunk_grads(state.params, state.model_state, batch, mask,
+                                                                 groups, state.method_state)
+        counts = acc.counts + self.release_counts(norms, mask, groups, state.method_state)
+        acc = Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, chunk_sum), counts)
+
+        def finish(_):
+            return self.apply_update(state, acc.grad_sum, acc.counts, model_state)
+
+        def keep(_):  # an earlier chunk: the noise is drawn only with the step's whole sum, on its last chunk
+            return state.replace(model_state=model_state), jax.tree_util.tree_map(jnp.zeros_like, acc.grad_sum)
+
+        state, noised = jax.lax.cond(last, finish, keep, None)
+        update = (acc.grad_sum, noised) if return_update else None
+        return state, acc, StepOutput(losses[None], norms[None], update)
+
+    def zero_accumulator(self, params: PyTree) -> Accumulator:
+        """The accumulator a step's first chunk starts from (its values are ignored; made once per parameter
+        structure and placed like the parameters, on the mesh when there is one)."""
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
+            return Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), self._zero_counts())
+        key = jax.tree_util.tree_structure(params), tuple((jnp.shape(x), jnp.result_type(x))
+                                                          for x in jax.tree_util.tree_leaves(params))
+        if key not in self._zeros:
+            shardings = None if self.mesh is None else parallel.replicated(self.mesh)
+            zeros = jax.jit(lambda p: Accumulator(jax.tree_util.tree_map(jnp.zeros_like, p), self._zero_counts()),
+                            out_shardings=shardings)
+            self._zeros[key] = zeros(params)
+        return self._zeros[key]
+
+    def _zero_counts(self) -> jax.Array:
+        return jnp.zeros((self.method.num_counts if self.private else 0,), jnp.float32)
 
     def chunk_grads(self, params: PyTree, model_state: PyTree, batch: PyTree, mask: jax.Array, groups: jax.Array,
                     method_state: PyTree) -> tuple[PyTree, jax.Array, jax.Array, PyTree]:
@@ -457,34 +504,40 @@ def _mean_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree, Any], jax.Array]:
     return mean_loss
 
 
-def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> tuple[jax.Array, jax.Array, PyTree]:
-    """``(mask, groups, batch)`` with a leading chunk axis, after checking their shapes agree."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_ or mask.ndim not in (1, 2):
+def _as_array(a: Any) -> Any:
+    """Host arrays stay on the host (sliced there, each chunk transferred once); jax arrays as they are."""
+    return a if isinstance(a, jax.Array) else np.asarray(a)
+
+
+def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> tuple[PyTree, Any, Any]:
+    """``(batch, mask, groups)`` with a leading chunk axis, after checking their shapes agree."""
+    mask = _as_array(mask)
+    if mask.dtype != np.bool_ or mask.ndim not in (1, 2):
         raise ValueError(f"mask must be bool[n_chunks, width] (or bool[width] for one chunk): True for real "
                          f"examples, False for padding; got {mask.dtype}{list(mask.shape)}.")
     one_chunk = mask.ndim == 1
+    batch = jax.tree_util.tree_map(_as_array, batch)
     if one_chunk:
         mask = mask[None]
-        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], batch)
+        batch = jax.tree_util.tree_map(lambda a: a[None], batch)
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        if tuple(jnp.shape(leaf)[:2]) != mask.shape:
-            raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}; every leaf must "
+        if tuple(np.shape(leaf)[:2]) != mask.shape:
+            raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; every leaf must "
                              f"start with the mask's shape {tuple(mask.shape[1 if one_chunk else 0:])} "
                              "(chunks, then examples).")
     if groups is None:
         if method.uses_groups:
             raise ValueError(f"method {method.name!r} needs each example's group: pass groups= "
                              "(int32, the mask's shape) to train_step.")
-        groups = jnp.zeros(mask.shape, jnp.int32)
+        groups = np.zeros(mask.shape, np.int32)
     else:
-        groups = jnp.asarray(groups)
+        groups = _as_array(groups)
         groups = groups[None] if one_chunk else groups
-        if groups.shape != mask.shape or not jnp.issubdtype(groups.dtype, jnp.integer):
+        if groups.shape != mask.shape or not np.issubdtype(groups.dtype, np.integer):
             raise ValueError(f"groups must be integers of the mask's shape {tuple(mask.shape)}; got "
                              f"{groups.dtype}{list(groups.shape)}.")
-        groups = groups.astype(jnp.int32)
-    return mask, groups, batch
+        groups = groups.astype(np.int32) if groups.dtype != np.int32 else groups
+    return batch, mask, groups
 
 
 def _num_steps(epochs: float | None, steps: int | None, steps_per_epoch: int) -> int:

@@ -6,15 +6,17 @@ so the benchmark times the very step that training runs:
 * :func:`plan_from_config` — the run config's ``dp`` / ``train`` / ``optim`` sections as a :class:`jaxdp.DPConfig`,
   an :class:`jaxdp.ExecutionConfig` and an optax optimiser, and the classifier's loss, handed to
   :func:`jaxdp.make_plan`;
-* :func:`train_step` — one training step as one compiled program: the batch's inputs as the model sees them
-  (normalised images, random flips; features as they are), the plan's step (clipped sums of every chunk, noise
-  once, the method's release, the optimiser), and the step's non-private statistics for the diagnostics;
-  :func:`jit_train_step` compiles it with a run config's settings, for the training loop and the benchmark alike;
+* :func:`train_step` — one chunk of a training step as one compiled program, the same for every chunk of every
+  step: the chunk's inputs as the model sees them (normalised images, random flips; features as they are), the
+  plan's chunk (:meth:`jaxdp.DPPlan.chunk_fn`: the clipped sum added to the step's, and on the step's last chunk
+  the noise once, the method's release and the optimiser), and the chunk's non-private statistics for the
+  diagnostics; :func:`jit_train_step` compiles it with a run config's settings, for the training loop and the
+  benchmark alike;
 * :func:`eval_step` (predicted classes), :func:`loss_step` (per-example losses, the audit's attack input) and
   :func:`unclipped_sum_step` (the misalignment diagnostics' unclipped gradients).
 
-A step's batch is a :class:`StepBatch` of ``[n_chunks, width, ...]`` arrays (:func:`step_batch` builds it from a
-split and the sampler's :class:`jaxdp.sampling.Batch`).
+A step's examples are a list of :class:`StepBatch` chunks (:func:`step_batches` builds it from a split and the
+sampler's :class:`jaxdp.sampling.Batch`); nearly every Poisson step is one chunk.
 """
 
 from __future__ import annotations
@@ -30,28 +32,30 @@ import numpy as np
 import optax
 
 from jaxdp import diagnostics, parallel
-from jaxdp.plan import DPConfig, DPPlan, ExecutionConfig, TrainState, make_plan
+from jaxdp.plan import Accumulator, DPConfig, DPPlan, ExecutionConfig, TrainState, make_plan
 
 
 class StepBatch(NamedTuple):
-    """One step's examples, every array ``[n_chunks, width, ...]`` (padding: ``mask`` False)."""
+    """One chunk of a step's examples, every array ``[width, ...]`` (padding: ``mask`` False)."""
 
-    inputs: jax.Array  # uint8 images [.., H, W, C] or float features [.., D]
+    inputs: jax.Array  # uint8 images [width, H, W, C] or float features [width, D]
     labels: jax.Array  # int32
     groups: jax.Array  # int32
     mask: jax.Array  # bool
     indices: jax.Array  # int32, into the training set (keys the random flips)
 
 
-def step_batch(mesh: Any, split: Any, indices: np.ndarray, mask: np.ndarray) -> StepBatch:
-    """The examples ``indices`` (``[n_chunks, width]``) of ``split`` (arrays ``inputs``/``images``, ``label``,
-    ``group``) on the mesh, each chunk's examples split over its devices."""
-    indices = np.asarray(indices, np.int32)
+def step_batches(mesh: Any, split: Any, indices: np.ndarray, mask: np.ndarray) -> list[StepBatch]:
+    """The examples ``indices`` (``[n_chunks, width]``, or ``[width]`` for one chunk) of ``split`` (arrays
+    ``inputs``/``images``, ``label``, ``group``) as chunks on the mesh, each chunk's examples split over its
+    devices."""
+    indices, mask = np.asarray(indices, np.int32), np.asarray(mask, bool)
     if indices.ndim == 1:
-        indices, mask = indices[None], np.asarray(mask)[None]
-    arrays = (inputs_of(split)[indices], np.asarray(split.label)[indices].astype(np.int32),
-              np.asarray(split.group)[indices].astype(np.int32), np.asarray(mask, bool), indices)
-    return StepBatch(*(parallel.shard_chunks(mesh, a) for a in arrays))
+        indices, mask = indices[None], mask[None]
+    inputs, labels, groups = inputs_of(split), np.asarray(split.label), np.asarray(split.group)
+    return [StepBatch(*(parallel.shard_batch(mesh, a) for a in (
+        inputs[i], labels[i].astype(np.int32), groups[i].astype(np.int32), m, i))) for i, m in zip(indices, mask,
+                                                                                                  strict=True)]
 
 
 def inputs_of(split: Any) -> np.ndarray:
@@ -80,13 +84,13 @@ def normalize_inputs(inputs: jax.Array) -> jax.Array:
 
 
 def model_inputs(batch: StepBatch, step: jax.Array, flip_key: jax.Array | None) -> jax.Array:
-    """The batch's inputs as the model sees them in training: normalised, and images randomly flipped."""
+    """The chunk's inputs as the model sees them in training: normalised, and images randomly flipped."""
     x = normalize_inputs(batch.inputs)
-    if flip_key is not None and x.ndim == 5:  # [n_chunks, width, H, W, C]
+    if flip_key is not None and x.ndim == 4:  # [width, H, W, C]
         # Keyed by (step, example index): the same flips whatever the chunking, padding or device count.
         step_key = jax.random.fold_in(flip_key, step)
-        flips = jax.vmap(jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(step_key, i))))(batch.indices)
-        x = jnp.where(flips[:, :, None, None, None], x[:, :, :, ::-1, :], x)
+        flips = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(step_key, i)))(batch.indices)
+        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
     return x
 
 
@@ -169,18 +173,21 @@ def plan_from_config(config: ml_collections.ConfigDict, model: Any, dataset_size
 # Step functions (jitted by their callers with the keyword arguments bound).
 
 
-def train_step(state: TrainState, stats: dict, batch: StepBatch, step: jax.Array, *, plan: DPPlan,
-               flip_key: jax.Array | None, diagnostics_on: bool,
-               return_update: bool = False) -> tuple[TrainState, dict, Any]:
-    """One training step of the study: the plan's step on the batch's model inputs, plus the step's non-private
-    statistics added to ``stats`` (when ``diagnostics_on``). Returns ``(state, stats, update)``, ``update`` the
-    pair ``(clipped sum, noised gradient)`` with ``return_update`` (the misalignment diagnostics), else None."""
+def train_step(state: TrainState, stats: dict, acc: Accumulator, batch: StepBatch, step: jax.Array,
+               first: jax.Array, last: jax.Array, *, plan: DPPlan, flip_key: jax.Array | None, diagnostics_on: bool,
+               return_update: bool = False) -> tuple[TrainState, dict, Accumulator, Any]:
+    """One chunk of a training step of the study: the plan's chunk (:meth:`jaxdp.DPPlan.chunk_fn`: ``first`` starts
+    the step's sum, ``last`` ends the step with the noise and the update) on the chunk's model inputs, plus its
+    non-private statistics added to ``stats`` (when ``diagnostics_on``). Returns ``(state, stats, acc, update)``,
+    ``update`` the step's pair ``(clipped sum, noised gradient)`` with ``return_update`` (the misalignment
+    diagnostics; meaningful on the last chunk), else None."""
     inputs = {"inputs": model_inputs(batch, step, flip_key), "labels": batch.labels}
     bounds = plan.method.clip_bounds(state.method_state, batch.groups) if plan.private else None
-    state, out = plan.step_fn(state, inputs, batch.mask, batch.groups, return_update=return_update)
+    state, acc, out = plan.chunk_fn(state, acc, inputs, batch.mask, batch.groups, first, last,
+                                    return_update=return_update)
     if diagnostics_on:
         stats = diagnostics.add_stats(stats, out.norms, out.losses, batch.mask, batch.groups, bounds)
-    return state, stats, out.update
+    return state, stats, acc, out.update
 
 
 def flip_key(config: ml_collections.ConfigDict) -> jax.Array | None:
@@ -197,7 +204,8 @@ def measures_misalignment(config: ml_collections.ConfigDict, plan: DPPlan) -> bo
 
 def jit_train_step(config: ml_collections.ConfigDict, plan: DPPlan) -> Callable:
     """The compiled training step of a run: :func:`train_step` with the config's flips, diagnostics and
-    misalignment settings bound, its state and statistics donated. Called as ``step(state, stats, batch, step)``;
+    misalignment settings bound, its state and statistics donated. Called once per chunk as
+    ``step(state, stats, acc, chunk, step, first, last)`` (:func:`run_step` calls it for a step's chunks);
     :func:`jaxdp.train.train_and_evaluate` runs it, and the benchmark (``launch/bench.py``) times it."""
     return jax.jit(functools.partial(train_step, plan=plan, flip_key=flip_key(config),
                                      diagnostics_on=bool(config.train.nonprivate_diagnostics),
@@ -205,18 +213,23 @@ def jit_train_step(config: ml_collections.ConfigDict, plan: DPPlan) -> Callable:
                    donate_argnums=(0, 1))
 
 
-def unclipped_sum_step(state: TrainState, batch: StepBatch, step: jax.Array, *, plan: DPPlan,
+def run_step(step_fn: Callable, plan: DPPlan, state: TrainState, stats: dict, chunks: list[StepBatch],
+             step: int) -> tuple[TrainState, dict, Any]:
+    """A whole training step: ``step_fn`` (:func:`jit_train_step`) on each chunk, the first starting the sum and
+    the last applying the update. Returns ``(state, stats, update)``."""
+    acc, update = plan.zero_accumulator(state.params), None
+    for i, chunk in enumerate(chunks):
+        state, stats, acc, update = step_fn(state, stats, acc, chunk, np.int32(step), np.bool_(i == 0),
+                                            np.bool_(i == len(chunks) - 1))
+    return state, stats, update
+
+
+def unclipped_sum_step(state: TrainState, total: Any, batch: StepBatch, step: jax.Array, *, plan: DPPlan,
                        flip_key: jax.Array | None) -> Any:
-    """The sum of the real examples' unclipped gradients over every chunk of ``batch`` (inputs as in training)."""
-    x = model_inputs(batch, step, flip_key)
-
-    def chunk(total, i):
-        inputs = {"inputs": x[i], "labels": batch.labels[i]}
-        grads, _ = plan.plain_grads(state.params, state.model_state, inputs, batch.mask[i])
-        return jax.tree_util.tree_map(jnp.add, total, grads), None
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    return jax.lax.scan(chunk, zeros, jnp.arange(batch.mask.shape[0]))[0]
+    """``total`` plus the sum of the chunk's real examples' unclipped gradients (inputs as in training)."""
+    inputs = {"inputs": model_inputs(batch, step, flip_key), "labels": batch.labels}
+    grads, _ = plan.plain_grads(state.params, state.model_state, inputs, batch.mask)
+    return jax.tree_util.tree_map(jnp.add, total, grads)
 
 
 def eval_step(state: TrainState, inputs: jax.Array, *, model: Any) -> jax.Array:

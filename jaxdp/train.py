@@ -214,12 +214,12 @@ class _Run:
         self.step_fn = steps.jit_train_step(config, plan)
         self.predict = jax.jit(functools.partial(steps.eval_step, model=self.model))
 
-    def prepare(self, step: int) -> steps.StepBatch | None:
-        """Step ``step``'s batch on the mesh (None past the last step)."""
+    def prepare(self, step: int) -> list[steps.StepBatch] | None:
+        """Step ``step``'s chunks on the mesh (None past the last step)."""
         if step >= self.plan.num_steps:
             return None
         batch = self.plan.batch(step)
-        return steps.step_batch(self.mesh, self.train_set, batch.indices, batch.mask)
+        return steps.step_batches(self.mesh, self.train_set, batch.indices, batch.mask)
 
     def save_checkpoint(self, step: int) -> None:
         with self.clock.phase("checkpoints"):
@@ -369,9 +369,11 @@ def train_and_evaluate(
                 measuring = run.misaligned is not None and evaluating
                 if measuring:
                     with clock.phase("evaluation"):  # waited for here, so that its time is not the step's
-                        sums = jax.block_until_ready(run.misaligned.sums(run.unclipped_sum, run.state, batch, step))
-                with clock.phase("train_steps"):
-                    run.state, run.stats, update = run.step_fn(run.state, run.stats, batch, np.int32(step))
+                        zeros = plan.zero_accumulator(run.state.params).grad_sum
+                        sums = jax.block_until_ready(run.misaligned.sums(run.unclipped_sum, zeros, run.state, batch,
+                                                                         step))
+                with clock.phase("train_steps"):  # more than one chunk: a Poisson batch wider than the chunk width
+                    run.state, run.stats, update = steps.run_step(run.step_fn, plan, run.state, run.stats, batch, step)
                 # The step runs asynchronously: the host prepares the next step's batch meanwhile, then waits, so that
                 # each step's device time is counted in train_steps.
                 with clock.phase("data"):

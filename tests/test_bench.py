@@ -99,8 +99,8 @@ def test_a_user_workload_times_the_plans_own_train_step(monkeypatch):
     names = [r["name"] for r in result["results"]]
     assert names == ["jax nonprivate", "jax dp vmap", "jax dp vmap dpsgd_f"]
     assert [p.private for p in plans] == [False, True, True] and plans[2].method.name == "dpsgd_f"
-    # Each entry ran its plan's jitted train_step: one compiled program each, nothing else.
-    assert [p.train_step._cache_size() for p in plans] == [1, 1, 1]
+    # Each entry ran its plan's train_step, whose one compiled program is its chunk step: one each, nothing else.
+    assert [p.chunk_step._cache_size() for p in plans] == [1, 1, 1]
     for entry in result["results"]:
         _check_entry(entry)
     config = result["config"]
@@ -346,9 +346,10 @@ def test_user_loops_run_each_way_and_report_accuracy_and_epsilon():
         assert row["steps"] == 3 and row["run_s"] >= row["first_step_s"] > 0 and row["median_step_s"] > 0
         assert 0 <= row["test_accuracy"] <= 1 and row["epsilon"] > 0 and row["accountant"] == "pld"
     assert len(result["runs"][0]["step_s"]) == 3 and "step_s" not in result["runs"][2]
-    # Both ways account the same mechanism: 3 Poisson steps of q = 8/48 with z = 1, at delta 1e-5.
+    # Both ways account 3 Poisson steps of q = 8/48 with z = 1, at delta 1e-5; the plan's lattice noise and the
+    # script's float Gaussian (dp_noise's default) differ only in their samplers' own deltas, charged out of delta.
     plan, written = result["summary"]
-    assert plan["epsilon"] == pytest.approx(written["epsilon"], rel=1e-9)
+    assert plan["epsilon"] == pytest.approx(written["epsilon"], rel=1e-5)
     assert plan["speedup_vs_opacus"] is None
     table = bench.format_runs_table(result)
     assert "| jaxdp as written vmap | 3 |" in table and "(pld) |" in table

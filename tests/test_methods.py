@@ -289,10 +289,10 @@ def test_counts_are_exact_over_chunks_and_devices():
     idx = np.arange(24)
     p = steps.plan_from_config(config, model, len(train_set.label), secret=None)
     mesh1 = parallel.make_mesh(1)
-    one = steps.step_batch(mesh1, train_set, idx[None], np.ones((1, 24), bool))
+    (one,) = steps.step_batches(mesh1, train_set, idx[None], np.ones((1, 24), bool))
     norms_of = jax.jit(lambda params, b, p=p: p.clipped_grad(
-        params, {"inputs": steps.normalize_inputs(b.inputs[0]), "labels": b.labels[0]}, None, b.mask[0],
-        p.clip_args(p.init_method_state(), b.groups[0]))[1])
+        params, {"inputs": steps.normalize_inputs(b.inputs), "labels": b.labels}, None, b.mask,
+        p.clip_args(p.init_method_state(), b.groups))[1])
     norms = np.asarray(norms_of(variables["params"], one))
     c0 = float(np.median(norms))  # C0 between the norms: both counts of a group are used
     config.dp.dpsgd_f.base_clip_norm = c0
@@ -302,16 +302,14 @@ def test_counts_are_exact_over_chunks_and_devices():
         p = steps.plan_from_config(config, model, len(train_set.label), secret=None, mesh=mesh)
         state = parallel.replicate(mesh, p.init(variables["params"]))
 
-        def step_counts(s, b, p=p):  # the counts the step releases, summed over its chunks and devices
-            x = {"inputs": steps.normalize_inputs(b.inputs), "labels": b.labels}
-            total = jnp.zeros(4)
-            for c in range(b.mask.shape[0]):
-                _, chunk_norms, _, _ = p.chunk_grads(s.params, s.model_state, jax.tree_util.tree_map(
-                    lambda a, c=c: a[c], x), b.mask[c], b.groups[c], s.method_state)
-                total = total + p.release_counts(chunk_norms, b.mask[c], b.groups[c], s.method_state)
-            return total
+        def step_counts(s, chunks, p=p):  # the counts the step releases, summed over its chunks and devices
+            acc = p.zero_accumulator(s.params)
+            for c, b in enumerate(chunks):
+                x = {"inputs": steps.normalize_inputs(b.inputs), "labels": b.labels}
+                _, acc, _ = p.chunk_fn(s, acc, x, b.mask, b.groups, c == 0, False)
+            return acc.counts
 
-        chunks = steps.step_batch(mesh, train_set, idx.reshape(-1, width), np.ones((24 // width, width), bool))
+        chunks = steps.step_batches(mesh, train_set, idx.reshape(-1, width), np.ones((24 // width, width), bool))
         counts = np.asarray(jax.jit(step_counts)(state, chunks))
         if reference is None:
             groups = train_set.group[idx]
@@ -376,12 +374,13 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
     flip_key = jax.random.fold_in(jax.random.key(0), 2)
     sample = diagnostics.MisalignmentSample(config, train_set, mesh, p.sampler.physical_batch_size)
     batch = p.sampler.batch(3)
-    chunks = steps.step_batch(mesh, train_set, batch.indices, batch.mask)
+    chunks = steps.step_batches(mesh, train_set, batch.indices, batch.mask)
     step = jax.jit(functools.partial(steps.train_step, plan=p, flip_key=flip_key, diagnostics_on=False,
                                      return_update=True))
     unclipped_sum = jax.jit(functools.partial(steps.unclipped_sum_step, plan=p, flip_key=flip_key))
-    sums = sample.sums(unclipped_sum, state, chunks, 3)  # before the step's update, as the loop
-    _, _, update = step(state, {}, chunks, jnp.int32(3))
+    zeros = p.zero_accumulator(state.params).grad_sum
+    sums = sample.sums(unclipped_sum, zeros, state, chunks, 3)  # before the step's update, as the loop
+    _, _, update = steps.run_step(step, p, state, {}, chunks, 3)
     cosines = sample.cosines(jax.jit(diagnostics.misalignment_cosines), sums, update)
 
     def one(params, x, y):
@@ -389,13 +388,12 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
 
     per_example = jax.jit(jax.vmap(jax.grad(one), in_axes=(None, 0, 0)))
 
-    def grads(b):
-        x = steps.model_inputs(b, jnp.int32(3), flip_key)
+    def grads(chunk_list):
         rows, mask = [], []
-        for c in range(b.mask.shape[0]):
-            g = per_example(state.params, x[c], b.labels[c])
-            rows += [flat(jax.tree_util.tree_map(lambda a, i=i: a[i], g)) for i in range(b.mask.shape[1])]
-            mask += list(np.asarray(b.mask[c]))
+        for b in chunk_list:
+            g = per_example(state.params, steps.model_inputs(b, jnp.int32(3), flip_key), b.labels)
+            rows += [flat(jax.tree_util.tree_map(lambda a, i=i: a[i], g)) for i in range(b.mask.shape[0])]
+            mask += list(np.asarray(b.mask))
         return np.array(rows), np.array(mask)
 
     g, mask = grads(chunks)
@@ -403,7 +401,7 @@ def test_misalignment_of_a_step_matches_per_example_gradients_computed_by_hand()
     clipped = (g * (mask * np.minimum(1, 1.0 / np.linalg.norm(g, axis=1)))[:, None]).sum(0)  # C = 1
     means = []
     for k in (0, 1):
-        gk, mk = grads(sample.batches[k])
+        gk, mk = grads(sample.chunks[k])
         means.append((gk * mk[:, None]).sum(0) / mk.sum())
     overall = sample.weights[0] * means[0] + sample.weights[1] * means[1]
 

@@ -50,3 +50,29 @@ def test_the_optimizer_may_be_a_function_of_the_step_count():
     with pytest.raises(TypeError, match=r"optimizer\(num_steps=60\) must return an optax.GradientTransformation"):
         make_plan(None, lambda p, b: b["x"] @ p, dataset_size=1000, batch_size=50, epochs=3,
                   optimizer=lambda n: 0.1)
+
+
+def test_a_batch_over_several_chunks_runs_the_one_compiled_program_and_takes_the_one_chunk_step():
+    """A Poisson batch wider than the chunk width takes several chunks through the same compiled program (no second
+    compile), and the step it takes equals the one-chunk step on the same examples."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)).astype(np.float32), rng.integers(0, 3, 12).astype(np.int32)
+
+    def loss_fn(params, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(batch["x"] @ params["w"], batch["y"])
+
+    dp = jaxdp.DPConfig(l2_clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, reproducible=True)
+    plan = jaxdp.make_plan(dp, loss_fn, dataset_size=12, batch_size=4, steps=3, optimizer=optax.sgd(0.5))
+    params = {"w": jnp.zeros((5, 3))}
+    mask = np.ones((1, 12), bool)
+    one, _ = plan.train_step(plan.init(params), {"x": x[None], "y": y[None]}, mask)
+    assert plan.chunk_step._cache_size() == 1
+    three, out = plan.train_step(plan.init(params), {"x": x.reshape(3, 4, 5), "y": y.reshape(3, 4)},
+                                 mask.reshape(3, 4))
+    assert plan.chunk_step._cache_size() == 2  # the chunk width changed (12 -> 4), not the number of chunks
+    again, _ = plan.train_step(plan.init(params), {"x": x.reshape(3, 4, 5)[:2], "y": y.reshape(3, 4)[:2]},
+                               mask.reshape(3, 4)[:2])
+    assert plan.chunk_step._cache_size() == 2  # two chunks of 4: the same program as three chunks of 4
+    np.testing.assert_allclose(np.asarray(one.params["w"]), np.asarray(three.params["w"]), rtol=1e-5, atol=1e-6)
+    assert out.norms.shape == (3, 4) and out.losses.shape == (3, 4)
+    assert int(one.opt_state[0].count) == int(three.opt_state[0].count) == 1  # the noise advanced once per step

@@ -572,10 +572,11 @@ def test_the_compiled_step_holds_no_secret(method):
         plan = steps.plan_from_config(config, model, len(train_set.label), secret=secret, mesh=mesh)
         state = plan.init(variables["params"])
         batch = plan.sampler.batch(0)
-        chunks = steps.step_batch(mesh, train_set, batch.indices, batch.mask)
+        (chunk,) = steps.step_batches(mesh, train_set, batch.indices, batch.mask)
         step = jax.jit(functools.partial(steps.train_step, plan=plan, flip_key=None, diagnostics_on=True,
                                          return_update=True))
-        texts.append(step.lower(state, diagnostics.zero_stats(True), chunks, np.int32(0)).as_text())
+        texts.append(step.lower(state, diagnostics.zero_stats(True), plan.zero_accumulator(state.params), chunk,
+                                np.int32(0), np.bool_(True), np.bool_(True)).as_text())
         noise_key = state.opt_state[0].key
         count_key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(noise_key, impl="rbg"), 1))
         words += [int(w) for w in np.concatenate([np.ravel(noise_key), np.ravel(count_key)])]

@@ -109,35 +109,27 @@ def _step_mask(width: int, batch_size: float) -> np.ndarray:
 
 
 def input_shape(data_config: Any) -> tuple[int, ...]:
-    """The shape of one example of ``config.data``'s source: the source's own ``input_shape(data_config)`` where it
-    has one (tabular sources: ``(features,)``), else ``(image_size, image_size, 3)`` for the CelebA-format image
-    sources."""
+    """The shape of one example of ``config.data``'s source (:func:`jaxdp.data.input_shape`: ``(H, W, C)`` images,
+    ``(features,)`` tabular), from the settings alone."""
     from jaxdp import data
 
-    source = data.get_source(data_config.source)
-    hook = getattr(source, "input_shape", None)
-    if hook is not None:
-        return tuple(int(d) for d in hook(data_config))
-    if isinstance(source, data.celeba.CelebASource):
-        size = int(data_config.image_size)
-        return (size, size, 3)
-    raise ValueError(f"config.data.source={data_config.source!r} does not say its examples' shape: give the "
-                     "source an input_shape(data_config) method (jaxdp.data.DataSource)")
+    try:
+        return data.input_shape(data_config)
+    except NotImplementedError as e:
+        raise ValueError(f"config.data.source={data_config.source!r} does not say its examples' shape: give the "
+                         f"source an input_shape(data_config) method (jaxdp.data.DataSource) ({e})") from None
 
 
 def training_set_size(config: ml_collections.ConfigDict) -> int:
     """The number of training examples of ``config.data``, from the counts alone (nothing is loaded): the source's
-    ``train_size(data_config)`` where it has one, else the CelebA-format subset plan's."""
+    ``train_size(data_config)`` (:class:`jaxdp.data.DataSource`)."""
     from jaxdp import data
 
-    source = data.get_source(config.data.source)
-    hook = getattr(source, "train_size", None)
-    if hook is not None:
-        return int(hook(config.data))
-    if isinstance(source, data.celeba.CelebASource):
-        return int(sum(source.plan(source.build_arguments(config.data)).train.values()))
-    raise ValueError(f"the size of config.data.source={config.data.source!r}'s training set is unknown without "
-                     "loading it: pass dataset_size (launch/bench.py --dataset-size N)")
+    size = data.get_source(config.data.source).train_size(config.data)
+    if size is None:
+        raise ValueError(f"the size of config.data.source={config.data.source!r}'s training set is unknown without "
+                         "loading it: pass dataset_size (launch/bench.py --dataset-size N)")
+    return int(size)
 
 
 def config_model_name(config: ml_collections.ConfigDict) -> str:
@@ -194,17 +186,19 @@ class ConfigWorkload(Workload):
         plan = steps.plan_from_config(config, model, self.dataset_size, secret=None, mesh=mesh)
         variables = _variables(model, self.shape, self.seed)
         width = plan.sampler.chunk_widths[-1]
-        batch = steps.step_batch(mesh, self._random_split(width, int(config.model.num_classes)),
-                                 np.arange(width)[None], _step_mask(width, self.batch_size)[None])
+        chunks = steps.step_batches(mesh, self._random_split(width, int(config.model.num_classes)),
+                                    np.arange(width)[None], _step_mask(width, self.batch_size)[None])
         holder = {"state": parallel.replicate(mesh, plan.init(variables["params"], variables["model_state"])),
                   "stats": parallel.replicate(mesh, diagnostics.zero_stats(bool(config.train.nonprivate_diagnostics))),
                   "step": 0}
         step_fn = steps.jit_train_step(config, plan)
-        lowered, compile_s, memory = _timed_compile(step_fn, holder["state"], holder["stats"], batch, np.int32(0))
+        lowered, compile_s, memory = _timed_compile(step_fn, holder["state"], holder["stats"],
+                                                    plan.zero_accumulator(holder["state"].params), chunks[0],
+                                                    np.int32(0), np.bool_(True), np.bool_(True))
 
-        def run():
-            holder["state"], holder["stats"], _ = step_fn(holder["state"], holder["stats"], batch,
-                                                          np.int32(holder["step"]))
+        def run():  # a whole step, as the training loop runs it (one chunk: the batch fits the chunk width)
+            holder["state"], holder["stats"], _ = steps.run_step(step_fn, plan, holder["state"], holder["stats"],
+                                                                 chunks, holder["step"])
             holder["step"] += 1
             jax.block_until_ready(holder["state"])
 
@@ -296,7 +290,11 @@ class PlanWorkload(Workload):
         # A user passes each example's group only for a method that needs it.
         groups = jnp.asarray(self.groups[indices][None]) if plan.private and plan.method.uses_groups else None
         holder = {"state": plan.init(self.params)}
-        lowered, compile_s, memory = _timed_compile(plan.train_step, holder["state"], batch, mask, groups)
+        # train_step runs the plan's one compiled chunk program (once here: the batch fits one chunk).
+        lowered, compile_s, memory = _timed_compile(
+            plan.chunk_step, holder["state"], plan.zero_accumulator(self.params),
+            jax.tree_util.tree_map(lambda a: a[0], batch), mask[0],
+            groups[0] if groups is not None else jnp.zeros(mask.shape[1:], jnp.int32), np.bool_(True), np.bool_(True))
 
         def run():
             holder["state"], _ = plan.train_step(holder["state"], batch, mask, groups)
