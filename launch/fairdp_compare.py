@@ -13,7 +13,8 @@ fair-dp encodes sex as 0/1; which is female is not taken on trust: the driver co
 missing value in the Adult files and matches them with the group sizes fair-dp prints before subsampling.
 
     python launch/fairdp_compare.py --fairdp_dir /work/fairdp-src --python /work/fairdp-venv/bin/python \
-        --adult_dir /work/shared/data/adult --seeds 0,1 --methods regular,dpsgd,dpsgd-f,dpsgd-global,dpsgd-global-adapt
+        --adult_dir /work/shared/data/adult --seeds 0,1 --threads 1 \
+        --methods regular,dpsgd,dpsgd-f,dpsgd-global,dpsgd-global-adapt --workdir /work/fairdp-work
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import time
@@ -103,16 +105,20 @@ def run_one(args, method: str, seed: int, workdir: Path, sex_counts: dict, extra
         shutil.rmtree(rundir)  # fair-dp appends to stdout/stderr files of an old run
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     print(f"[{datetime.datetime.now():%H:%M:%S}] {tag} seed {seed}", flush=True)
+    load_before, usage_before = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=args.fairdp_dir, env=env, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"fair-dp failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     names = group_names(proc.stdout, sex_counts)
     test = json.loads((rundir / "Test_metrics.json").read_text())
     privacy = rundir / "Privacy_metrics.json"
     cfg = json.loads((rundir / "config.json").read_text())
-    return {"method": method, "seed": seed, "command": cmd, "wall_s": round(wall_s, 1),
+    return {"method": method, "seed": seed, "command": cmd, "wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1),
+            "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
             "fairdp_tqdm_epoch_s": epoch_seconds(proc.stderr),
             "test_accuracy": test["accuracy"], "test_macro_accuracy": test["macro_accuracy"],
             "test_accuracy_per_group": {names[g]: test[f"accuracy_per_group_{g}"] for g in sorted(names)},
@@ -129,7 +135,9 @@ def main() -> None:
     parser.add_argument("--adult_dir", type=Path, required=True, help="folder with adult.data and adult.test")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (adult_script.sh runs 0..4)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
-    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS for torch")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS / MKL_NUM_THREADS for torch (on a shared 2-core machine a 2nd "
+                             "thread made fair-dp 4x slower: docs/fairdp-notes.md)")
     parser.add_argument("--smoke_epochs", type=int, default=1,
                         help="first run the first method and seed for this many epochs (0: no smoke run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fairdp_compare"),
@@ -158,7 +166,9 @@ def main() -> None:
                                        if ln.startswith("Model name")), None)},
         "adult_sex_counts_without_missing": sex_counts,
         "wall_s_means": "time.perf_counter around the whole main.py subprocess: imports, data preprocessing, "
-                        "training, per-epoch evaluation on the test set and checkpoints, final test",
+                        "training, per-epoch evaluation on the test set and checkpoints, final test; cpu_s: the "
+                        "run's user+sys CPU time (all its threads); the machine's 2 cores are shared with other "
+                        "jobs, so wall_s depends on their load (loadavg_1min_before_after)",
         "smoke": None, "runs": [],
     }
     if args.smoke_epochs:
