@@ -7,7 +7,8 @@ run, since the script gives dpsgd-global and dpsgd-global-adapt the same one; `l
 each run's wall clock around the subprocess, reads fair-dp's own result files (Test_metrics.json,
 Privacy_metrics.json, config.json) and its per-epoch tqdm times, and writes one JSON record (commands, fair-dp's
 commit, versions, machine, threads, per-run results) to docs/measurements/fairdp_adult_<date>.json, rewritten after
-every run so a partial sweep is kept. What fair-dp does with the data and each method: docs/fairdp-notes.md.
+every run so a partial sweep is kept (`--resume` goes on from it). What fair-dp does with the data and each
+method: docs/fairdp-notes.md.
 
 fair-dp encodes sex as 0/1; which is female is not taken on trust: the driver counts Male/Female rows without a
 missing value in the Adult files and matches them with the group sizes fair-dp prints before subsampling.
@@ -96,7 +97,8 @@ def epoch_seconds(stderr: str) -> list[int]:
 
 def run_one(args, method: str, seed: int, workdir: Path, sex_counts: dict, extra: list[str], tag: str) -> dict:
     logdir = f"adult_{seed}/{tag}"
-    config = [*COMMON, *METHODS[method], f"logdir={logdir}", f"seed={seed}", *extra,
+    # fair-dp's --config values go through ast.literal_eval: paths, and names holding a keyword (global), are quoted.
+    config = [*COMMON, *METHODS[method], f"logdir={logdir!r}", f"seed={seed}", *extra,
               f"logdir_root={str(workdir / 'runs')!r}", f"data_root={str(workdir / 'data') + '/'!r}"]
     cmd = [args.python, "main.py", "--dataset=adult", f"--method={method}"]
     cmd += [a for kv in config for a in ("--config", kv)]
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fairdp_compare"),
                         help="scratch folder: the copied data and fair-dp's run folders")
     parser.add_argument("--out", type=Path, default=None, help="default docs/measurements/fairdp_adult_<date>.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --out (same fair-dp commit, versions, threads), run the rest")
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     if unknown := set(methods) - set(METHODS):
@@ -171,12 +175,18 @@ def main() -> None:
                         "jobs, so wall_s depends on their load (loadavg_1min_before_after)",
         "smoke": None, "runs": [],
     }
-    if args.smoke_epochs:
+    if args.resume and out.exists():
+        old = json.loads(out.read_text())
+        if any(old[k] != record[k] for k in ("fairdp_commit", "versions", "threads", "machine")):
+            raise SystemExit(f"--resume: {out} was measured with another commit, versions, threads or machine")
+        record = old
+    done = {(run["method"], run["seed"]) for run in record["runs"]}
+    if args.smoke_epochs and not record["smoke"]:
         record["smoke"] = run_one(args, methods[0], seeds[0], args.workdir, sex_counts,
                                   [f"max_epochs={args.smoke_epochs}"], f"smoke_{methods[0]}")
         out.write_text(json.dumps(record, indent=1) + "\n")
     for seed in seeds:
-        for method in methods:
+        for method in (m for m in methods if (m, seed) not in done):
             record["runs"].append(run_one(args, method, seed, args.workdir, sex_counts, [], f"adult_{method}"))
             out.write_text(json.dumps(record, indent=1) + "\n")
             run = record["runs"][-1]
