@@ -9,7 +9,7 @@ over seeds) on both sides, the difference jaxdp − fair-dp with its standard er
 wall time per run (jaxdp: each run's ``final.json`` ``wall_time_s``; fair-dp: the driver's time around the whole
 ``main.py`` process), with their ratio::
 
-    python launch/compare_fairdp.py --fairdp docs/measurements/fairdp_adult_2026-12-07.json \
+    python launch/compare_fairdp.py --fairdp docs/measurements/fairdp/fairdp_adult_2026-12-07.json \
         --summary docs/measurements/adult_fairdp-2026-12-07/summary.csv
 """
 

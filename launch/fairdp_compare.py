@@ -6,8 +6,8 @@ DPSGD-Global-Adapt. This driver runs its `main.py` once per (method, seed), one 
 run, since the script gives dpsgd-global and dpsgd-global-adapt the same one; `logdir_root`; `data_root`). It times
 each run's wall clock around the subprocess, reads fair-dp's own result files (Test_metrics.json,
 Privacy_metrics.json, config.json) and its per-epoch tqdm times, and writes one JSON record (commands, fair-dp's
-commit, versions, machine, threads, per-run results) to docs/measurements/fairdp_adult_<date>.json, rewritten after
-every run so a partial sweep is kept (`--resume` goes on from it). What fair-dp does with the data and each
+commit, versions, machine, threads, per-run results) to docs/measurements/fairdp/fairdp_adult_<date>.json, rewritten
+after every run so a partial sweep is kept (`--resume` goes on from it). What fair-dp does with the data and each
 method: docs/fairdp-notes.md.
 
 fair-dp encodes sex as 0/1; which is female is not taken on trust: the driver counts Male/Female rows without a
@@ -144,7 +144,8 @@ def main() -> None:
                         help="first run the first method and seed for this many epochs (0: no smoke run)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fairdp_compare"),
                         help="scratch folder: the copied data and fair-dp's run folders")
-    parser.add_argument("--out", type=Path, default=None, help="default docs/measurements/fairdp_adult_<date>.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default docs/measurements/fairdp/fairdp_adult_<date>.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --out (same fair-dp commit, versions, threads), run the rest")
     args = parser.parse_args()
@@ -152,7 +153,8 @@ def main() -> None:
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {list(METHODS)}")
     today = datetime.date.today().isoformat()
-    out = args.out or Path(__file__).resolve().parent.parent / "docs" / "measurements" / f"fairdp_adult_{today}.json"
+    folder = Path(__file__).resolve().parent.parent / "docs" / "measurements" / "fairdp"
+    out = args.out or folder / f"fairdp_adult_{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     sex_counts = prepare_data(args.adult_dir, args.workdir / "data")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
