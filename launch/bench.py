@@ -11,6 +11,7 @@ PyTorch and each Opacus mode. Pick what to benchmark with ``--workload`` (defaul
     python launch/bench.py --workload adult-mlp --compare-opacus  # fair-dp's Adult MLP, batch 256
     python launch/bench.py --config configs/demo.py --methods all # any run config; + DPSGD-F, Global, Global-Adapt
     python launch/bench.py --config configs/demo.py --strategies vmap,bookkeeping   # flags override the config
+    python launch/bench.py --strategies bookkeeping --mechanisms gaussian    # the lattice noise's cost in a step
 
 Workloads: ``resnet18`` and ``demo`` are run configs (``--image-size``, ``--batch-size``, ``--stage-sizes``,
 ``--width``, ``--num-groups`` and ``--dataset-size`` override them), benchmarked through
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                       "config's; every one for resnet18, digits and adult-mlp; auto with --loop)")
     what.add_argument("--methods", default="", help="comma-separated DP-fairness methods (dpsgd_f, dpsgd_global, "
                       "dpsgd_global_adapt) or 'all': one more entry per strategy and method")
+    what.add_argument("--mechanisms", default=None, help="comma-separated noise mechanisms to time besides the "
+                      "workload's own (lattice, the default, or gaussian): one more DP entry per strategy each")
     what.add_argument("--compare-opacus", action="store_true",
                       help=f"also time PyTorch + Opacus, interleaved (needs `{bench.TORCH_INSTALL}`)")
     what.add_argument("--opacus-modes", default=None, help=f"default {','.join(bench.OPACUS_MODES)} (hooks, the "
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
             workload, strategies=_names(args.strategies), methods=_methods(args.methods),
             compare_opacus=args.compare_opacus, opacus_modes=_names(args.opacus_modes) or bench.OPACUS_MODES,
             rounds=args.rounds, steps_per_round=args.steps_per_round or 1, settle_s=args.settle,
-            include_noise_only=not args.no_noise_only, torch_threads=args.torch_threads)
+            include_noise_only=not args.no_noise_only, torch_threads=args.torch_threads,
+            mechanisms=_names(args.mechanisms) or ())
     except (ImportError, ValueError, FileNotFoundError, grid.SweepError) as error:
         parser.exit(2, f"error: {error}\n")
     return _report(result, bench.format_table(result), args, _step_record_name)

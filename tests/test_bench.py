@@ -156,6 +156,22 @@ def test_method_entries_follow_their_strategy_and_compare_with_its_dp_sgd_step()
     assert "| vs DP-SGD |" in bench.format_table(result)
 
 
+def test_mechanism_entries_time_the_step_with_the_other_noise_and_compare_with_the_default():
+    workload = workloads.ConfigWorkload(tiny_resnet_config(), dataset_size=200)
+    result = bench.run_benchmark(workload, strategies=["vmap"], mechanisms=["gaussian"], include_noise_only=False,
+                                 **FAST)
+    names = [r["name"] for r in result["results"]]
+    assert names == ["jax nonprivate", "jax dp vmap", "jax dp vmap [gaussian]"]
+    for entry in result["results"]:
+        _check_entry(entry)
+    assert result["results"][2]["vs_dpsgd"] > 0 and result["config"]["mechanisms"] == ["gaussian"]
+    gaussian_step = workload.jax_step(True, "vmap", mechanism="gaussian")
+    assert gaussian_step.plan.dp.noise_mechanism == "gaussian"
+    assert workload.jax_step(True, "vmap").plan.dp.noise_mechanism == "lattice"  # the default
+    with pytest.raises(ValueError, match="Unknown noise mechanisms"):
+        bench.run_benchmark(workload, strategies=["vmap"], mechanisms=["laplace"], **FAST)
+
+
 def test_bad_arguments_are_refused():
     workload = tiny_plan_workload()
     with pytest.raises(ValueError, match="Unknown strategies"):

@@ -11,6 +11,9 @@ Entries (:func:`run_benchmark`):
   and per-example arguments (30% of the batch in group 1), its counts, the gradient noise scaled to its
   sensitivity, the noisy release of its counts and its state update, with the methods' reference parameters;
   ``vs_dpsgd`` compares it with the same strategy's DP-SGD step;
+* ``jax dp <strategy> [<mechanism>]`` (``mechanisms=``): the DP-SGD step with another noise mechanism than the
+  workload's (:data:`jaxdp.noise.MECHANISMS`: ``lattice``, the default, or ``gaussian``); ``vs_dpsgd`` compares it
+  with the same strategy's step under the workload's mechanism: the cost of the mechanism in a whole step;
 * ``jax dp noise+update only`` (a breakdown, not a training step): the plan's own update
   (:meth:`jaxdp.plan.DPPlan.apply_update`: noise, the method's release, the optimiser) on a zero gradient sum: the
   part of a DP step that no clipping strategy can remove;
@@ -29,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdp import clipping, methods
+from jaxdp import clipping, methods, noise
 from jaxdp_study.bench import timing, torch_side
 from jaxdp_study.bench.workloads import ALL_STRATEGIES, JaxStep, Workload
 
@@ -92,7 +95,7 @@ def noise_only(step: JaxStep) -> timing.Entry:
 
 
 def jax_entries(workload: Workload, strategies: Sequence[str], method_names: Sequence[str],
-                include_noise_only: bool) -> tuple[list[timing.Entry], int | None]:
+                include_noise_only: bool, mechanisms: Sequence[str] = ()) -> tuple[list[timing.Entry], int | None]:
     """The workload's jaxdp entries (module docstring), each the plan's training step, and the chunk width they
     run at (the widest of the plans' sampler; None if no step could be built)."""
     entry, step = jax_entry("jax nonprivate", False, lambda: workload.jax_step(False))
@@ -112,6 +115,10 @@ def jax_entries(workload: Workload, strategies: Sequence[str], method_names: Seq
             entries.append(jax_entry(f"{entry.name} {method}", True,
                                       lambda s=strategy, m=method: workload.jax_step(True, s, m),
                                       baseline=entry.name)[0])
+        for mechanism in mechanisms:
+            entries.append(jax_entry(f"{entry.name} [{mechanism}]", True,
+                                     lambda s=strategy, k=mechanism: workload.jax_step(True, s, mechanism=k),
+                                     baseline=entry.name)[0])
     if include_noise_only and first_dp is not None:
         entries.append(noise_only(first_dp))
     if width is None and first_dp is not None:
@@ -131,6 +138,7 @@ def run_benchmark(
     settle_s: float = 1.0,
     include_noise_only: bool = True,
     torch_threads: int | None = None,
+    mechanisms: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Benchmarks the workload's training steps (module docstring); returns a JSON-ready dict with ``config``
     (the workload's settings and the benchmark's), ``environment`` and ``results`` (one per entry).
@@ -138,15 +146,19 @@ def run_benchmark(
     ``strategies`` defaults to the workload's (a config's own ``dp.clipping_strategy``), else every strategy of
     :func:`jaxdp.clipping.available_strategies` but "auto". An entry that fails to build or run (e.g. an Opacus
     mode that does not support a layer) is reported with its ``error`` and no speed. ``torch_threads`` sets torch's
-    intra-op threads (:func:`jaxdp_study.bench.torch_side.set_threads`; None: torch's default).
+    intra-op threads (:func:`jaxdp_study.bench.torch_side.set_threads`; None: torch's default). ``mechanisms``:
+    noise mechanisms to time besides the workload's own, one more entry per strategy and mechanism.
     """
     strategies = list(strategies if strategies is not None else (workload.strategies or ALL_STRATEGIES))
     method_names = list(methods)
     _check(strategies, method_names, opacus_modes if compare_opacus else (), rounds, steps_per_round, settle_s)
+    unknown = [m for m in mechanisms if m not in noise.MECHANISMS]
+    if unknown:
+        raise ValueError(f"Unknown noise mechanisms {unknown}; choose from {list(noise.MECHANISMS)}.")
     if compare_opacus:
         torch_side.set_threads(torch_threads)  # fails before the long JAX compiles when torch is missing
         spec = workload.torch_spec()
-    entries, width = jax_entries(workload, strategies, method_names, include_noise_only)
+    entries, width = jax_entries(workload, strategies, method_names, include_noise_only, mechanisms)
     if compare_opacus:
         entries += torch_side.step_entries(spec, opacus_modes)
     timing.run_rounds(entries, rounds, steps_per_round, settle_s, workload.batch_size)
@@ -159,5 +171,7 @@ def run_benchmark(
                   opacus_modes=list(opacus_modes) if compare_opacus else [], title=workload.title)
     if method_names:
         config["methods"] = method_names
+    if mechanisms:
+        config["mechanisms"] = list(mechanisms)
     return {"config": config, "environment": environment, "results": [e.result() for e in entries]}
 

@@ -84,8 +84,10 @@ class Workload:
         """What was benchmarked, for the result's ``config``."""
         raise NotImplementedError
 
-    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None) -> JaxStep:
-        """The training step of a plan: non-private, or DP with ``strategy`` and ``method`` (None: the workload's)."""
+    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None,
+                 mechanism: str | None = None) -> JaxStep:
+        """The training step of a plan: non-private, or DP with ``strategy``, ``method`` and noise ``mechanism``
+        (None: the workload's)."""
         raise NotImplementedError
 
     def torch_spec(self) -> TorchSpec:
@@ -168,19 +170,23 @@ class ConfigWorkload(Workload):
                     learning_rate=float(c.optim.learning_rate), weight_decay=float(c.optim.weight_decay),
                     nonprivate_diagnostics=bool(c.train.nonprivate_diagnostics), random_flip=bool(c.train.random_flip))
 
-    def run_config(self, private: bool, strategy: str | None = None, method: str | None = None):
+    def run_config(self, private: bool, strategy: str | None = None, method: str | None = None,
+                   mechanism: str | None = None):
         config = ml_collections.ConfigDict(self.config.to_dict())
         config.dp.enabled = bool(private)
         if strategy is not None:
             config.dp.clipping_strategy = strategy
         if method is not None:
             config.dp.method = method
+        if mechanism is not None:
+            config.dp.noise_mechanism = mechanism
         return config
 
-    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None) -> JaxStep:
+    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None,
+                 mechanism: str | None = None) -> JaxStep:
         from jaxdp import models
 
-        config = self.run_config(private, strategy, method)
+        config = self.run_config(private, strategy, method, mechanism)
         mesh = parallel.make_mesh(config.train.num_devices)
         model = models.create_model(config.model, private=private)
         plan = steps.plan_from_config(config, model, self.dataset_size, secret=None, mesh=mesh)
@@ -272,17 +278,20 @@ class PlanWorkload(Workload):
                     parameters=int(sum(np.size(p) for p in jax.tree_util.tree_leaves(self.params))),
                     **self.optimizer_settings)
 
-    def make_plan(self, private: bool, strategy: str | None = None, method: str | None = None, *,
+    def make_plan(self, private: bool, strategy: str | None = None, method: str | None = None,
+                  mechanism: str | None = None, *,
                   steps: int | None = None) -> DPPlan:
         """The plan a user builds for this workload (``steps`` instead of the workload's epochs, for short runs)."""
-        dp = dataclasses.replace(self.dp, method=method or self.dp.method) if private else None
+        dp = dataclasses.replace(self.dp, method=method or self.dp.method,
+                                 noise_mechanism=mechanism or self.dp.noise_mechanism) if private else None
         length = {"epochs": self.epochs} if steps is None else {"steps": steps}
         return make_plan(dp, self.loss_fn, dataset_size=self.dataset_size, batch_size=self.batch_size,
                          optimizer=self.optimizer(), execution=ExecutionConfig(clipping_strategy=strategy or "auto"),
                          **length)
 
-    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None) -> JaxStep:
-        plan = self.make_plan(private, strategy, method)
+    def jax_step(self, private: bool, strategy: str | None = None, method: str | None = None,
+                 mechanism: str | None = None) -> JaxStep:
+        plan = self.make_plan(private, strategy, method, mechanism)
         width = plan.sampler.chunk_widths[-1]
         indices = np.arange(width) % len(self.groups)
         batch = {k: jnp.asarray(v[indices][None]) for k, v in self.data.items()}
