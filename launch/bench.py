@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     loop.add_argument("--run", default=None, help="with --config: a regular expression picking a run of the "
                       "config's sweep (e.g. medium-ff0.9); default: the config itself")
     loop.add_argument("--epochs", type=float, default=None, help="with --config: override config.train.epochs")
+    loop.add_argument("--compilation-cache", default=None, help="with --workload digits --loop: turn on JAX's "
+                      "persistent compilation cache in this folder and fill it before the timed runs (a script run "
+                      "again: programs are loaded, not compiled)")
     loop.add_argument("--max-steps", type=int, default=None, help="with --workload digits: stop each run after this "
                       "many steps (a quick check; the targets are for whole runs)")
     out = parser.add_argument_group("output")
@@ -193,10 +196,14 @@ def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
                        f"{', '.join(bench.LOOP_WORKLOADS)} (real data with a test set); for a config's run use "
                        "--config CONFIG --loop\n")
     modes = ["hooks"] if args.opacus_modes is None else _names(args.opacus_modes)
+    if args.compilation_cache is not None:
+        from jaxdp_study.launchers import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
     workload = bench.PLAN_WORKLOADS[args.workload]()
     result = bench.run_user_loops(workload, strategies=_names(args.strategies) or ["auto"], opacus_modes=modes,
                                   rounds=args.rounds, settle_s=args.settle, max_steps=args.max_steps,
-                                  torch_threads=args.torch_threads)
+                                  torch_threads=args.torch_threads, warm_cache=args.compilation_cache is not None)
     return _report(result, bench.format_runs_table(result), args, _runs_record_name)
 
 
@@ -207,7 +214,8 @@ def _loop_record_name(result: dict) -> str:
 
 def _runs_record_name(result: dict) -> str:
     """Whole user runs, as a record name: backend and the workload."""
-    return "-".join(["runs", result["environment"]["backend"], result["config"]["workload"]])
+    warm = ["warm-cache"] if result["config"].get("warm_compilation_cache") else []
+    return "-".join(["runs", result["environment"]["backend"], result["config"]["workload"], *warm])
 
 
 if __name__ == "__main__":

@@ -124,12 +124,16 @@ def _entries(workload: PlanWorkload, strategies: Sequence[str], opacus_modes: Se
 
 def run_user_loops(workload: PlanWorkload, *, strategies: Sequence[str] = ("auto",),
                    opacus_modes: Sequence[str] = ("hooks",), rounds: int = 3, settle_s: float = 1.0,
-                   max_steps: int | None = None, torch_threads: int | None = None) -> dict[str, Any]:
+                   max_steps: int | None = None, torch_threads: int | None = None,
+                   warm_cache: bool = False) -> dict[str, Any]:
     """Times whole runs of the workload (module docstring), ``rounds`` interleaved rounds; returns a JSON-ready dict
     with ``config``, ``environment``, ``runs`` (every round of every entry) and ``summary`` (medians per entry).
 
     ``opacus_modes`` empty: no Opacus entry (and no torch needed). ``max_steps`` shortens every run (tests).
     ``torch_threads``: torch's intra-op threads (:func:`jaxdp_study.bench.torch_side.set_threads`).
+    ``warm_cache``: JAX's persistent compilation cache is on (the caller turned it on) and is filled first by a short
+    untimed run of each jaxdp entry, so that every timed run loads its programs instead of compiling them: a user
+    running a script again (compile times then show what a cold run adds).
     """
     if rounds < 1 or not settle_s >= 0 or (max_steps is not None and max_steps < 1):
         raise ValueError(f"Need rounds >= 1, settle_s >= 0, max_steps >= 1; got rounds={rounds}, "
@@ -139,6 +143,9 @@ def run_user_loops(workload: PlanWorkload, *, strategies: Sequence[str] = ("auto
     if opacus_modes:
         torch_side.set_threads(torch_threads)
     entries = _entries(workload, strategies, opacus_modes, max_steps)
+    if warm_cache:
+        for _, _, prime in _entries(workload, strategies, (), 2):
+            prime()
     runs = []
     for r in range(rounds):
         for name, kind, run in entries:
@@ -161,5 +168,6 @@ def run_user_loops(workload: PlanWorkload, *, strategies: Sequence[str] = ("auto
     if opacus_modes:
         environment.update(torch_side.versions())
     config = dict(workload.settings(), title=workload.title, strategies=list(strategies),
-                  opacus_modes=list(opacus_modes), rounds=rounds, settle_s=settle_s, max_steps=max_steps)
+                  opacus_modes=list(opacus_modes), rounds=rounds, settle_s=settle_s, max_steps=max_steps,
+                  warm_compilation_cache=warm_cache)
     return {"config": config, "environment": environment, "runs": runs, "summary": summary}
