@@ -457,10 +457,10 @@ class DPPlan:
         those of the method's other releases on the same batch) to ``ledger``; nothing without DP."""
         if self.private:
             ledger.record(self.sampler, self.noise_multiplier, steps=steps,
-                          extra_noise_multipliers=self.extra_noise_multipliers, **self._sampler_terms)
+                          extra_noise_multipliers=self.extra_noise_multipliers, **self.sampler_terms)
 
     @property
-    def _sampler_terms(self) -> dict:
+    def sampler_terms(self) -> dict:
         """What the accountant needs to charge the noise sampler's own delta: the mechanism, and every coordinate it
         noises per step (the parameters and the method's counts; unknown: a conservative 2^32 - 1)."""
         coordinates = None if self.num_params is None else self.num_params + self.method.num_counts

@@ -264,6 +264,9 @@ class _Run:
         final = {
             "metrics": self.history[-1], "epsilon": epsilons, "delta": delta,
             "noise_multiplier": plan.noise_multiplier, "method": plan.method.name if plan.private else None,
+            # How the noise was drawn and over how many coordinates a step: the accountant's sampler terms.
+            **({"noise_mechanism": plan.sampler_terms["mechanism"],
+                "noised_coordinates": plan.sampler_terms["num_params"]} if plan.private else {}),
             "clipping_strategy": self.strategy[0], "clipping_strategy_reason": self.strategy[1],
             "extra_noise_multipliers": list(plan.extra_noise_multipliers),
             "group_names": list(self.group_names), "input_shape": list(self.input_shape),

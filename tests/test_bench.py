@@ -252,7 +252,7 @@ def test_a_config_workload_takes_its_settings_from_the_config():
     assert (resnet.name, resnet.dataset_size) == ("resnet18-64px-b32", 24_000)
 
 
-def test_the_input_shape_comes_from_the_data_source():
+def test_the_input_shape_comes_from_the_data_source(monkeypatch):
     from jaxdp import data
 
     class Features(data.DataSource):
@@ -265,8 +265,9 @@ def test_the_input_shape_comes_from_the_data_source():
     class Opaque(data.DataSource):
         pass
 
-    data.register_source("bench-test-features", Features(), replace=True)
-    data.register_source("bench-test-opaque", Opaque(), replace=True)
+    # Registered for this test only: the registry is global, and other tests list its names.
+    monkeypatch.setitem(data.core._SOURCES, "bench-test-features", Features())
+    monkeypatch.setitem(data.core._SOURCES, "bench-test-opaque", Opaque())
     config = tiny_resnet_config(**{"data.source": "bench-test-features"})
     assert workloads.input_shape(config.data) == (98,) and workloads.training_set_size(config) == 1234
     assert workloads.ConfigWorkload(config).name == "resnet-s1-w4-98features-b4"

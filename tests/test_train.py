@@ -426,7 +426,9 @@ def test_a_method_trains_records_its_releases_and_writes_its_state(tmp_path, met
     plain = train.train_and_evaluate(tiny_config(), tmp_path / "plain", datasets=data)
     z_eff = accounting.combined_noise_multiplier(0.5, (10.0,))
     for name in ("pld", "rdp", "rdp_classic"):
-        assert final["epsilon"][name] == accounting.epsilon(z_eff, final["sampling_prob"], final["steps"], 1e-6, name)
+        assert final["epsilon"][name] == accounting.epsilon(z_eff, final["sampling_prob"], final["steps"], 1e-6, name,
+                                                            mechanism=final["noise_mechanism"],
+                                                            num_params=final["noised_coordinates"])
         assert final["epsilon"][name] > plain["epsilon"][name]
     assert (final["method"], final["extra_noise_multipliers"], final["group_names"]) == \
         (method, [10.0], ["female", "male"])
