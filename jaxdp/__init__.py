@@ -15,10 +15,10 @@ What a user of the library imports from here:
 ``docs/library.md`` shows them on your own model, loss, data and loop; ``examples/`` has scripts to copy.
 """
 
-from jaxdp import accounting, clipping, fairness, lattice, noise, sampling
-from jaxdp.accounting import PrivacyLedger
+from jaxdp import accounting, clipping, fairness, lattice, ledger, noise, sampling
 from jaxdp.clipping import clipped_grad
 from jaxdp.fairness import group_metrics
+from jaxdp.ledger import PrivacyLedger
 from jaxdp.noise import dp_noise
 from jaxdp.plan import DPConfig, DPPlan, ExecutionConfig, StepOutput, TrainState, make_plan
 from jaxdp.sampling import PoissonSampler, ShuffledSampler
@@ -42,6 +42,7 @@ __all__ = [
     "fairness",
     "group_metrics",
     "lattice",
+    "ledger",
     "make_plan",
     "noise",
     "sampling",

@@ -31,120 +31,150 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"
 
-    c.data = ml_collections.ConfigDict()
+    c.data = _data_section()
+    c.model = _model_section()
+    c.dp = _dp_section()
+    c.optim = _optim_section()
+    c.train = _train_section()
+    c.audit = _audit_section()
+    # Sweep axes: dotted config key -> list of values; the runs are their Cartesian product.
+    c.sweep = ml_collections.ConfigDict()
+    return c
+
+
+def _data_section() -> ml_collections.ConfigDict:
+    """``config.data``: which examples, from which source (:mod:`jaxdp.data`)."""
+    data = ml_collections.ConfigDict()
     # A registered source: "celeba" (the five files placed locally) | "synthetic" (generated CelebA-format images) |
     # "adult" (UCI Adult's adult.data and adult.test placed locally) | "adult_synthetic" (generated Adult-format rows).
-    c.data.source = "celeba"
-    c.data.label_attribute = "Smiling"  # the CelebA attribute to predict; "income" (> 50K) for Adult
+    data.source = "celeba"
+    data.label_attribute = "Smiling"  # the CelebA attribute to predict; "income" (> 50K) for Adult
     # The attribute that defines the groups: a CelebA attribute (group 1 has it), or for Adult "sex" (group 0:
     # female) or "race" (group 0: non-white).
-    c.data.group_attribute = "Male"
-    c.data.female_fraction = 0.7  # fraction of group 0 (without the group attribute: women for Male and for sex)
-    c.data.total = 30_000
-    c.data.split_scheme = "paper"  # "paper" | "official"
-    c.data.test_fraction = 0.2
-    c.data.image_size = 128
-    c.data.seed = 0
-    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.synthetic_num_images = 4_000  # images (source "synthetic") or rows (source "adult_synthetic") generated
-    c.data.synthetic_seed = 0  # seed of the generated images (data.seed picks the subset)
+    data.group_attribute = "Male"
+    data.female_fraction = 0.7  # fraction of group 0 (without the group attribute: women for Male and for sex)
+    data.total = 30_000
+    data.split_scheme = "paper"  # "paper" | "official"
+    data.test_fraction = 0.2
+    data.image_size = 128
+    data.seed = 0
+    data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+    data.synthetic_num_images = 4_000  # images (source "synthetic") or rows (source "adult_synthetic") generated
+    data.synthetic_seed = 0  # seed of the generated images (data.seed picks the subset)
+    return data
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet18"  # "resnet18" (its family: stage_sizes, width, norm) | "mlp" (hidden_sizes, activation)
-    c.model.stage_sizes = (2, 2, 2, 2)  # ResNet18; smaller family members shrink this
-    c.model.width = 64  # channels of the first stage; doubled at each later stage
-    c.model.norm = "group"  # "group" | "batch" (refused under DP) | "none"
-    c.model.num_groups = 32
-    c.model.num_classes = 2
-    c.model.hidden_sizes = (256, 256)  # the MLP's hidden layers (fair-dp's Adult network: 256-256, tanh)
-    c.model.activation = "tanh"  # the MLP's activation: jaxdp.models.mlp.ACTIVATIONS
-    c.model.pretrained_path = ml_collections.FieldReference(None, field_type=str)
 
-    c.dp = ml_collections.ConfigDict()
-    c.dp.enabled = True
-    c.dp.privacy_level = "medium"  # label only: "high" | "medium" | "low" | "nondp" | free text
-    c.dp.noise_multiplier = 0.7
-    c.dp.l2_clip_norm = 5.0
-    c.dp.delta = 1e-6
-    c.dp.sampling = "poisson"  # "poisson" (what the accountants assume) | "fixed" (paper's shuffled batches)
-    c.dp.accountant = "pld"  # the accountant shown in progress and used for calibration
+def _model_section() -> ml_collections.ConfigDict:
+    """``config.model``: the network (:mod:`jaxdp.models`)."""
+    model = ml_collections.ConfigDict()
+    model.name = "resnet18"  # "resnet18" (its family: stage_sizes, width, norm) | "mlp" (hidden_sizes, activation)
+    model.stage_sizes = (2, 2, 2, 2)  # ResNet18; smaller family members shrink this
+    model.width = 64  # channels of the first stage; doubled at each later stage
+    model.norm = "group"  # "group" | "batch" (refused under DP) | "none"
+    model.num_groups = 32
+    model.num_classes = 2
+    model.hidden_sizes = (256, 256)  # the MLP's hidden layers (fair-dp's Adult network: 256-256, tanh)
+    model.activation = "tanh"  # the MLP's activation: jaxdp.models.mlp.ACTIVATIONS
+    model.pretrained_path = ml_collections.FieldReference(None, field_type=str)
+    return model
+
+
+def _dp_section() -> ml_collections.ConfigDict:
+    """``config.dp``: the privacy mechanism, its accounting and the DP-SGD variant."""
+    dp = ml_collections.ConfigDict()
+    dp.enabled = True
+    dp.privacy_level = "medium"  # label only: "high" | "medium" | "low" | "nondp" | free text
+    dp.noise_multiplier = 0.7
+    dp.l2_clip_norm = 5.0
+    dp.delta = 1e-6
+    dp.sampling = "poisson"  # "poisson" (what the accountants assume) | "fixed" (paper's shuffled batches)
+    dp.accountant = "pld"  # the accountant shown in progress and used for calibration
     # "auto": the fastest exact strategy for the model (jaxdp.clipping.auto; final.json records the pick), or
     # one of jaxdp.clipping.available_strategies(): "vmap" (the reference), "vmap_matmul", "bookkeeping".
-    c.dp.clipping_strategy = "auto"
-    c.dp.microbatch_size = ml_collections.FieldReference(None, field_type=int)
-    c.dp.target_epsilon = ml_collections.FieldReference(None, field_type=float)  # set: calibrate noise
+    dp.clipping_strategy = "auto"
+    dp.microbatch_size = ml_collections.FieldReference(None, field_type=int)
+    dp.target_epsilon = ml_collections.FieldReference(None, field_type=float)  # set: calibrate noise
     # False (default): batch sampling and noise come from a secret 128-bit seed drawn from the OS when the run
     # starts and kept only in its checkpoints. True: they come from train.seed, so anyone who knows the config
     # can replay them and the reported epsilon is no guarantee against them (tests, exact replication).
-    c.dp.reproducible = False
+    dp.reproducible = False
     # True: each noise value is the sum of four independent tail-correct normals, halved (as Opacus's secure mode),
     # against floating-point attacks on one Gaussian sample (jaxdp.noise.dp_noise says what it does not cover).
-    c.dp.secure_noise = False
+    dp.secure_noise = False
     # How the noise is drawn (jaxdp.noise.MECHANISMS): "lattice" quantises the clipped sum to a fixed lattice and adds
     # integer noise (jaxdp.lattice: no floating-point holes in the output's support, for a sensitivity 2^-10 larger);
     # "gaussian": float32 tail-correct Gaussian noise added to the float sum (the output's support has holes where
     # float rounding depends on the sum; see docs/threat-model.md).
-    c.dp.noise_mechanism = "lattice"
+    dp.noise_mechanism = "lattice"
     # The DP-SGD variant (jaxdp.methods): "dpsgd" (plain), "dpsgd_f" (Xu et al. 2021: per-group bounds from noisy
     # clip counts), "dpsgd_global" (Bu et al. 2021: norms <= Z scaled by C/Z, the rest dropped), "dpsgd_global_adapt"
     # (Esipova et al. 2023: the rest clipped to C, Z adapted from a noisy count). Each method's parameters are in
     # the section of its name; None means the reference value (jaxdp.methods.PARAMETERS), written into the run's
     # config.json. Setting a parameter of another method than the chosen one is refused.
-    c.dp.method = "dpsgd"
-    c.dp.dpsgd_f = _method_section("dpsgd_f")
-    c.dp.dpsgd_global = _method_section("dpsgd_global")
-    c.dp.dpsgd_global_adapt = _method_section("dpsgd_global_adapt")
+    dp.method = "dpsgd"
+    dp.dpsgd_f = _method_section("dpsgd_f")
+    dp.dpsgd_global = _method_section("dpsgd_global")
+    dp.dpsgd_global_adapt = _method_section("dpsgd_global_adapt")
+    return dp
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adam"  # any optax optimiser name taking learning_rate
-    c.optim.learning_rate = 5e-5
-    c.optim.weight_decay = 5e-4  # coupled L2 as torch.optim.Adam(weight_decay=...) in the paper
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32  # expected batch size under Poisson sampling
-    c.train.epochs = 60.0
-    c.train.seed = 0
-    c.train.random_flip = True
-    c.train.eval_every_steps = 750
-    c.train.checkpoint_every_steps = 750
-    c.train.eval_batch_size = 256
-    c.train.progress = True
-    c.train.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all devices
+def _optim_section() -> ml_collections.ConfigDict:
+    """``config.optim``: the optax optimiser."""
+    optim = ml_collections.ConfigDict()
+    optim.name = "adam"  # any optax optimiser name taking learning_rate
+    optim.learning_rate = 5e-5
+    optim.weight_decay = 5e-4  # coupled L2 as torch.optim.Adam(weight_decay=...) in the paper
+    return optim
+
+
+def _train_section() -> ml_collections.ConfigDict:
+    """``config.train``: the training loop, its batches, checkpoints and diagnostics."""
+    train = ml_collections.ConfigDict()
+    train.batch_size = 32  # expected batch size under Poisson sampling
+    train.epochs = 60.0
+    train.seed = 0
+    train.random_flip = True
+    train.eval_every_steps = 750
+    train.checkpoint_every_steps = 750
+    train.eval_batch_size = 256
+    train.progress = True
+    train.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all devices
     # Poisson batches are padded to a chunk width (jaxdp.sampling.chunk_widths). 1: one width, one compiled step.
     # 2: a narrower width too, for the batches it holds: about 7% (demo) to 18% (paper) less padded compute per
     # step, for one more compiled step (seconds on a CPU): worth it in runs of more than a few hundred steps.
-    c.train.num_chunk_widths = 1
+    train.num_chunk_widths = 1
     # Statistics of the training data computed without noise (training loss, per-group clipping counts and
     # norms): written with keys starting "nonprivate_". Not covered by epsilon; False for a model to release.
-    c.train.nonprivate_diagnostics = True
+    train.nonprivate_diagnostics = True
     # Checkpoints hold the run's secret (its seed, and the noise key in the optimiser state): whoever reads them can
     # replay the run and undo its privacy. False (default): deleted once the run has finished and written its
     # publishable model (params.msgpack, model.json). True: kept (to extend or inspect the run), with a warning.
-    c.train.keep_checkpoints = False
+    train.keep_checkpoints = False
     # Gradient misalignment (a non-private diagnostic of private runs, jaxdp.train.misalignment_cosines), once per
     # evaluation window: each group's mean unclipped gradient over a fixed sample of this many of its training
     # examples (drawn from train.seed) against the step's unclipped, clipped and noised batch gradient. 0: off.
-    c.train.misalignment_examples_per_group = 256
+    train.misalignment_examples_per_group = 256
+    return train
 
+
+def _audit_section() -> ml_collections.ConfigDict:
+    """``config.audit``: the privacy audit at the end of training (:mod:`jaxdp.audit`)."""
     # Privacy audit at the end of training (jaxdp.audit): membership inference per group (members: a random subset
     # of the group's training examples; non-members: as many held-out examples of the group, never trained on) and
     # the one-run audit (canaries from the held-out examples, each included in training by a secret fair coin).
     # Its results are statistics of the training data computed without noise (final.json's audit.nonprivate).
-    c.audit = ml_collections.ConfigDict()
-    c.audit.enabled = False
-    c.audit.mia_examples_per_group = 500  # members and, as many, non-members per group (0: no membership inference)
-    c.audit.canaries_per_group = 500  # one-run audit canaries per group (0: no one-run audit)
+    audit = ml_collections.ConfigDict()
+    audit.enabled = False
+    audit.mia_examples_per_group = 500  # members and, as many, non-members per group (0: no membership inference)
+    audit.canaries_per_group = 500  # one-run audit canaries per group (0: no one-run audit)
     # "flipped": canaries carry the opposite label (mislabelled examples, which a model that memorises shows most
     # clearly: the usual choice of audits); "true": their own label (natural examples, a weaker audit).
-    c.audit.canary_labels = "flipped"
-    c.audit.num_guess_in = ml_collections.FieldReference(None, field_type=int)  # k+ per group; None: 5% of canaries
-    c.audit.num_guess_out = ml_collections.FieldReference(None, field_type=int)  # k- per group; None: 5%
-    c.audit.confidence = 0.95
-
-    # Sweep axes: dotted config key -> list of values; the runs are their Cartesian product.
-    c.sweep = ml_collections.ConfigDict()
-    return c
+    audit.canary_labels = "flipped"
+    audit.num_guess_in = ml_collections.FieldReference(None, field_type=int)  # k+ per group; None: 5% of canaries
+    audit.num_guess_out = ml_collections.FieldReference(None, field_type=int)  # k- per group; None: 5%
+    audit.confidence = 0.95
+    return audit
 
 
 def _method_section(method: str) -> ml_collections.ConfigDict:

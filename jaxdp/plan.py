@@ -563,6 +563,21 @@ def _check_sizes(dataset_size: Any, batch_size: Any, public_size: Any) -> None:
                          f"batch_size <= {size}.")
 
 
+def _run_randomness(dp: DPConfig | None, secret: int | None, public_seed: int) -> tuple[int | None, int, jax.Array]:
+    """(secret, sampler seed, noise key) of a run: a private, non-reproducible run's come from its secret (a fresh
+    one when None), every other run's from the public seed (and its secret is None)."""
+    private, reproducible = dp is not None, dp is not None and dp.reproducible
+    if private and not reproducible:
+        secret = new_run_secret() if secret is None else secret
+        sampler_seed = child_seed(secret, _SAMPLER_STREAM)
+        noise_key = noise.key_from_seed(child_seed(secret, _NOISE_STREAM))
+    else:  # non-private runs have nothing to protect: their batches follow the public seed, reproducibly
+        secret = None
+        sampler_seed = int(public_seed)
+        noise_key = jax.random.fold_in(jax.random.key(int(public_seed)), 1)
+    return secret, sampler_seed, noise_key
+
+
 def make_plan(
     dp: DPConfig | None,
     loss_fn: LossFn,
@@ -621,15 +636,8 @@ def make_plan(
         raise ValueError("has_model_state=True under DP: a model state updated from the batch (BatchNorm on batch "
                          "statistics) makes each example's gradient depend on the others, which voids the "
                          "per-example sensitivity bound; use GroupNorm/LayerNorm, or train without DP.")
-    private, reproducible = dp is not None, dp is not None and dp.reproducible
-    if private and not reproducible:
-        secret = new_run_secret() if secret is None else secret
-        sampler_seed = child_seed(secret, _SAMPLER_STREAM)
-        noise_key = noise.key_from_seed(child_seed(secret, _NOISE_STREAM))
-    else:  # non-private runs have nothing to protect: their batches follow the public seed, reproducibly
-        secret = None
-        sampler_seed = int(public_seed)
-        noise_key = jax.random.fold_in(jax.random.key(int(public_seed)), 1)
+    private = dp is not None
+    secret, sampler_seed, noise_key = _run_randomness(dp, secret, public_seed)
     num_devices = 1 if mesh is None else int(mesh.size)
     q = None if public_size is None or public_size == dataset_size else batch_size / public_size
     sampler = sampling.make_sampler(dp.sampling if private else sampling_scheme, dataset_size, batch_size,

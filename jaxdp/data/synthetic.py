@@ -60,6 +60,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -465,9 +466,29 @@ def _rgb(colour: np.ndarray | Sequence[float]) -> tuple[int, int, int]:
     return int(r), int(g), int(b)
 
 
+@dataclass(frozen=True)
+class _Face:
+    """One face being drawn: its canvas, its pose (centre ``cx, cy`` and ``scale``) and its colours."""
+
+    image: Image.Image
+    draw: ImageDraw.ImageDraw
+    cx: float
+    cy: float
+    scale: float
+    skin: np.ndarray
+    hair: np.ndarray
+    shade: np.ndarray  # shadows, nose, stubble base
+
+    def p(self, x: float, y: float) -> tuple[float, float]:  # face coordinates (origin at centre) -> pixels
+        return self.cx + self.scale * x, self.cy + self.scale * y
+
+    def box(self, x0: float, y0: float, x1: float, y1: float) -> list[float]:
+        (a, b), (c, d) = self.p(x0, y0), self.p(x1, y1)
+        return [min(a, c), min(b, d), max(a, c), max(b, d)]
+
+
 def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     """Draws one 218x178 face for the given attributes; returns the image and its 10 landmark coordinates."""
-    male, smiling = attributes["Male"], attributes["Smiling"]
     height, width = IMAGE_HEIGHT, IMAGE_WIDTH
     # Background: a vertical gradient between two random colours.
     top, bottom = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
@@ -480,20 +501,33 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     scale = rng.uniform(0.9, 1.1)
     cx, cy = 89 + rng.uniform(-5, 5), 126 + rng.uniform(-5, 5)
 
-    def p(x: float, y: float) -> tuple[float, float]:  # face coordinates (origin at centre) -> pixels
-        return cx + scale * x, cy + scale * y
-
-    def box(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-        (a, b), (c, d) = p(x0, y0), p(x1, y1)
-        return [min(a, c), min(b, d), max(a, c), max(b, d)]
-
     tone = _SKIN_TONES[0] if attributes["Pale_Skin"] else _SKIN_TONES[rng.integers(len(_SKIN_TONES))]
     skin = tone + rng.normal(0, 8, 3)
     hair_key = next((k for k in ("Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair") if attributes[k]),
                     "other")
     hair = np.asarray(_HAIR_COLOURS[hair_key], dtype=np.float64) + rng.normal(0, 10, 3)
-    shade = skin * 0.78  # shadows, nose, stubble base
+    face = _Face(image, draw, cx, cy, scale, skin, hair, shade=skin * 0.78)
 
+    _draw_head(face, attributes, rng)
+    eye_dx, eye_y, nose_y = _draw_eyes_and_nose(face, attributes, rng)
+    _draw_lower_face_hair(face, attributes, rng)
+    corners = _draw_mouth(face, attributes, rng)
+    image, angle = _photograph(image, attributes, rng, cx, cy, top)
+
+    # Landmarks, rotated as the image was (PIL rotates counter-clockwise by `angle` degrees).
+    p = face.p
+    points = np.array([p(-eye_dx, eye_y), p(eye_dx, eye_y), p(0, nose_y), corners[0], corners[1]])
+    theta = np.deg2rad(angle)
+    rel = points - [cx, cy]
+    rotated = np.stack([rel[:, 0] * np.cos(theta) + rel[:, 1] * np.sin(theta),
+                        -rel[:, 0] * np.sin(theta) + rel[:, 1] * np.cos(theta)], axis=1) + [cx, cy]
+    return image, np.round(rotated).astype(np.int64).reshape(-1)
+
+
+def _draw_head(face: _Face, attributes: dict[str, bool], rng: np.random.Generator) -> None:
+    """Clothes, neck, hair, ears and the face's outline."""
+    draw, p, box, male = face.draw, face.p, face.box, attributes["Male"]
+    skin, hair, shade = face.skin, face.hair, face.shade
     # Clothes and neck.
     cloth = rng.uniform(10, 240, 3)
     draw.ellipse(box(-85, 78, 85, 170), fill=_rgb(cloth))
@@ -513,7 +547,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     chubby = 4 if attributes["Chubby"] else 0
     if male:
         draw.ellipse(box(-44 - chubby, -62, 44 + chubby, 40), fill=_rgb(skin))
-        draw.rounded_rectangle(box(-40 - chubby, -10, 40 + chubby, 58), radius=16 * scale, fill=_rgb(skin))
+        draw.rounded_rectangle(box(-40 - chubby, -10, 40 + chubby, 58), radius=16 * face.scale, fill=_rgb(skin))
     else:
         draw.ellipse(box(-40 - chubby, -62, 40 + chubby, 58), fill=_rgb(skin))
     if attributes["Double_Chin"]:
@@ -535,7 +569,12 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
         draw.chord(box(-50, -90, 50, -30), 180, 360, fill=_rgb(hat))
         draw.rectangle(box(-58, -36, 58, -30), fill=_rgb(hat * 0.8))
 
-    # Eyes, brows, nose.
+
+def _draw_eyes_and_nose(face: _Face, attributes: dict[str, bool],
+                        rng: np.random.Generator) -> tuple[float, float, float]:
+    """Eyes, brows, glasses, earrings, nose and cheeks; returns (eye_dx, eye_y, nose_y) for the landmarks."""
+    draw, p, box, male = face.draw, face.p, face.box, attributes["Male"]
+    skin, hair, shade = face.skin, face.hair, face.shade
     eye_dx, eye_y = 19 + rng.uniform(-2, 2), -15 + rng.uniform(-2, 2)
     eye_h = 3.0 if attributes["Narrow_Eyes"] else 5.0
     iris = np.asarray(_EYE_COLOURS[rng.integers(len(_EYE_COLOURS))], dtype=np.float64)
@@ -551,7 +590,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
         draw.ellipse(box(ex - 1.5, eye_y - 1.5, ex + 1.5, eye_y + 1.5), fill=(10, 10, 10))
         arch = -4 if attributes["Arched_Eyebrows"] else -1
         draw.line([p(ex - 10, eye_y - 8), p(ex, eye_y - 9 + arch), p(ex + 10, eye_y - 8)],
-                  fill=_rgb(hair * 0.8), width=max(1, round(brow_w * scale)))
+                  fill=_rgb(hair * 0.8), width=max(1, round(brow_w * face.scale)))
         if attributes["Eyeglasses"]:
             draw.ellipse(box(ex - 12, eye_y - 9, ex + 12, eye_y + 9), outline=(30, 30, 30), width=2)
         if attributes["Wearing_Earrings"]:
@@ -565,24 +604,36 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     if attributes["Rosy_Cheeks"] or attributes["Heavy_Makeup"]:
         for side in (-1, 1):
             draw.ellipse(box(side * 26 - 8, 8, side * 26 + 8, 20), fill=_rgb(skin * 0.6 + [90, 30, 40]))
+    return eye_dx, eye_y, nose_y
 
-    # Lower-face hair under the mouth: stubble, goatee, beard.
+
+def _draw_lower_face_hair(face: _Face, attributes: dict[str, bool], rng: np.random.Generator) -> None:
+    """Lower-face hair under the mouth: stubble, goatee, beard."""
+    box, hair = face.box, face.hair
     if attributes["5_o_Clock_Shadow"]:
-        layer = Image.new("L", image.size, 0)
+        layer = Image.new("L", face.image.size, 0)
         ImageDraw.Draw(layer).chord(box(-41, -10, 41, 60), 0, 180, fill=110)
         ImageDraw.Draw(layer).rectangle(box(-41, 18, 41, 35), fill=110)
-        image.paste(Image.new("RGB", image.size, _rgb(hair * 0.6 + shade * 0.4)), mask=layer)
+        face.image.paste(Image.new("RGB", face.image.size, _rgb(hair * 0.6 + face.shade * 0.4)), mask=layer)
     if not attributes["No_Beard"] and not attributes["Goatee"]:  # full beard around the mouth
         beard = hair * rng.uniform(0.8, 1.1)
-        draw.chord(box(-41, -8, 41, 62), 0, 180, fill=_rgb(beard))
-        draw.rectangle(box(-41, 16, 41, 27), fill=_rgb(beard))
+        face.draw.chord(box(-41, -8, 41, 62), 0, 180, fill=_rgb(beard))
+        face.draw.rectangle(box(-41, 16, 41, 27), fill=_rgb(beard))
     if attributes["Goatee"]:
-        draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
+        face.draw.ellipse(box(-13, 38, 13, 58), fill=_rgb(hair))
 
-    # The mouth, drawn the same way for both genders. Smiling: a wide mouth with raised corners, teeth showing
-    # (most women, half of the men) or closed lips with a dark curved parting line. Not smiling: narrow, flat
-    # or turned down. Around the lips of a man with a full beard or stubble, a hairless patch of skin of fixed
-    # size (it does not depend on the smile).
+
+def _draw_mouth(face: _Face, attributes: dict[str, bool],
+                rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The mouth and the mustache above it; returns the mouth's two corners (pixels) for the landmarks.
+
+    The mouth is drawn the same way for both genders. Smiling: a wide mouth with raised corners, teeth showing
+    (most women, half of the men) or closed lips with a dark curved parting line. Not smiling: narrow, flat
+    or turned down. Around the lips of a man with a full beard or stubble, a hairless patch of skin of fixed
+    size (it does not depend on the smile).
+    """
+    draw, p, box, skin, scale = face.draw, face.p, face.box, face.skin, face.scale
+    smiling = attributes["Smiling"]
     mouth_y = 26 + rng.uniform(-2, 2)
     half = rng.uniform(21, 26) if smiling else rng.uniform(10, 13)
     lip = 4.5 if attributes["Big_Lips"] else 3.0
@@ -617,14 +668,19 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
             draw.line([corners[0], p(0, mouth_y), corners[1]], fill=_rgb(lip_colour * 0.35),
                       width=max(3, round(5 * scale)))
     if attributes["Mustache"]:  # above the upper lip, touching its middle; the mouth corners stay visible
-        mustache = hair * rng.uniform(0.7, 1.0)
+        mustache = face.hair * rng.uniform(0.7, 1.0)
         w = rng.uniform(12, 16)
         draw.polygon([p(-w, mouth_y - 6), p(-6, mouth_y - 14), p(6, mouth_y - 14), p(w, mouth_y - 6),
                       p(w - 2, mouth_y - 2), p(0, mouth_y - 6), p(-w + 2, mouth_y - 2)], fill=_rgb(mustache))
+    return corners
 
-    # Pose rotation, lighting, blur, noise.
+
+def _photograph(image: Image.Image, attributes: dict[str, bool], rng: np.random.Generator, cx: float, cy: float,
+                background: np.ndarray) -> tuple[Image.Image, float]:
+    """Pose rotation (about ``cx, cy``), lighting, blur, noise; returns the image and the rotation's angle."""
+    height, width = IMAGE_HEIGHT, IMAGE_WIDTH
     angle = rng.uniform(-6, 6)
-    image = image.rotate(angle, resample=Image.BILINEAR, center=(cx, cy), fillcolor=_rgb(top))
+    image = image.rotate(angle, resample=Image.BILINEAR, center=(cx, cy), fillcolor=_rgb(background))
     if attributes["Blurry"]:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.2, 2.2)))
     pixels = np.asarray(image, dtype=np.float32)
@@ -635,15 +691,7 @@ def draw_face(attributes: dict[str, bool], rng: np.random.Generator) -> tuple[Im
     light = (1 + light_y[:, None] + light_x[None, :]) * np.float32(rng.uniform(0.75, 1.2))
     pixels = pixels * light[..., None] + np.float32(rng.uniform(-20, 20))
     pixels += _noise_crop(rng) * np.float32(rng.uniform(2, 7))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-    # Landmarks, rotated as the image was (PIL rotates counter-clockwise by `angle` degrees).
-    points = np.array([p(-eye_dx, eye_y), p(eye_dx, eye_y), p(0, nose_y), corners[0], corners[1]])
-    theta = np.deg2rad(angle)
-    rel = points - [cx, cy]
-    rotated = np.stack([rel[:, 0] * np.cos(theta) + rel[:, 1] * np.sin(theta),
-                        -rel[:, 0] * np.sin(theta) + rel[:, 1] * np.cos(theta)], axis=1) + [cx, cy]
-    return image, np.round(rotated).astype(np.int64).reshape(-1)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), angle
 
 
 _NOISE_BANK: np.ndarray | None = None
