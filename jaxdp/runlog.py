@@ -90,6 +90,20 @@ def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if absent) for the block, so that parallel processes do a
+    one-time job (generating or preparing data) once; the OS releases it if the process dies."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Writes ``data`` (text or bytes) to ``path`` atomically; returns the path.
 

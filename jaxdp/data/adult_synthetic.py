@@ -31,18 +31,15 @@ generation, so :func:`ensure_generated` reuses the files and never overwrites fi
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from jaxdp.data.adult import CATEGORIES, DATA_NAME, FILE_NAMES, INCOMES, SEXES, TEST_HEADER, TEST_NAME
-from jaxdp.runlog import write_atomic
+from jaxdp.runlog import locked, write_atomic
 
 MANIFEST_NAME = "jaxdp_generated_adult.json"
 GENERATOR_VERSION = 1
@@ -166,7 +163,7 @@ def ensure_generated(folder: str | os.PathLike[str], num_rows: int, *, seed: int
     Adult files that the generator did not write (e.g. UCI's)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / ".jaxdp_generate.lock"):
+    with locked(folder / ".jaxdp_generate.lock"):
         if is_complete(folder, num_rows, seed):
             return folder
         foreign = [n for n in FILE_NAMES if (folder / n).exists()]
@@ -178,13 +175,3 @@ def ensure_generated(folder: str | os.PathLike[str], num_rows: int, *, seed: int
         write_adult_files(folder, num_rows, seed=seed)
     return folder
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so parallel runs generate the files once."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -70,14 +70,11 @@ warning passes.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import os
 import zipfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +130,7 @@ from jaxdp.data.subsets import (
     round_half_up,
 )
 from jaxdp.data.subsets import holdout_capacity as capacity_of_pools
-from jaxdp.runlog import atomic_writer
+from jaxdp.runlog import atomic_writer, locked
 
 __all__ = [
     "CELLS", "CELL_NAMES", "SPLIT_SCHEMES", "CelebASource", "GeneratedSource", "GroupedSplit", "SubsetPlan",
@@ -261,7 +258,7 @@ def build_splits(
         return Splits(pair[0], pair[1], held[0] if held else None)
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(data_dir / ".jaxdp_data.lock"):
+    with locked(data_dir / ".jaxdp_data.lock"):
         pair, held = from_cache()  # another process may have built them meanwhile
         if pair is not None and (holdout is None or held is not None):
             return Splits(pair[0], pair[1], held[0] if held else None)
@@ -306,7 +303,7 @@ def ensure_generated(manual_dir: str | os.PathLike[str], num_images: int, *, see
     manual_dir = Path(manual_dir)
     manual_dir.mkdir(parents=True, exist_ok=True)
     design = dict(label_attribute=label_attribute, group_attribute=group_attribute)
-    with _locked(manual_dir / ".jaxdp_generate.lock"):
+    with locked(manual_dir / ".jaxdp_generate.lock"):
         if synthetic.is_complete(manual_dir, num_images, seed, **design):
             return manual_dir
         foreign = [n for n in synthetic.CELEBA_FILE_NAMES if (manual_dir / n).exists()]
@@ -652,13 +649,3 @@ def _save_cache(entry: _CacheEntry, splits: dict[str, GroupedSplit]) -> None:
                  **{f"{name}_{field}": getattr(split, field)
                     for name, split in splits.items() for field in ("images", "label", "group")})
 
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so parallel runs of a sweep prepare the data once."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
