@@ -4,6 +4,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,3 +190,33 @@ def test_removing_one_example_moves_the_mlp_clipped_sum_by_at_most_c(strategy):
         moved = np.linalg.norm(flat(full) - flat(removed))
         assert moved <= bound * (1 + 1e-5)
         np.testing.assert_allclose(moved, min(bound, float(norms[i])), rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "bookkeeping"])
+def test_clipped_grad_traces_its_products_at_full_float32_precision(strategy):
+    # An accelerator's default matmul precision (TF32 on recent NVIDIA GPUs) would compute the norms and the sum
+    # with a 10-bit mantissa: clipped_grad asks for full precision, whatever the caller's default.
+    model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
+    x, y = jnp.ones((4, 5)), jnp.zeros((4,), jnp.int32)
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(p, xs, ys):
+        logits = model.apply({"params": p}, xs)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), ys[:, None], axis=1).mean()
+
+    grad_fn = jaxdp.clipped_grad(loss_fn, 1.0, strategy=strategy)
+    with jax.default_matmul_precision("bfloat16"):
+        jaxpr = jax.make_jaxpr(grad_fn)(params, x, y, jnp.ones(4, bool))
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    found = list(dots(jaxpr.jaxpr))
+    assert found
+    for eqn in found:
+        assert str(eqn.params["precision"]) in ("(Precision.HIGHEST, Precision.HIGHEST)", "Precision.HIGHEST"), \
+            eqn.params["precision"]

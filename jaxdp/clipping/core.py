@@ -340,7 +340,10 @@ def clipped_grad(
 
     Guarantee: with the default rule, adding or removing one example moves ``clipped_sum`` by at most
     ``grad_fn.sensitivity`` (:func:`sensitivity` of the bounds) in L2 norm (replacing one: twice that); with a
-    rule, by at most the rule's bound.
+    rule, by at most the rule's bound; up to float32 rounding of the norms and the sum (``docs/threat-model.md``).
+    Matrix products are traced at ``jax.default_matmul_precision("highest")`` (full float32 on accelerators
+    whose default is TF32); a model that asks for a lower ``precision=`` itself, or computes in bfloat16, gets
+    what it asks for, and its per-example norms are then correspondingly less exact.
 
     Example::
 
@@ -368,10 +371,15 @@ def clipped_grad(
     def grad_fn(params, inputs, labels, mask, clip_args=None):
         batch = _check_mask(mask, inputs)
         _check_clip_args(clip_args, batch)
-        if microbatch_size is None or microbatch_size >= batch:
-            clipped, norms, losses = chunk(params, inputs, labels, mask, clip_args)
-        else:
-            clipped, norms, losses = microbatched(chunk, microbatch_size, params, inputs, labels, mask, clip_args)
+        # Full float32 products while tracing the per-example norms and the clipped sum: an accelerator's default
+        # (TF32 on recent NVIDIA GPUs) would compute them with a 10-bit mantissa, and an example's contribution
+        # could then exceed the bound by ~1e-3 relative. An explicit precision= in the user's model still wins.
+        with jax.default_matmul_precision("highest"):
+            if microbatch_size is None or microbatch_size >= batch:
+                clipped, norms, losses = chunk(params, inputs, labels, mask, clip_args)
+            else:
+                clipped, norms, losses = microbatched(chunk, microbatch_size, params, inputs, labels, mask,
+                                                      clip_args)
         return (clipped, norms, losses) if return_loss else (clipped, norms)
 
     bound = sensitivity(l2_clip_norm) if rule_sensitivity is None else float(rule_sensitivity)
