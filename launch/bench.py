@@ -169,10 +169,11 @@ def _report(result: dict, table: str, args: argparse.Namespace, record_name: Cal
 
 
 def _step_record_name(result: dict) -> str:
-    """What the step benchmark measured, as a record name: backend, workload, + methods/Opacus."""
+    """What the step benchmark measured, as a record name: backend, workload, + methods/mechanisms/Opacus."""
     c = result["config"]
     return "-".join(["step", result["environment"]["backend"], c["workload"]]
-                    + (["methods"] if c.get("methods") else []) + (["opacus"] if c["compare_opacus"] else []))
+                    + (["methods"] if c.get("methods") else []) + (["mechanisms"] if c.get("mechanisms") else [])
+                    + (["opacus"] if c["compare_opacus"] else []))
 
 
 def _loop(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:

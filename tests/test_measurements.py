@@ -128,6 +128,8 @@ def test_bench_names_resnet18_opacus_and_method_records():
     assert cli._step_record_name(result) == "step-gpu-resnet18-128px-b256"
     result["config"].update(compare_opacus=True, methods=["dpsgd_f"])
     assert cli._step_record_name(result) == "step-gpu-resnet18-128px-b256-methods-opacus"
+    result["config"].update(compare_opacus=False, methods=[], mechanisms=["gaussian"])
+    assert cli._step_record_name(result) == "step-gpu-resnet18-128px-b256-mechanisms"
 
 
 def test_sweep_record_holds_the_wall_time_and_each_trained_run(tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ Their PyTorch twins (the same layers, for Opacus) are in :mod:`jaxdp_study.bench
   the other 397 for testing.
 * :class:`MLP`: fair-dp's tabular network (Esipova et al. 2023, ``config/tabular.py``): dense 256 -> tanh -> dense
   256 -> tanh -> dense 2. Its input width :data:`ADULT_FEATURES` is that of fair-dp's one-hot encoding of UCI Adult
-  (its ``data_dim``); until jaxdp has an Adult data source, :func:`adult_shaped` draws random features of that
-  shape (timing does not depend on the values).
+  (its ``data_dim``; jaxdp's own ``"adult"`` source has 99, :mod:`jaxdp.data.adult`). :func:`adult_shaped` draws
+  random features of that shape: a step's time does not depend on the values, and the benchmark then runs where
+  the UCI files are absent.
 """
 
 from __future__ import annotations
