@@ -81,8 +81,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -181,17 +184,84 @@ def _alias_rows(weights: list[int], index_bits: int) -> np.ndarray:
                       threshold[i] & mask] for i in range(size)], np.uint32)
 
 
+_TABLE_CACHE_FORMAT = 1  # bump when the tables' construction changes: older files are then ignored
+
+
+def table_cache_file(kind: str, stddev: float) -> Path | None:
+    """Where :func:`alias_table` keeps the table of ``(kind, stddev)`` across processes: a ``jaxdp-lattice``
+    folder in JAX's persistent compilation cache directory, when one is configured
+    (``jax.config.update("jax_compilation_cache_dir", ...)``; the study's sweeps set it), else ``None`` (no file).
+
+    The tables are public (functions of ``kind`` and ``stddev`` alone, which follow from the public ``z``, ``C``
+    and parameter count); the file carries a SHA-256 of its contents, and a file that does not match, or does not
+    describe a valid table, is ignored and rebuilt."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory:
+        return None
+    return Path(directory) / "jaxdp-lattice" / f"{kind}-{float(stddev).hex()}-v{_TABLE_CACHE_FORMAT}.json"
+
+
+def _table_payload(kind: str, stddev: float, half_width: int, weights: list[int], tv_bound: float) -> str:
+    return json.dumps({"format": _TABLE_CACHE_FORMAT, "kind": kind, "stddev": float(stddev).hex(),
+                       "half_width": half_width, "weights": [format(w, "x") for w in weights],
+                       "tv_bound": float(tv_bound).hex()}, sort_keys=True)
+
+
+def _load_table(path: Path, kind: str, stddev: float, half_width: int) -> tuple[list[int], float] | None:
+    """The cached weights and total-variation bound, or None if the file is absent, damaged or not this table's."""
+    try:
+        record = json.loads(path.read_text())
+        payload = record["payload"]
+        if hashlib.sha256(payload.encode()).hexdigest() != record["sha256"]:
+            return None
+        table = json.loads(payload)
+        weights = [int(w, 16) for w in table["weights"]]
+        tv_bound = float.fromhex(table["tv_bound"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    valid = (table.get("format") == _TABLE_CACHE_FORMAT and table.get("kind") == kind
+             and table.get("stddev") == float(stddev).hex() and table.get("half_width") == half_width
+             and len(weights) == 2 * half_width + 1 and sum(weights) == 1 << RANDOM_BITS
+             and min(weights) >= 1 and 0 <= tv_bound <= TABLE_TV_BOUND)
+    return (weights, tv_bound) if valid else None
+
+
+def _save_table(path: Path, payload: str) -> None:
+    from jaxdp import runlog
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runlog.write_json(path, {"payload": payload, "sha256": hashlib.sha256(payload.encode()).hexdigest()})
+    except OSError:  # a read-only or full cache folder costs the next process the build, nothing else
+        pass
+
+
 @functools.lru_cache(maxsize=64)
 def alias_table(kind: str, stddev: float) -> AliasTable:
     """The alias table of ``round(N(0, stddev^2))`` (``kind="rounded"``) or ``D_{Z,stddev}`` (``"discrete"``),
-    ``stddev <= 640``; about 1 s for the largest rounded table, then cached."""
-    import mpmath
-
+    ``stddev <= 640``; about 1 s for the largest rounded table, then cached in the process, and across processes
+    in :func:`table_cache_file` when JAX's compilation cache directory is set."""
     if kind not in ("rounded", "discrete") or not 0 < stddev <= MAX_TABLE_STDDEV:
         raise ValueError(f"alias_table takes kind 'rounded' or 'discrete' and 0 < stddev <= {MAX_TABLE_STDDEV}; "
                          f"got {kind!r}, {stddev!r}.")
     half_width = max(1, math.ceil(TAIL_STDDEVS * stddev))
     index_bits = max(1, (2 * half_width).bit_length())
+    cache_file = table_cache_file(kind, stddev)
+    cached = _load_table(cache_file, kind, stddev, half_width) if cache_file is not None else None
+    if cached is None:
+        weights, tv_bound = _table_weights(kind, stddev, half_width)
+        if cache_file is not None:
+            _save_table(cache_file, _table_payload(kind, stddev, half_width, weights, tv_bound))
+    else:
+        weights, tv_bound = cached
+    return AliasTable(kind, float(stddev), half_width, index_bits, tuple(weights),
+                      _alias_rows(weights, index_bits), tv_bound)
+
+
+def _table_weights(kind: str, stddev: float, half_width: int) -> tuple[list[int], float]:
+    """The table's integer weights (units of ``2^-128``) and its total variation from the ideal pmf, in mpmath."""
+    import mpmath
+
     with mpmath.workdps(_DIGITS):
         half, beyond = _ideal_probabilities(kind, stddev, half_width)
         ideal = half[:0:-1] + half  # values -half_width .. half_width
@@ -204,8 +274,7 @@ def alias_table(kind: str, stddev: float) -> AliasTable:
         distance = sum(abs(mpmath.mpf(w) / total - p) for w, p in zip(weights, ideal, strict=True)) + beyond
         tv_bound = float(distance / 2) * (1 + 1e-9) + 1e-44  # upward, past the 45-digit evaluation
     assert tv_bound <= TABLE_TV_BOUND, (kind, stddev, tv_bound)
-    return AliasTable(kind, float(stddev), half_width, index_bits, tuple(weights),
-                      _alias_rows(weights, index_bits), tv_bound)
+    return weights, tv_bound
 
 
 def _sample_level(block: list[jax.Array], table: AliasTable) -> jax.Array:

@@ -218,6 +218,56 @@ def test_alias_tables_realise_their_weights_exactly():
         assert table.tv_bound <= lattice.TABLE_TV_BOUND < 1e-34
 
 
+def test_tables_are_kept_in_the_compilation_cache_folder_and_a_damaged_file_is_rebuilt(tmp_path):
+    """With JAX's compilation cache directory set, a table built once is loaded by the next process (here: after
+    clearing the in-process cache) with the same weights and rows; a file whose checksum or contents do not match
+    is ignored and rewritten, never used; without the directory nothing is written."""
+    kind, stddev = "discrete", 3.25
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert lattice.table_cache_file(kind, stddev) is None
+        lattice.alias_table.cache_clear()
+        reference = lattice.alias_table(kind, stddev)
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        path = lattice.table_cache_file(kind, stddev)
+        lattice.alias_table.cache_clear()
+        built = lattice.alias_table(kind, stddev)
+        assert path.is_file() and built.weights == reference.weights
+        lattice.alias_table.cache_clear()
+        loaded = lattice.alias_table(kind, stddev)
+        assert loaded.weights == reference.weights and np.array_equal(loaded.rows, reference.rows)
+        assert loaded.tv_bound == reference.tv_bound
+
+        # Damage: a weight moved between two cells (the sum still right) without updating the checksum; then
+        # the same with a matching checksum but a weight of zero (a hole in the support); then garbage.
+        import hashlib
+        import json
+
+        record = json.loads(path.read_text())
+        table = json.loads(record["payload"])
+        table["weights"][0], table["weights"][1] = table["weights"][1], table["weights"][0]
+        record["payload"] = json.dumps(table, sort_keys=True)
+        path.write_text(json.dumps(record))
+        lattice.alias_table.cache_clear()
+        assert lattice.alias_table(kind, stddev).weights == reference.weights
+        centre = len(table["weights"]) // 2
+        table["weights"][centre] = format(int(table["weights"][centre], 16) + int(table["weights"][0], 16), "x")
+        table["weights"][0] = "0"
+        record = {"payload": json.dumps(table, sort_keys=True)}
+        record["sha256"] = hashlib.sha256(record["payload"].encode()).hexdigest()
+        path.write_text(json.dumps(record))
+        lattice.alias_table.cache_clear()
+        assert lattice.alias_table(kind, stddev).weights == reference.weights
+        path.write_text("{not json")
+        lattice.alias_table.cache_clear()
+        assert lattice.alias_table(kind, stddev).weights == reference.weights
+        assert json.loads(path.read_text())["sha256"]  # rewritten whole
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        lattice.alias_table.cache_clear()
+
+
 def test_each_level_picks_the_column_below_its_threshold_and_the_alias_at_or_above():
     """The 128-bit comparison, word by word: for every column of a table, the bits just below its threshold give
     the column, the threshold itself gives the alias."""
