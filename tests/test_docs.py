@@ -15,7 +15,7 @@ import pytest
 from jaxdp_study import measurements
 
 ROOT = Path(__file__).resolve().parents[1]
-README_DRAFT = ROOT / "docs" / "README-draft.md"
+README = ROOT / "README.md"
 
 
 def build(site_dir: Path, config_file: Path = ROOT / "mkdocs.yml", measurements_dir: Path | None = None
@@ -101,10 +101,22 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
     assert "'engine.md'" in log and "no-such-anchor" in log
 
 
-def test_the_readme_drafts_relative_links_resolve_from_the_repository_root():
-    # docs/README-draft.md becomes README.md at the root: its links are written from there.
-    links = re.findall(r"\]\(([^)\s]+)\)", README_DRAFT.read_text())
+def test_the_readmes_relative_links_resolve_from_the_repository_root():
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
     local = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
-    assert local, "the draft links to the docs pages"
+    assert local, "the README links to the docs pages"
     missing = [link for link in local if not (ROOT / link).exists()]
-    assert not missing, f"README draft links to missing files: {missing}"
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_readme_is_a_front_door_and_ci_runs_its_test_command():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, "the README is at most 250 lines; long material goes to docs/"
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    setup = [b.strip() for b in blocks if b.strip().startswith("pip install")]
+    assert len(setup) == 2, f"two set-up commands (the demo, the tests), found {setup}"
+    demo, tests = setup
+    assert "launch/sweep.py --config configs/demo.py" in demo
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith("set ")]
+    assert tests in ci, f".ci/run must run exactly the README's test command {tests!r}; it runs {ci}"

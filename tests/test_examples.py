@@ -135,7 +135,7 @@ def api_snippet(path: Path, heading: str) -> str:
 @pytest.mark.slow  # a fresh interpreter, 105 DP steps of an MLP: ~8 s of CPU time
 def test_the_readmes_api_snippet_runs_and_meets_its_epsilon_target(tmp_path):
     # The README's 15 lines, as a reader pastes them into a file; docs/library.md opens with the same lines.
-    snippet = api_snippet(ROOT / "docs" / "README-draft.md", "## The API in 15 lines")
+    snippet = api_snippet(ROOT / "README.md", "## The API in 15 lines")
     assert snippet == api_snippet(ROOT / "docs" / "library.md", "## The whole thing")
     script = tmp_path / "snippet.py"
     script.write_text(snippet)
