@@ -81,7 +81,8 @@ def test_the_performance_page_is_generated_from_a_record_file(tmp_path):
     # The record's table as jaxdp_study.bench.format_table prints it (HTML cells, read as text): 4321.5 ex/s, 0.88x.
     assert "jax dp bookkeeping 4321.5 0.88 3.2 5.0 1.50" in page, page[:3000]
     assert command in page and "Measured 2026-12-02T09:30:00Z" in page
-    assert "No measurement recorded yet; run python launch/bench.py --config configs/demo.py --strategies" not in page
+    assert "No measurement recorded yet; run python launch/bench.py --config configs/demo.py --strategies vmap,vmap" \
+        not in page  # the demo's placeholder was filled by the record; others (no record here) show their command
 
 
 def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
