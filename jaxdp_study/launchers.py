@@ -398,8 +398,12 @@ def check_runs(runs: Sequence[Run], check_fn: Callable[[ml_collections.ConfigDic
         except (ValueError, FileNotFoundError) as e:  # DataUnavailable is a FileNotFoundError
             problems.setdefault(" ".join(str(e).split()), []).append(run.name)
     if problems:
-        raise SweepError("\n".join(f"{message} (run{'s' if len(names) > 1 else ''}: {', '.join(names)})"
-                                   for message, names in problems.items()))
+        def which(names: list[str]) -> str:
+            if len(names) == len(runs) > 1:
+                return f"all {len(runs)} runs"
+            return f"run{'s' if len(names) > 1 else ''}: {', '.join(names)}"
+
+        raise SweepError("\n".join(f"{message} ({which(names)})" for message, names in problems.items()))
 
 
 def _poll_stop() -> None:

@@ -282,7 +282,7 @@ def test_a_full_disk_names_the_file_and_what_to_do_and_keeps_the_old_one(tmp_pat
       "set the axis instead, e.g. --config.sweep.imbalance.data.female_fraction=\"(-0.5,)\""]),
     (("--config", "configs/tiny.py", "--config.train.batch_size=100000"),
      ["config.train.batch_size=100000 is larger than the training set: 160 examples (config.data.total=200 less a "
-      "test set of 40); use a batch size of at most 160", "(runs: medium-ff0.7-clip5-seed0,"]),
+      "test set of 40); use a batch size of at most 160", "(all 4 runs)"]),
     (("--config", "configs/tiny.py", "--config.train.epoch=3", "--config.train.eval_every_steps=2"),
      ["error: cannot apply config override --config.train.epoch=3: no such key 'epoch' in config.train. Did you "
       "mean \"epochs\"?"]),
@@ -346,6 +346,9 @@ def test_values_only_a_run_would_reject_are_refused_for_every_run_before_any_sta
             launchers.check_runs(changed, launchers.default_check)
         assert str(e.value).startswith(message), str(e.value)
         assert "\n" not in str(e.value) or key == "model.norm"  # one line per distinct problem
+        # A problem of every run says so instead of listing them; one of some runs names them.
+        assert str(e.value).endswith("(all 4 runs)") or key == "model.norm", str(e.value)
+        assert key != "model.norm" or "(runs: medium-" in str(e.value), str(e.value)
 
 
 def test_cli_config_file_with_a_syntax_error_is_one_line_with_its_line(tmp_path):
