@@ -505,7 +505,7 @@ def test_cli_without_celeba_stops_before_any_run_with_one_message(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     for needle in ("img_align_celeba.zip", "list_attr_celeba.txt", str(tmp_path / "celeba"),
-                   "--config.data.source=synthetic", "medium-ff0.7-clip5-seed0"):
+                   "--config.data.source=synthetic", "(all 5 runs)"):
         assert needle in r.stderr, (needle, r.stderr)
     assert r.stderr.count("Missing CelebA") == 1, "one message for the five runs, not five"
     assert not work.exists() or not any(work.iterdir())
