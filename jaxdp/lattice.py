@@ -91,7 +91,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdp import threefry
+from jaxdp import runlog, threefry
 
 SENSITIVITY_SLACK = 2.0**-10  # the lattice step's share of the sensitivity: gamma sqrt(d) <= this * C
 MAX_SUM = 2**30  # |k| is clamped here, so that k + N fits in int32
@@ -227,8 +227,6 @@ def _load_table(path: Path, kind: str, stddev: float, half_width: int) -> tuple[
 
 
 def _save_table(path: Path, payload: str) -> None:
-    from jaxdp import runlog
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         runlog.write_json(path, {"payload": payload, "sha256": hashlib.sha256(payload.encode()).hexdigest()})

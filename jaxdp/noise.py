@@ -262,14 +262,24 @@ def _gaussian_step(updates, key, count, stddev, noise_multiplier, l2_clip_norm, 
     """One step of the Gaussian mechanism, compiled as one program (also when ``update`` is called eagerly)."""
     if l2_clip_norm is not None:
         stddev = (noise_multiplier * _traced_sensitivity(l2_clip_norm)) * np.float32(_TRACED_STDDEV_MARGIN)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
     # One draw for all leaves (each coordinate its own counter), fresh at every step.
-    z = _draw(_derive(key, count, _STEP), sum(g.size for g in leaves), secure=secure)
+    z = _draw(_derive(key, count, _STEP), _num_coordinates(updates), secure=secure)
+    return _per_leaf(updates, z, lambda g, zg: _gaussian_release(g, zg, stddev, scale)), count + 1
+
+
+def _num_coordinates(updates) -> int:
+    return sum(math.prod(np.shape(g)) for g in jax.tree_util.tree_leaves(updates))
+
+
+def _per_leaf(updates, flat_noise: jax.Array, release):
+    """``release(leaf, its noise)`` for every leaf of ``updates``, each taking its slice of ``flat_noise`` (one draw
+    for the whole tree, in leaf order) reshaped like it."""
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
     noised, offset = [], 0
     for g in leaves:
-        noised.append(_gaussian_release(g, z[offset:offset + g.size].reshape(g.shape), stddev, scale))
+        noised.append(release(g, flat_noise[offset:offset + g.size].reshape(g.shape)))
         offset += g.size
-    return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+    return jax.tree_util.tree_unflatten(treedef, noised)
 
 
 def _gaussian_release(g: jax.Array, z: jax.Array, stddev, scale) -> jax.Array:
@@ -281,24 +291,19 @@ def _gaussian_release(g: jax.Array, z: jax.Array, stddev, scale) -> jax.Array:
 def _lattice_step(updates, key, count, l2_clip_norm, scale, *, mechanism: lattice.LatticeNoise):
     """One step of the lattice mechanism (:mod:`jaxdp.lattice`): quantise each coordinate of the sum, add integer
     noise, then scale the integers; one compiled program per call."""
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
     sampler, multiplier, allowed = mechanism.sampler, None, True
     if sampler is not None and l2_clip_norm is not None:
         multiplier, allowed = lattice.outer_multiplier(
             sampler, mechanism.required_stddev(_traced_sensitivity(l2_clip_norm)))
-    size = sum(g.size for g in leaves)
+    size = _num_coordinates(updates)
     if sampler is None:
         noise = jnp.zeros((size,), jnp.int32)
     else:
         noise = sampler.draw(_derive(key, count, _STEP), size, outer_multiplier=multiplier)
     # y * gamma / B: a function of the integers y alone. A per-step sensitivity above the one the tables were
     # built for would need more noise than they can make: the step's output is then NaN (never a leak).
-    noised, offset = [], 0
-    for g in leaves:
-        noised.append(_lattice_release(g, noise[offset:offset + g.size].reshape(g.shape), mechanism.exponent, scale,
-                                       allowed))
-        offset += g.size
-    return jax.tree_util.tree_unflatten(treedef, noised), count + 1
+    release = functools.partial(_lattice_release, exponent=mechanism.exponent, scale=scale, allowed=allowed)
+    return _per_leaf(updates, noise, release), count + 1
 
 
 def _lattice_release(g: jax.Array, noise: jax.Array, exponent: int, scale, allowed=True) -> jax.Array:
@@ -430,8 +435,7 @@ def dp_noise(
                   l2_clip_norm=None, **extra_args):
         del params, extra_args
         if mechanism == "lattice":
-            size = sum(math.prod(np.shape(g)) for g in jax.tree_util.tree_leaves(updates))
-            setup = lattice.lattice_noise(noise_multiplier, total_sensitivity, size)
+            setup = lattice.lattice_noise(noise_multiplier, total_sensitivity, _num_coordinates(updates))
             noised, count = _lattice_step(updates, state.key, state.count, l2_clip_norm, scale, mechanism=setup)
         else:
             noised, count = _gaussian_step(updates, state.key, state.count, default_stddev, noise_multiplier,
