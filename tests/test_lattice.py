@@ -268,6 +268,38 @@ def test_tables_are_kept_in_the_compilation_cache_folder_and_a_damaged_file_is_r
         lattice.alias_table.cache_clear()
 
 
+def test_the_packaged_tables_are_the_tables_mpmath_builds_and_are_used_without_building(tmp_path, monkeypatch):
+    """The two tables shipped in jaxdp/lattice_tables equal a fresh 45-digit build weight for weight (and in their
+    total-variation bound); alias_table reads them without calling mpmath; a damaged packaged file is ignored and
+    the table built instead."""
+    built = {}
+    for kind, stddev in lattice.PACKAGED_TABLES:
+        half_width = math.ceil(lattice.TAIL_STDDEVS * stddev)
+        built[kind, stddev] = lattice._table_weights(kind, stddev, half_width)
+        assert lattice._load_table(lattice.packaged_table_file(kind, stddev), kind, stddev,
+                                   half_width) == built[kind, stddev]
+
+    def no_build(*args):
+        raise AssertionError("built a packaged table")
+
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with monkeypatch.context() as patch:
+            patch.setattr(lattice, "_table_weights", no_build)
+            lattice.alias_table.cache_clear()
+            for kind, stddev in lattice.PACKAGED_TABLES:
+                assert lattice.alias_table(kind, stddev).tv_bound <= lattice.TABLE_TV_BOUND
+        damaged = tmp_path / "damaged.json.gz"
+        damaged.write_bytes(lattice.packaged_table_file("rounded", 640.0).read_bytes()[:-100])
+        monkeypatch.setattr(lattice, "packaged_table_file", lambda kind, stddev: damaged)
+        lattice.alias_table.cache_clear()
+        assert lattice.alias_table("rounded", 640.0).weights == tuple(built["rounded", 640.0][0])
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        lattice.alias_table.cache_clear()
+
+
 def test_each_level_picks_the_column_below_its_threshold_and_the_alias_at_or_above():
     """The 128-bit comparison, word by word: for every column of a table, the bits just below its threshold give
     the column, the threshold itself gives the alias."""
