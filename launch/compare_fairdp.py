@@ -21,8 +21,8 @@ the mean of the differences over the seeds S with ``sqrt(sum SE_S^2) / #S``. The
 (``n_0``, ``n_1``) are checked against the split file ``fairdp_adult_split_seed<S>.json`` beside the record::
 
     python launch/compare_fairdp.py --fairdp docs/measurements/fairdp/fairdp_adult_2026-12-07.json \
-        --paired 0=docs/measurements/adult_fairdp_paired-2026-12-07/s0/summary.csv \
-        --paired 1=docs/measurements/adult_fairdp_paired-2026-12-07/s1/summary.csv
+        --paired 0=docs/measurements/adult_fairdp_paired_s0-2026-12-07/summary.csv \
+        --paired 1=docs/measurements/adult_fairdp_paired_s1-2026-12-07/summary.csv
 """
 
 from __future__ import annotations
