@@ -179,3 +179,16 @@ def test_compare_fairdp_paired_mode(tmp_path: Path) -> None:
     # Combined: mean +1.00, SE sqrt(3 + 3) / 2 = 1.22.
     assert "| regular | 0+1 combined |  |  |  | **+1.00 ± 1.22** |  |  | **+0.00 ± 0.00** |" in text
     assert "| dpsgd | 0 | 0 | – | – | – |" in text
+
+
+def test_the_paired_config_reads_fairdps_committed_splits() -> None:
+    from jaxdp_study.grid import expand, load_config
+
+    config = load_config(ROOT / "configs" / "adult_fairdp_paired.py")
+    runs = expand(config)
+    assert len(runs) == 25 and all(Path(r.config.data.split_file).name == "fairdp_adult_split_seed0.json" for r in runs)
+    # The committed files check on their own (SHA-256, schema) and give fair-dp's training sizes of seeds 0 and 1.
+    sizes = [adult_split.read_split_file(ROOT / "docs" / "measurements" / "fairdp" / f"fairdp_adult_split_seed{s}.json")
+             for s in (0, 1)]
+    assert [(s.size("train"), s.size("test")) for s in sizes] == [(23_484, 5_871), (23_594, 5_898)]
+    assert all(s.data_sha256 == adult.SHA256 for s in sizes)
