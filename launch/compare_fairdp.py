@@ -11,6 +11,18 @@ wall time per run (jaxdp: each run's ``final.json`` ``wall_time_s``; fair-dp: th
 
     python launch/compare_fairdp.py --fairdp docs/measurements/fairdp/fairdp_adult_2026-12-07.json \
         --summary docs/measurements/adult_fairdp-2026-12-07/summary.csv
+
+**Paired mode** (``--paired S=SUMMARY``, once per fair-dp seed S): jaxdp's sweep of ``configs/adult_fairdp_paired.py``
+on fair-dp's rows for its seed S (``config.data.split_file``) against fair-dp's single run of seed S, which trained
+and tested on the same rows. Per method and group: jaxdp's mean over its n seeds minus fair-dp's value, with a
+standard error for training noise only (the test rows are the same): ``s sqrt(1/n + 1)``, s jaxdp's seed SD on that
+split, **assuming fair-dp's training SD equals jaxdp's** (one fair-dp run per split gives no SD of its own); then
+the mean of the differences over the seeds S with ``sqrt(sum SE_S^2) / #S``. The summary's test-set group sizes
+(``n_0``, ``n_1``) are checked against the split file ``fairdp_adult_split_seed<S>.json`` beside the record::
+
+    python launch/compare_fairdp.py --fairdp docs/measurements/fairdp/fairdp_adult_2026-12-07.json \
+        --paired 0=docs/measurements/adult_fairdp_paired_s0-2026-12-07/summary.csv \
+        --paired 1=docs/measurements/adult_fairdp_paired_s1-2026-12-07/summary.csv
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ def jaxdp_runs(path: Path) -> dict[str | None, list[dict]]:
             out.setdefault(method, []).append(
                 {"seed": int(row["seed"]), "wall_s": float(row["wall_time_s"]),
                  "epsilon": float(row["epsilon_rdp"]) if row["epsilon_rdp"] else None,
+                 **{f"n_{name}": int(float(row[f"n_{g}"])) for g, name in enumerate(names) if row.get(f"n_{g}")},
                  **{name: float(row[f"accuracy_{g}"]) for g, name in enumerate(names)}})
     return out
 
@@ -98,12 +111,90 @@ def table(fairdp: dict[str | None, list[dict]], jaxdp: dict[str | None, list[dic
     return head + "\n".join(lines) + "\n"
 
 
+def paired_difference(jaxdp_values: list[float], fairdp_value: float) -> tuple[float, float | None]:
+    """``mean(jaxdp) - fairdp`` on the same rows and its training-noise SE ``s sqrt(1/n + 1)`` (s: jaxdp's sample SD;
+    fair-dp's single run assumed to have the same SD); None with fewer than 2 jaxdp seeds."""
+    n, mean, sd = _stats(jaxdp_values)
+    return mean - fairdp_value, None if sd is None else sd * math.sqrt(1 / n + 1)
+
+
+def check_split(summary: dict[str | None, list[dict]], split_file: Path, seed: int) -> None:
+    """Refuses a summary whose test groups are not the split file's (a sweep of another seed's split, or unpaired)."""
+    if not split_file.is_file():
+        return
+    counts = json.loads(split_file.read_text())["counts"]["test"]
+    want = {g: counts[g][0] for g in GROUPS}
+    for runs in summary.values():
+        for run in runs:
+            if {g: run.get(f"n_{g}") for g in GROUPS} != want:
+                raise SystemExit(f"--paired {seed}=...: a run tested on {run.get('n_female')} women and "
+                                 f"{run.get('n_male')} men, fair-dp's seed {seed} split on {want['female']} and "
+                                 f"{want['male']} ({split_file}); is the summary of that split's sweep?")
+
+
+def paired_table(fairdp: dict[str | None, list[dict]], paired: dict[int, dict[str | None, list[dict]]]) -> str:
+    """Markdown: per method, each fair-dp seed's row (jaxdp mean ± SD over its seeds on that split, fair-dp's run,
+    the difference ± training-noise SE) and the combination over the seeds."""
+    head = ("| method | fair-dp seed (split) | jaxdp seeds | female: jaxdp | female: fair-dp | female: jaxdp − "
+            "fair-dp ± SE | male: jaxdp | male: fair-dp | male: jaxdp − fair-dp ± SE |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for fair_name, method in METHODS.items():
+        combined: dict[str, list[tuple[float, float | None]]] = {g: [] for g in GROUPS}
+        for seed, jaxdp in sorted(paired.items()):
+            j = jaxdp.get(method, [])
+            f = [r for r in fairdp.get(method, []) if r["seed"] == seed]
+            cells = [fair_name, str(seed), str(len(j))]
+            for g in GROUPS:
+                if not j or len(f) != 1:
+                    cells += [_pm([r[g] for r in j]), _pm([r[g] for r in f]), "–"]
+                    continue
+                diff, se = paired_difference([r[g] for r in j], f[0][g])
+                combined[g].append((diff, se))
+                cells += [_pm([r[g] for r in j]), f"{f[0][g]:.2f}",
+                          f"{diff:+.2f}" + (f" ± {se:.2f}" if se is not None else "")]
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(paired) > 1:
+            cells = [fair_name, "+".join(str(s) for s in sorted(paired)) + " combined", ""]
+            for g in GROUPS:
+                got = combined[g]
+                if len(got) != len(paired):
+                    cells += ["", "", "–"]
+                    continue
+                diff = sum(d for d, _ in got) / len(got)
+                ses = [se for _, se in got]
+                spread = (f" ± {math.sqrt(sum(se ** 2 for se in ses)) / len(got):.2f}"
+                          if all(se is not None for se in ses) else "")
+                cells += ["", "", f"**{diff:+.2f}{spread}**"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _paired_argument(text: str) -> tuple[int, Path]:
+    seed, _, path = text.partition("=")
+    if not seed.isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"--paired {text!r}: expected SEED=SUMMARY_CSV, e.g. 0=results/s0/summary.csv")
+    return int(seed), Path(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fairdp", type=Path, required=True, help="fair-dp driver's record (JSON)")
-    parser.add_argument("--summary", type=Path, required=True, help="summary.csv of a configs/adult_fairdp.py sweep")
+    parser.add_argument("--summary", type=Path, help="summary.csv of a configs/adult_fairdp.py sweep")
+    parser.add_argument("--paired", type=_paired_argument, action="append", default=[],
+                        help="SEED=SUMMARY: summary.csv of a configs/adult_fairdp_paired.py sweep on fair-dp's split "
+                             "of its seed SEED (repeat per seed): prints the paired table instead")
     args = parser.parse_args()
-    print(table(fairdp_runs(args.fairdp), jaxdp_runs(args.summary)), end="")
+    if bool(args.summary) == bool(args.paired):
+        parser.error("give either --summary (unpaired) or --paired SEED=SUMMARY (paired), not both")
+    if args.summary:
+        print(table(fairdp_runs(args.fairdp), jaxdp_runs(args.summary)), end="")
+        return
+    paired = {}
+    for seed, path in args.paired:
+        paired[seed] = jaxdp_runs(path)
+        check_split(paired[seed], args.fairdp.parent / f"fairdp_adult_split_seed{seed}.json", seed)
+    print(paired_table(fairdp_runs(args.fairdp), paired), end="")
 
 
 if __name__ == "__main__":

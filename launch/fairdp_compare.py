@@ -16,6 +16,15 @@ missing value in the Adult files and matches them with the group sizes fair-dp p
     python launch/fairdp_compare.py --fairdp_dir /work/fairdp-src --python /work/fairdp-venv/bin/python \
         --adult_dir /work/shared/data/adult --seeds 0,1 --threads 1 \
         --methods regular,dpsgd,dpsgd-f,dpsgd-global,dpsgd-global-adapt --workdir /work/fairdp-work
+
+``--dump_splits`` trains nothing: it runs fair-dp's own configuration and data loading (``config.get_config``, the
+script's ``--config`` settings, ``datasets.get_loaders_from_config``) in its venv for each seed and writes, per seed,
+the training and test rows fair-dp uses as (file, line number) of the Adult files, for jaxdp's
+``config.data.split_file`` (jaxdp.data.adult; docs/fairdp-comparison.md, "Paired on fair-dp's rows"):
+
+    python launch/fairdp_compare.py --dump_splits --fairdp_dir /work/fairdp-src \
+        --python /work/fairdp-venv/bin/python --adult_dir /work/shared/data/adult --seeds 0,1 \
+        --out docs/measurements/fairdp    # fairdp_adult_split_seed0.json, fairdp_adult_split_seed1.json
 """
 
 from __future__ import annotations
@@ -49,6 +58,37 @@ METHODS = {
     "dpsgd-global-adapt": [*DP, "l2_norm_clip=0.5", "strict_max_grad_norm=50", "lr=0.2", "bits_noise_multiplier=10",
                            "lr_Z=0.1", "threshold=1"],
 }
+# Run in fair-dp's venv with its checkout as the working directory: its own config and data loading for each seed
+# (as main.py: get_config, then the --config overrides through parse_config_arg, then get_loaders_from_config),
+# with datasets.tabular.get_adult_raw wrapped to keep the pandas frames it returns, whose index is the row's
+# position among the complete rows of fair-dp's adult_data_formatted.csv. Nothing is trained.
+SPLITS_PY = """
+import json, sys
+from config import get_config, parse_config_arg
+from datasets import get_loaders_from_config, tabular
+data_root, seeds, common, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+frames = []
+get_adult_raw = tabular.get_adult_raw
+tabular.get_adult_raw = lambda *a, **k: frames.append(get_adult_raw(*a, **k)) or frames[-1]
+result = {}
+for seed in seeds:
+    cfg = get_config(dataset="adult", method="regular")
+    cfg = {**cfg, **dict(parse_config_arg(kv) for kv in [*common, f"seed={seed}", f"data_root={data_root!r}"])}
+    train_loader, valid_loader, test_loader = get_loaders_from_config(cfg, "cpu")
+    train, valid, test = frames.pop()
+    sets = {"train": (train, train_loader), "test": (test, test_loader)}
+    assert len(valid) == 0 and valid_loader is test_loader, "adult_script.sh has no validation set"
+    for name, (frame, loader) in sets.items():
+        assert len(frame) == len(loader.dataset.y), (name, len(frame), len(loader.dataset.y))
+        assert frame["protected_group"].tolist() == loader.dataset.z.tolist(), name
+    result[seed] = {"train_dataset_size": cfg["train_dataset_size"], "data_dim": cfg["data_dim"],
+                    "protected_group": cfg["protected_group"], "group_ratios": list(cfg["group_ratios"]),
+                    "make_valid_loader": cfg["make_valid_loader"],
+                    **{name: {"index": [int(i) for i in frame.index], "sex": frame["sex"].tolist(),
+                              "income": frame["income"].tolist()} for name, (frame, _) in sets.items()}}
+with open(out, "w") as f:
+    json.dump(result, f)
+"""
 VERSIONS_PY = ("import json, platform, torch, opacus, numpy, pandas; print(json.dumps(dict(python=platform."
                "python_version(), torch=torch.__version__, opacus=opacus.__version__, numpy=numpy.__version__, "
                "pandas=pandas.__version__, torch_num_threads=torch.get_num_threads())))")
@@ -130,6 +170,83 @@ def run_one(args, method: str, seed: int, workdir: Path, sex_counts: dict, extra
             "train_size": cfg["train_dataset_size"], "num_features": cfg["data_dim"]}
 
 
+def complete_rows(adult_dir: Path) -> list[tuple[str, int, list[str]]]:
+    """(file, line number from 1, fields without fnlwgt) of each complete row, in fair-dp's order: adult.data then
+    adult.test (its first line skipped), blank lines skipped, rows with a ``?`` dropped (datasets/tabular.py)."""
+    rows = []
+    for name in ADULT_SHA256:
+        for number, line in enumerate((adult_dir / name).read_text().split("\n"), 1):
+            fields = line.rstrip("\r").split(", ")
+            if (name == "adult.test" and number == 1) or not line.strip() or "?" in fields:
+                continue
+            rows.append((name, number, fields[:2] + fields[3:]))
+    return rows
+
+
+def dump_splits(args, seeds: list[int], folder: Path) -> None:
+    """Per seed, fair-dp's training and test rows as {file: sorted line numbers}, checked three ways: against
+    fair-dp's own adult_data_formatted.csv (every field of every complete row), against the sex and income fair-dp
+    holds for each selected row, and against jaxdp's parse of the same lines (sex and label)."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from jaxdp.data import adult as jaxdp_adult
+    from jaxdp.data.adult_split import write_split_file
+
+    data_root = args.workdir / "data"
+    prepare_data(args.adult_dir, data_root)
+    raw = args.workdir / "fairdp_splits_raw.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run([args.python, "-c", SPLITS_PY, str(data_root) + "/", json.dumps(seeds),
+                           json.dumps(COMMON), str(raw)], cwd=args.fairdp_dir, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"fair-dp's data loading failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    fair = json.loads(raw.read_text())
+    rows = complete_rows(data_root / "adult")
+    with open(data_root / "adult" / "adult_data_formatted.csv", newline="") as f:
+        formatted = list(csv.reader(f))[1:]
+    if len(formatted) != len(rows) or any(a != r[2] for a, r in zip(formatted, rows, strict=True)):
+        raise SystemExit("the complete rows parsed here are not fair-dp's adult_data_formatted.csv, row for row")
+    table = jaxdp_adult.read_table(args.adult_dir)
+    where = {(jaxdp_adult.FILE_NAMES[p], int(n)): i
+             for i, (p, n) in enumerate(zip(table.partition, table.line, strict=True))}
+    commit = subprocess.run(["git", "-C", str(args.fairdp_dir), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    printed = [dict(re.findall(r"^(\d+)\s+(\d+)$", block.split("Name:")[0], re.M))
+               for block in proc.stdout.split("(after sampling):")[1:]]
+    for seed, after in zip(seeds, printed, strict=True):
+        got = fair[str(seed)]
+        # fair-dp's printed group sizes after subsampling (sex: 1 female, 0 male) = its training + test rows.
+        ours = {str(g): sum(int(s == g) for name in ("train", "test") for s in got[name]["sex"]) for g in (0, 1)}
+        if {g: int(n) for g, n in after.items()} != {g: n for g, n in ours.items()}:
+            raise SystemExit(f"seed {seed}: fair-dp printed group sizes {after}, its frames hold {ours}")
+        print(f"seed {seed}: fair-dp's printed group sizes after subsampling {after} match its rows")
+        sets = {}
+        for name in ("train", "test"):
+            part = got[name]
+            ids = [rows[i][:2] for i in part["index"]]
+            for (file, line), sex, income in zip(ids, part["sex"], part["income"], strict=True):
+                j = where[(file, line)]
+                # fair-dp: sex Female = 1, income > 50K = 1; jaxdp: female = 1, label 1 = > 50K.
+                if (sex, income) != (int(table.female[j]), int(table.label[j])):
+                    raise SystemExit(f"seed {seed}: {file} line {line} is sex={sex} income={income} in fair-dp, "
+                                     f"female={table.female[j]} label={table.label[j]} in jaxdp")
+            sets[name] = ids
+        if len(sets["train"]) != got["train_dataset_size"]:
+            raise SystemExit(f"seed {seed}: {len(sets['train'])} training rows, fair-dp says "
+                             f"{got['train_dataset_size']}")
+        path = folder / f"fairdp_adult_split_seed{seed}.json"
+        source = {"what": f"the training and test rows of fair-dp's Adult experiment for its seed {seed}, as "
+                          "(file, line number from 1) of UCI's adult.data / adult.test; written by "
+                          "launch/fairdp_compare.py --dump_splits from fair-dp's own data loading (no training)",
+                  "fairdp_commit": commit, "fairdp_seed": seed,
+                  "fairdp_settings": {k: got[k] for k in ("protected_group", "group_ratios", "make_valid_loader",
+                                                          "train_dataset_size", "data_dim")}}
+        summary = write_split_file(path, args.adult_dir, table, sets["train"], sets["test"], source=source)
+        print(f"seed {seed}: {summary} -> {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fairdp_dir", type=Path, required=True, help="a checkout of layer6ai-labs/fair-dp")
@@ -148,12 +265,19 @@ def main() -> None:
                         help="default docs/measurements/fairdp/fairdp_adult_<date>.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs already in --out (same fair-dp commit, versions, threads), run the rest")
+    parser.add_argument("--dump_splits", action="store_true",
+                        help="train nothing: write fair-dp's training and test rows of each seed as split files "
+                             "for jaxdp's config.data.split_file into the folder --out (default "
+                             "docs/measurements/fairdp)")
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    folder = Path(__file__).resolve().parent.parent / "docs" / "measurements" / "fairdp"
+    if args.dump_splits:
+        dump_splits(args, seeds, args.out or folder)
+        return
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {list(METHODS)}")
     today = datetime.date.today().isoformat()
-    folder = Path(__file__).resolve().parent.parent / "docs" / "measurements" / "fairdp"
     out = args.out or folder / f"fairdp_adult_{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     sex_counts = prepare_data(args.adult_dir, args.workdir / "data")

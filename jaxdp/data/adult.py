@@ -60,6 +60,17 @@ both sets. Held-out rows (``holdout_per_group = n``, for the privacy audit) are 
 the training pool has left, drawn at random within the group (like the training rows: members and non-members are
 exchangeable), a prefix of their own stream: a larger ``n`` extends a smaller one.
 
+**Split files.** ``config.data.split_file`` (not in the default config; a config adds it, as
+``configs/adult_fairdp_paired.py``) names a file of :mod:`jaxdp.data.adult_split` that lists the training and the
+test rows by (file, line number): then exactly those rows are the two sets, and ``female_fraction``, ``total``,
+``test_fraction`` and ``split_scheme`` are not used (``train_size``, and with it the privacy accounting's dataset
+size, is the file's training count). Everything else is as above: the test rows' standardisation, the features, the
+group attribute, the order by ``seed``, the files' checksums. The file is checked (its own SHA-256, its schema, the
+Adult files' SHA-256 its lines refer to, every line a complete row, disjoint sets, its per-sex counts) before any run,
+each problem one line naming the file. Held-out rows (``holdout_per_group > 0``) are refused with a split file. The
+split is public (public data, seed and code; row identities only), not a privacy leak: which rows train is not what
+DP protects.
+
 Example::
 
     from jaxdp import data
@@ -95,7 +106,8 @@ from jaxdp.data.subsets import round_half_up
 
 __all__ = [
     "CATEGORIES", "COLUMNS", "FEATURE_NAMES", "FILE_NAMES", "GROUP_ATTRIBUTES", "LABEL_ATTRIBUTE", "NUMERICAL",
-    "SHA256", "AdultPlan", "AdultSource", "AdultTable", "GeneratedAdultSource", "build_splits", "plan_counts",
+    "SHA256", "AdultPlan", "AdultSource", "AdultTable", "GeneratedAdultSource", "build_listed_splits", "build_splits",
+    "plan_counts",
     "read_table",
 ]
 
@@ -154,7 +166,9 @@ class AdultTable:
 
     ``numerical`` float64 ``[N, 5]`` (:data:`NUMERICAL`), ``codes`` int ``[N, 6]`` (index into each
     :data:`CATEGORIES` list), ``female``/``nonwhite``/``label`` int32 ``[N]`` (0/1), ``partition`` int32 ``[N]``
-    (0: adult.data, 1: adult.test), ``dropped`` the number of rows with a missing value.
+    (0: adult.data, 1: adult.test), ``line`` int32 ``[N]`` (the row's line number in its file, from 1: with
+    ``partition`` the row's identity, whatever the order), ``dropped`` the number of rows with a missing value and
+    ``missing_lines`` their line numbers per partition.
     """
 
     numerical: np.ndarray
@@ -163,7 +177,9 @@ class AdultTable:
     nonwhite: np.ndarray
     label: np.ndarray
     partition: np.ndarray
+    line: np.ndarray
     dropped: int
+    missing_lines: tuple[tuple[int, ...], ...] = ((), ())
 
     def __len__(self) -> int:
         return len(self.label)
@@ -186,8 +202,9 @@ class AdultTable:
         return out
 
 
-def _parse(path: Path, text: str, *, test_file: bool) -> tuple[list[list[str]], int]:
-    """The complete rows of one file as lists of 15 fields, and the number of rows with a missing value."""
+def _parse(path: Path, text: str, *, test_file: bool) -> tuple[list[list[str]], int, list[int], list[int]]:
+    """The complete rows of one file as lists of 15 fields, the number of rows with a missing value, the complete
+    rows' line numbers (from 1) and those of the rows with a missing value."""
     lines = text.split("\n")
     start = 0
     if test_file:
@@ -195,7 +212,7 @@ def _parse(path: Path, text: str, *, test_file: bool) -> tuple[list[list[str]], 
             raise ValueError(f"{path}: the first line must be {TEST_HEADER!r} (the UCI test file's header); got "
                              f"{lines[0][:40]!r}. Is this UCI's adult.test? ({UCI_PAGE})")
         start = 1
-    rows, dropped = [], 0
+    rows, dropped, numbers, missing = [], 0, [], []
     for number, line in enumerate(lines[start:], start + 1):
         if not line.strip():
             continue
@@ -205,9 +222,11 @@ def _parse(path: Path, text: str, *, test_file: bool) -> tuple[list[list[str]], 
                              f"{len(COLUMNS)} ({', '.join(COLUMNS)}); the file is damaged or not UCI Adult's.")
         if "?" in fields:
             dropped += 1
+            missing.append(number)
             continue
         rows.append(fields)
-    return rows, dropped
+        numbers.append(number)
+    return rows, dropped, numbers, missing
 
 
 def _encode(path: Path, rows: list[list[str]], *, test_file: bool) -> dict[str, np.ndarray]:
@@ -257,19 +276,22 @@ def read_table(folder: str | os.PathLike[str], *, verify: bool = True) -> AdultT
     with _TABLES_LOCK:
         if key in _TABLES:
             return _TABLES[key]
-    parts, dropped = [], 0
+    parts, dropped, missing_lines = [], 0, []
     for name in FILE_NAMES:
         try:
             text = contents[name].decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"{folder / name} is not a text file; the file is damaged or not UCI Adult's "
                              f"({UCI_PAGE}).") from None
-        rows, n_missing = _parse(folder / name, text, test_file=name == TEST_NAME)
+        rows, n_missing, numbers, missing = _parse(folder / name, text, test_file=name == TEST_NAME)
         dropped += n_missing
+        missing_lines.append(tuple(missing))
         arrays = _encode(folder / name, rows, test_file=name == TEST_NAME)
         arrays["partition"] = np.full(len(rows), PARTITIONS[name], np.int32)
+        arrays["line"] = np.asarray(numbers, np.int32)
         parts.append(arrays)
-    table = AdultTable(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, dropped=dropped)
+    table = AdultTable(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, dropped=dropped,
+                       missing_lines=tuple(missing_lines))
     with _TABLES_LOCK:
         _TABLES[key] = table
     return table
@@ -440,10 +462,31 @@ def build_splits(table: AdultTable, *, female_fraction: float, total: int = 30_0
                    split_scheme=split_scheme, group_attribute=group_attribute)
     chosen = _select(table, female_fraction=female_fraction, total=total, test_fraction=test_fraction, seed=seed,
                      split_scheme=split_scheme, group_attribute=group_attribute)
+    held = None
+    if holdout_per_group:
+        capacity = {g: len(chosen.leftover[g]) for g in (0, 1)}
+        check_holdout_request(int(holdout_per_group), capacity, group_names_of(group_attribute))
+        held_rng = np.random.default_rng([seed, 4])
+        held = np.concatenate([held_rng.permutation(chosen.leftover[g])[:holdout_per_group] for g in (0, 1)])
+    return _materialise(table, chosen.train, chosen.test, held, seed=seed, group_attribute=group_attribute)
+
+
+def build_listed_splits(table: AdultTable, rows: dict[str, np.ndarray], *, seed: int = 0,
+                        group_attribute: str = DEFAULT_GROUP_ATTRIBUTE) -> Splits:
+    """``(train, test, None)`` of exactly the table rows ``rows["train"]`` and ``rows["test"]`` (a split file's,
+    :func:`jaxdp.data.adult_split.resolve_rows`): standardised, encoded and shuffled by ``seed`` as
+    :func:`build_splits` does its own rows."""
+    check_settings(female_fraction=0.5, total=30_000, test_fraction=0.2, seed=seed, group_attribute=group_attribute)
+    return _materialise(table, np.asarray(rows["train"]), np.asarray(rows["test"]), None, seed=seed,
+                        group_attribute=group_attribute)
+
+
+def _materialise(table: AdultTable, train_rows: np.ndarray, test_rows: np.ndarray, held_rows: np.ndarray | None, *,
+                 seed: int, group_attribute: str) -> Splits:
     # The test set's statistics: no training row's value enters the model except through DP (module docstring).
-    test_values = table.numerical[chosen.test]
+    test_values = table.numerical[test_rows]
     mean = test_values.mean(axis=0)
-    std = test_values.std(axis=0, ddof=1) if len(chosen.test) > 1 else np.ones(len(NUMERICAL))
+    std = test_values.std(axis=0, ddof=1) if len(test_rows) > 1 else np.ones(len(NUMERICAL))
     std = np.where(std > 0, std, 1.0)  # a constant column stays 0 after centring
     group = table.group(group_attribute)
     order = np.random.default_rng([seed, 2])
@@ -453,15 +496,8 @@ def build_splits(table: AdultTable, *, female_fraction: float, total: int = 30_0
         return GroupedSplit(inputs=table.features(rows, mean, std), label=table.label[rows].astype(np.int32),
                             group=group[rows], label_attribute=SPLIT_LABEL, group_attribute=group_attribute)
 
-    train, test = split(chosen.train), split(chosen.test)
-    holdout = None
-    if holdout_per_group:
-        capacity = {g: len(chosen.leftover[g]) for g in (0, 1)}
-        check_holdout_request(int(holdout_per_group), capacity, group_names_of(group_attribute))
-        held_rng = np.random.default_rng([seed, 4])
-        rows = np.concatenate([held_rng.permutation(chosen.leftover[g])[:holdout_per_group] for g in (0, 1)])
-        holdout = split(rows)
-    return Splits(train, test, holdout)
+    train, test = split(train_rows), split(test_rows)
+    return Splits(train, test, None if held_rows is None else split(held_rows))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,6 +515,11 @@ class AdultSource(DataSource):
         def get(key: str, default: Any = None) -> Any:
             return config_value(data_config, key, default)
 
+        if get("split_file"):  # the rows come from the file: female_fraction, total, test_fraction, split_scheme unused
+            settings = dict(seed=get("seed", 0), group_attribute=get("group_attribute", DEFAULT_GROUP_ATTRIBUTE))
+            check_settings(female_fraction=0.5, total=30_000, test_fraction=0.2, **settings,
+                           label_attribute=get("label_attribute", LABEL_ATTRIBUTE))
+            return {"split_file": str(get("split_file")), **settings}
         settings = dict(female_fraction=get("female_fraction"), total=get("total", 30_000),
                         test_fraction=get("test_fraction", 0.2), seed=get("seed", 0),
                         split_scheme=get("split_scheme", "paper"),
@@ -497,22 +538,48 @@ class AdultSource(DataSource):
     def table(self, data_config: Any) -> AdultTable:
         return read_table(self.folder(data_config), verify=self.verify)
 
+    def listed_rows(self, data_config: Any) -> dict[str, np.ndarray]:
+        """The table rows of ``config.data.split_file`` (checked against the files: :mod:`jaxdp.data.adult_split`)."""
+        from jaxdp.data import adult_split
+
+        split = adult_split.read_split_file(config_value(data_config, "split_file"))
+        table = self.table(data_config)  # generates the synthetic files first where they are not there yet
+        return adult_split.resolve_rows(split, table, adult_split.file_digests(self.folder(data_config)))
+
     def check_available(self, data_config: Any) -> None:
         settings = self.settings(data_config)
         check_files(self.folder(data_config))
+        if "split_file" in settings:
+            self.listed_rows(data_config)  # refuses a damaged or incompatible file, or an unknown row, before any run
+            return
         _select(self.table(data_config), **settings)  # refuses a total the pool cannot fill, before any run
 
     def load_splits(self, data_config: Any, holdout_per_group: int) -> Splits:
-        return build_splits(self.table(data_config), **self.settings(data_config),
-                            holdout_per_group=holdout_per_group)
+        settings = self.settings(data_config)
+        if "split_file" in settings:
+            if holdout_per_group:
+                self.holdout_capacity(data_config)  # refuses
+            return build_listed_splits(self.table(data_config), self.listed_rows(data_config), seed=settings["seed"],
+                                       group_attribute=settings["group_attribute"])
+        return build_splits(self.table(data_config), **settings, holdout_per_group=holdout_per_group)
 
     def train_size(self, data_config: Any) -> int:
-        """Exact from the settings (the counting rule of the module docstring): ``total - round_half_up(total p)``."""
+        """Exact from the settings (the counting rule of the module docstring): ``total - round_half_up(total p)``;
+        with ``split_file``, the number of training rows it lists."""
         settings = self.settings(data_config)
+        if "split_file" in settings:
+            from jaxdp.data import adult_split
+
+            return adult_split.read_split_file(settings["split_file"]).size("train")
         return int(settings["total"]) - round_half_up(int(settings["total"]) * _exact(settings["test_fraction"]))
 
     def holdout_capacity(self, data_config: Any) -> dict[int, int]:
-        chosen = _select(self.table(data_config), **self.settings(data_config))
+        settings = self.settings(data_config)
+        if "split_file" in settings:
+            raise ValueError(f"config.data.split_file={settings['split_file']!r} lists the training and test rows "
+                             "only: held-out rows (config.audit, holdout_per_group > 0) are not supported with a "
+                             "split file; unset one of the two.")
+        chosen = _select(self.table(data_config), **settings)
         return {g: len(chosen.leftover[g]) for g in (0, 1)}
 
     def group_names(self, data_config: Any) -> tuple[str, str]:
@@ -554,8 +621,9 @@ class GeneratedAdultSource(AdultSource):
         return read_table(folder, verify=False)
 
     def check_available(self, data_config: Any) -> None:
-        self.settings(data_config)
         self.generator_arguments(data_config)  # the rows are generated on first use
+        if "split_file" in self.settings(data_config):
+            self.listed_rows(data_config)
 
 
 register_source("adult", AdultSource())
