@@ -67,9 +67,9 @@ test rows by (file, line number): then exactly those rows are the two sets, and 
 size, is the file's training count). Everything else is as above: the test rows' standardisation, the features, the
 group attribute, the order by ``seed``, the files' checksums. The file is checked (its own SHA-256, its schema, the
 Adult files' SHA-256 its lines refer to, every line a complete row, disjoint sets, its per-sex counts) before any run,
-each problem one line naming the file. Held-out rows (``holdout_per_group > 0``) are refused with a split file. The
-split is public (public data, seed and code; row identities only), not a privacy leak: which rows train is not what
-DP protects.
+each problem one line naming the file. Held-out rows (``holdout_per_group > 0``) are refused with a split file. A split
+file discloses which rows trained (membership, which DP's guarantee does not cover for inputs you publish yourself):
+fair-dp's are recomputable from public data, code and seed; keep one for private data as private as the data.
 
 Example::
 

@@ -22,10 +22,10 @@ this format or not this schema; a file whose content does not hash to its ``sha2
 written for other Adult files (``data_sha256``); a line that is not a complete row (a row with a ``?``, a blank
 line, the test file's header, past the end); a row in both sets; and counts that the rows do not reproduce.
 
-The split is public: a split file is a function of public data, a public seed and public code (for fair-dp's
-splits, fair-dp's preprocessing), and holds row identities only. Like the test set jaxdp draws itself, which rows
-train is not protected by the DP guarantee (the guarantee is about each training row's *contribution*, under the
-replace-one relation at a public dataset size), so publishing it leaks nothing the guarantee covers.
+Privacy: a split file says which rows trained, so publishing one discloses membership directly; the DP guarantee
+covers what training releases (the model, the logs), not inputs you publish yourself. fair-dp's split files here
+disclose nothing secret: UCI Adult is public and the split is recomputable from fair-dp's public code and seed. For
+private data, keep a split file as private as the data.
 """
 
 from __future__ import annotations
