@@ -9,22 +9,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from adult_testlib import NUM_ROWS, REAL_DIR, needs_real
 
 from jaxdp import data
 from jaxdp.data import adult, adult_synthetic
-
-NUM_ROWS = 1_200
-# UCI's files where CI sees them (the repository's sibling shared/), or JAXDP_ADULT_DIR.
-REAL_DIR = Path(os.environ.get("JAXDP_ADULT_DIR") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                / "adult")
-needs_real = pytest.mark.skipif(not (REAL_DIR / "adult.data").is_file(),
-                                reason=f"UCI Adult's files are not in {REAL_DIR} (set JAXDP_ADULT_DIR to their folder)")
 
 
 @pytest.fixture(scope="session")

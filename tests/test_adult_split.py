@@ -8,20 +8,16 @@ import csv
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from adult_testlib import NUM_ROWS, REAL_DIR, needs_real
 
 from jaxdp import data
 from jaxdp.data import adult, adult_split, adult_synthetic
 
-NUM_ROWS = 1_200
 ROOT = Path(__file__).resolve().parents[1]
-REAL_DIR = Path(os.environ.get("JAXDP_ADULT_DIR") or ROOT / ".." / "shared" / "data" / "adult")
-needs_real = pytest.mark.skipif(not (REAL_DIR / "adult.data").is_file(),
-                                reason=f"UCI Adult's files are not in {REAL_DIR} (set JAXDP_ADULT_DIR to their folder)")
 
 
 @pytest.fixture(scope="module")
