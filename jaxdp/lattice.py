@@ -194,9 +194,14 @@ _TABLE_CACHE_FORMAT = 1  # bump when the tables' construction changes: older fil
 PACKAGED_TABLES = (("rounded", 640.0), ("discrete", 640.0))
 
 
+def _table_file_name(kind: str, stddev: float) -> str:
+    """The name of a table's file, in the package and in the cache folder (without the package's ``.gz``)."""
+    return f"{kind}-{float(stddev).hex()}-v{_TABLE_CACHE_FORMAT}.json"
+
+
 def packaged_table_file(kind: str, stddev: float) -> Path:
     """Where the package keeps the table of ``(kind, stddev)`` if it ships it (:data:`PACKAGED_TABLES`)."""
-    return Path(__file__).with_name("lattice_tables") / f"{kind}-{float(stddev).hex()}-v{_TABLE_CACHE_FORMAT}.json.gz"
+    return Path(__file__).with_name("lattice_tables") / (_table_file_name(kind, stddev) + ".gz")
 
 
 def write_packaged_tables() -> list[Path]:
@@ -206,14 +211,12 @@ def write_packaged_tables() -> list[Path]:
     for kind, stddev in PACKAGED_TABLES:
         half_width = max(1, math.ceil(TAIL_STDDEVS * stddev))
         weights, tv_bound = _table_weights(kind, stddev, half_width)
-        payload = _table_payload(kind, stddev, half_width, weights, tv_bound)
-        record = json.dumps({"payload": payload, "sha256": hashlib.sha256(payload.encode()).hexdigest()})
+        record = json.dumps(_table_record(_table_payload(kind, stddev, half_width, weights, tv_bound)))
         path = packaged_table_file(kind, stddev)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(gzip.compress(record.encode(), compresslevel=9, mtime=0))
         written.append(path)
     return written
-
 
 
 def table_cache_file(kind: str, stddev: float) -> Path | None:
@@ -227,13 +230,18 @@ def table_cache_file(kind: str, stddev: float) -> Path | None:
     directory = jax.config.jax_compilation_cache_dir
     if not directory:
         return None
-    return Path(directory) / "jaxdp-lattice" / f"{kind}-{float(stddev).hex()}-v{_TABLE_CACHE_FORMAT}.json"
+    return Path(directory) / "jaxdp-lattice" / _table_file_name(kind, stddev)
 
 
 def _table_payload(kind: str, stddev: float, half_width: int, weights: list[int], tv_bound: float) -> str:
     return json.dumps({"format": _TABLE_CACHE_FORMAT, "kind": kind, "stddev": float(stddev).hex(),
                        "half_width": half_width, "weights": [format(w, "x") for w in weights],
                        "tv_bound": float(tv_bound).hex()}, sort_keys=True)
+
+
+def _table_record(payload: str) -> dict[str, str]:
+    """A table file's contents: the payload and its SHA-256, which :func:`_load_table` checks."""
+    return {"payload": payload, "sha256": hashlib.sha256(payload.encode()).hexdigest()}
 
 
 def _load_table(path: Path, kind: str, stddev: float, half_width: int) -> tuple[list[int], float] | None:
@@ -260,7 +268,7 @@ def _load_table(path: Path, kind: str, stddev: float, half_width: int) -> tuple[
 def _save_table(path: Path, payload: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        runlog.write_json(path, {"payload": payload, "sha256": hashlib.sha256(payload.encode()).hexdigest()})
+        runlog.write_json(path, _table_record(payload))
     except OSError:  # a read-only or full cache folder costs the next process the build, nothing else
         pass
 
@@ -277,8 +285,7 @@ def alias_table(kind: str, stddev: float) -> AliasTable:
                          f"got {kind!r}, {stddev!r}.")
     half_width = max(1, math.ceil(TAIL_STDDEVS * stddev))
     index_bits = max(1, (2 * half_width).bit_length())
-    packaged = packaged_table_file(kind, stddev)
-    cached = _load_table(packaged, kind, stddev, half_width) if packaged.is_file() else None
+    cached = _load_table(packaged_table_file(kind, stddev), kind, stddev, half_width)  # None if not shipped
     cache_file = table_cache_file(kind, stddev) if cached is None else None
     if cache_file is not None:
         cached = _load_table(cache_file, kind, stddev, half_width)

@@ -168,14 +168,6 @@ class Accumulator(NamedTuple):
 # The plan.
 
 
-def _select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` where ``pred`` else ``old``, for any leaf of a train state (typed PRNG keys included)."""
-    if jax.dtypes.issubdtype(jnp.result_type(new), jax.dtypes.prng_key):
-        data = jnp.where(pred, jax.random.key_data(new), jax.random.key_data(old))
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
-    return jnp.where(pred, new, old)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class DPPlan:
     """The mechanism of one training run (see the module docstring); build it with :func:`make_plan`. Hashable by
@@ -346,7 +338,7 @@ class DPPlan:
         acc = Accumulator(jax.tree_util.tree_map(jnp.add, acc.grad_sum, chunk_sum), counts)
         updated, noised = self.apply_update(state, acc.grad_sum, acc.counts, model_state)
         kept = state.replace(model_state=model_state)  # an earlier chunk: the step's update waits for its last
-        state = jax.tree_util.tree_map(lambda new, old: _select(last, new, old), updated, kept)
+        state = jax.tree_util.tree_map(lambda new, old: jnp.where(last, new, old), updated, kept)  # keys too
         update = None
         if return_update:
             update = (acc.grad_sum, jax.tree_util.tree_map(lambda a: jnp.where(last, a, jnp.zeros_like(a)), noised))

@@ -243,7 +243,7 @@ def dump_splits(args, seeds: list[int], folder: Path) -> None:
                   "fairdp_commit": commit, "fairdp_seed": seed,
                   "fairdp_settings": {k: got[k] for k in ("protected_group", "group_ratios", "make_valid_loader",
                                                           "train_dataset_size", "data_dim")}}
-        summary = write_split_file(path, args.adult_dir, table, sets["train"], sets["test"], source=source)
+        summary = write_split_file(path, table, sets["train"], sets["test"], source=source)
         print(f"seed {seed}: {summary} -> {path}")
 
 

@@ -44,7 +44,7 @@ def split(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     order = np.random.default_rng(7).permutation(len(table))
     train, test = np.sort(order[:301]), np.sort(order[301:398])
     path = tmp_path_factory.mktemp("split") / "split.json"
-    adult_split.write_split_file(path, generated, table, ids(table, train), ids(table, test), source={"by": "test"})
+    adult_split.write_split_file(path, table, ids(table, train), ids(table, test), source={"by": "test"})
     return path, train, test
 
 

@@ -84,7 +84,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -167,8 +167,9 @@ class AdultTable:
     ``numerical`` float64 ``[N, 5]`` (:data:`NUMERICAL`), ``codes`` int ``[N, 6]`` (index into each
     :data:`CATEGORIES` list), ``female``/``nonwhite``/``label`` int32 ``[N]`` (0/1), ``partition`` int32 ``[N]``
     (0: adult.data, 1: adult.test), ``line`` int32 ``[N]`` (the row's line number in its file, from 1: with
-    ``partition`` the row's identity, whatever the order), ``dropped`` the number of rows with a missing value and
-    ``missing_lines`` their line numbers per partition.
+    ``partition`` the row's identity, whatever the order), ``dropped`` the number of rows with a missing value,
+    ``missing_lines`` their line numbers per partition, and ``sha256`` the SHA-256 of each file the table was parsed
+    from (by file name).
     """
 
     numerical: np.ndarray
@@ -180,6 +181,7 @@ class AdultTable:
     line: np.ndarray
     dropped: int
     missing_lines: tuple[tuple[int, ...], ...] = ((), ())
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -291,7 +293,7 @@ def read_table(folder: str | os.PathLike[str], *, verify: bool = True) -> AdultT
         arrays["line"] = np.asarray(numbers, np.int32)
         parts.append(arrays)
     table = AdultTable(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, dropped=dropped,
-                       missing_lines=tuple(missing_lines))
+                       missing_lines=tuple(missing_lines), sha256=dict(zip(FILE_NAMES, key, strict=True)))
     with _TABLES_LOCK:
         _TABLES[key] = table
     return table
@@ -543,8 +545,7 @@ class AdultSource(DataSource):
         from jaxdp.data import adult_split
 
         split = adult_split.read_split_file(config_value(data_config, "split_file"))
-        table = self.table(data_config)  # generates the synthetic files first where they are not there yet
-        return adult_split.resolve_rows(split, table, adult_split.file_digests(self.folder(data_config)))
+        return adult_split.resolve_rows(split, self.table(data_config))  # (generates synthetic files where absent)
 
     def check_available(self, data_config: Any) -> None:
         settings = self.settings(data_config)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "SplitFile", "file_digests", "read_split_file", "resolve_rows", "write_split_file"]
+__all__ = ["FORMAT", "SplitFile", "read_split_file", "resolve_rows", "write_split_file"]
 
 FORMAT = "jaxdp.adult_split/1"
 FILE_NAMES = ("adult.data", "adult.test")  # jaxdp.data.adult.FILE_NAMES, in partition order
@@ -66,11 +66,6 @@ class SplitFile:
 def _canonical(content: dict[str, Any]) -> bytes:
     return json.dumps({k: v for k, v in content.items() if k != "sha256"}, sort_keys=True,
                       separators=(",", ":")).encode()
-
-
-def file_digests(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """SHA-256 of ``folder``'s adult.data and adult.test."""
-    return {name: hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest() for name in FILE_NAMES}
 
 
 def _fail(path: Path, problem: str) -> ValueError:
@@ -166,11 +161,11 @@ def _lookup(path: Path, listed: dict[str, dict[str, Any]], table: Any) -> dict[s
     return out
 
 
-def resolve_rows(split: SplitFile, table: Any, digests: dict[str, str]) -> dict[str, np.ndarray]:
-    """``{"train": rows, "test": rows}``: indices into ``table`` (a :class:`jaxdp.data.adult.AdultTable` read from
-    files with SHA-256 ``digests``) of the rows ``split`` lists, in (file, line) order; every listed line must be a
-    complete row, the sets disjoint and the stated counts reproduced. Raises ValueError with one line."""
-    path = split.path
+def resolve_rows(split: SplitFile, table: Any) -> dict[str, np.ndarray]:
+    """``{"train": rows, "test": rows}``: indices into ``table`` (a :class:`jaxdp.data.adult.AdultTable`, whose
+    ``sha256`` are its files' digests) of the rows ``split`` lists, in (file, line) order; every listed line must be
+    a complete row, the sets disjoint and the stated counts reproduced. Raises ValueError with one line."""
+    path, digests = split.path, table.sha256
     if digests != split.data_sha256:
         which = [f for f in FILE_NAMES if digests.get(f) != split.data_sha256[f]]
         raise _fail(path, f"written for other Adult files: {', '.join(which)} here has SHA-256 "
@@ -185,10 +180,10 @@ def resolve_rows(split: SplitFile, table: Any, digests: dict[str, str]) -> dict[
     return out
 
 
-def write_split_file(path: str | os.PathLike[str], folder: str | os.PathLike[str], table: Any,
-                     train: list[tuple[str, int]], test: list[tuple[str, int]], *, source: dict[str, Any]) -> str:
-    """Writes the split of ``train`` and ``test`` (lists of (file name, line number)) of the Adult files in
-    ``folder`` (read into ``table``) to ``path``, and checks it by reading it back; returns a one-line summary."""
+def write_split_file(path: str | os.PathLike[str], table: Any, train: list[tuple[str, int]],
+                     test: list[tuple[str, int]], *, source: dict[str, Any]) -> str:
+    """Writes the split of ``train`` and ``test`` (lists of (file name, line number)) of the Adult files read into
+    ``table`` to ``path``, and checks it by reading it back; returns a one-line summary."""
     listed = {name: {file: sorted(n for f, n in ids if f == file) for file in FILE_NAMES}
               for name, ids in (("train", train), ("test", test))}
     for name, ids in (("train", train), ("test", test)):
@@ -198,11 +193,11 @@ def write_split_file(path: str | os.PathLike[str], folder: str | os.PathLike[str
             raise ValueError(f"{name}: a row is listed twice")
     rows = _lookup(Path(path), listed, table)
     content: dict[str, Any] = {
-        "format": FORMAT, "data_sha256": file_digests(folder), **listed, "source": source,
+        "format": FORMAT, "data_sha256": dict(table.sha256), **listed, "source": source,
         "counts": {name: {sex: list(v) for sex, v in _counts(table, rows[name]).items()} for name in SETS}}
     content["sha256"] = hashlib.sha256(_canonical(content)).hexdigest()
     Path(path).write_text(json.dumps(content, sort_keys=True, separators=(",", ":")) + "\n")
     split = read_split_file(path)
-    resolve_rows(split, table, file_digests(folder))
+    resolve_rows(split, table)
     return "; ".join(f"{name} {split.size(name)} rows (female, male: rows and income > 50K: "
                      f"{split.counts[name]['female']}, {split.counts[name]['male']})" for name in SETS)
