@@ -188,7 +188,7 @@ def _alias_rows(weights: list[int], index_bits: int) -> np.ndarray:
 _TABLE_CACHE_FORMAT = 1  # bump when the tables' construction changes: older files are then ignored
 # The tables every sampler above 1,280 lattice units starts with (its outer rounded level) and every three-level
 # sampler's middle level once it reaches 640: shipped with the package (jaxdp/lattice_tables/, written by
-# write_packaged_tables), so that a first run does not spend 1.7 s in mpmath building them. A packaged file is read
+# write_packaged_tables), so that a first run does not spend seconds in mpmath building them. A packaged file is read
 # like a cache file (its SHA-256 and structure checked, else ignored and the table built);
 # tests/test_lattice.py rebuilds both and compares them weight for weight.
 PACKAGED_TABLES = (("rounded", 640.0), ("discrete", 640.0))
@@ -277,9 +277,8 @@ def _save_table(path: Path, payload: str) -> None:
 def alias_table(kind: str, stddev: float) -> AliasTable:
     """The alias table of ``round(N(0, stddev^2))`` (``kind="rounded"``) or ``D_{Z,stddev}`` (``"discrete"``),
     ``stddev <= 640``: read from the package for the two tables almost every sampler uses (:data:`PACKAGED_TABLES`),
-    else built (about 1.3 s for the largest rounded table, 0.4 s for a discrete one of 640 on a 2-core CPU), then
-    cached in the process, and across processes in :func:`table_cache_file` when JAX's compilation cache directory
-    is set."""
+    else built in mpmath (the rounded table of 640 is the slowest), then cached in the process, and across
+    processes in :func:`table_cache_file` when JAX's compilation cache directory is set."""
     if kind not in ("rounded", "discrete") or not 0 < stddev <= MAX_TABLE_STDDEV:
         raise ValueError(f"alias_table takes kind 'rounded' or 'discrete' and 0 < stddev <= {MAX_TABLE_STDDEV}; "
                          f"got {kind!r}, {stddev!r}.")

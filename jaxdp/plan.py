@@ -325,8 +325,8 @@ class DPPlan:
         every step runs one program. Outputs are ``[1, width]``.
 
         The update is computed on every chunk and selected (``jnp.where(last, ...)``), not branched to with
-        ``lax.cond``: XLA's CPU runtime ran the conditional's branch without fusing it into the rest of the step,
-        10-15% of a small model's step (the digits CNN, the Adult MLP), where the select fuses into the
+        ``lax.cond``: XLA's CPU runtime ran the conditional's branch without fusing it into the rest of the step, a
+        visible part of a small model's step in one-off timings (CHANGELOG), where the select fuses into the
         optimiser's element-wise update. An earlier chunk of a step that overflows its chunk (about 1% of Poisson
         steps) therefore also draws the step's noise (with the same key and counter as its last chunk, since the
         state is kept) on a partial sum, and discards it inside the program: nothing of it leaves the program,
