@@ -369,7 +369,7 @@ class IntegerGaussian:
                 value = levels[level] + multiplier * value
             return value
 
-        return threefry.map_chunks(values_of, size, jnp.int32)
+        return threefry.draw_values(values_of, size, jnp.int32, words)
 
 
 def _smoothing_error(fine: float, multiplier: int, coarse: float) -> float:

@@ -127,7 +127,7 @@ def _normal_from_bits(high: jax.Array, low: jax.Array) -> jax.Array:
 
 def _draw(words: jax.Array, size: int, *, secure: bool = False) -> jax.Array:
     """``size`` float32 standard normals from the 128-bit key ``words``: value ``i`` takes the block at counter
-    ``(i, stream, 0, 0)`` (:func:`jaxdp.threefry.map_chunks`: independent of the chunking). ``secure``: the sum of
+    ``(i, stream, 0, 0)`` (:func:`jaxdp.threefry.draw_values`). ``secure``: the sum of
     the four streams' normals, halved (see :func:`dp_noise`). One block per value: XLA evaluates a block once
     per output word, so two values per block would cost twice as much."""
 
@@ -138,7 +138,7 @@ def _draw(words: jax.Array, size: int, *, secure: bool = False) -> jax.Array:
             z.append(_normal_from_bits(x0 ^ x2, x1 ^ x3))
         return sum(z) * 0.5 if secure else z[0]
 
-    return threefry.map_chunks(normals, size, jnp.float32)
+    return threefry.draw_values(normals, size, jnp.float32, words)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))

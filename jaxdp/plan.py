@@ -302,13 +302,12 @@ class DPPlan:
         :meth:`gather`, are sliced on the host) and inside your own ``jax.jit`` (the chunks are then unrolled into
         your program: pass the data as arguments, never close over it, or it is compiled into the program).
         """
-        batch, mask, groups = _chunked_inputs(batch, mask, groups, self.method)
-        n = mask.shape[0]
+        chunks = _chunked_inputs(batch, mask, groups, self.method)
+        n = len(chunks)
         acc, outs = self.zero_accumulator(state.params), []
-        for c in range(n):
-            state, acc, out = self.chunk_step(state, acc, jax.tree_util.tree_map(lambda a, c=c: a[c], batch),
-                                              mask[c], groups[c], np.bool_(c == 0), np.bool_(c == n - 1),
-                                              return_update=return_update)
+        for c, (chunk, chunk_mask, chunk_groups) in enumerate(chunks):
+            state, acc, out = self.chunk_step(state, acc, chunk, chunk_mask, chunk_groups, np.bool_(c == 0),
+                                              np.bool_(c == n - 1), return_update=return_update)
             outs.append(out)
         if n == 1:
             return state, outs[0]
@@ -347,10 +346,13 @@ class DPPlan:
     def zero_accumulator(self, params: PyTree) -> Accumulator:
         """The accumulator a step's first chunk starts from (its values are ignored; made once per parameter
         structure and placed like the parameters, on the mesh when there is one)."""
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(params)):
+        leaves, structure = jax.tree_util.tree_flatten(params)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return Accumulator(jax.tree_util.tree_map(jnp.zeros_like, params), self._zero_counts())
-        key = jax.tree_util.tree_structure(params), tuple((jnp.shape(x), jnp.result_type(x))
-                                                          for x in jax.tree_util.tree_leaves(params))
+        # (shape, dtype) of each leaf: the attributes where a leaf has them (jnp.result_type costs a visible part
+        # of a small model's step on the host).
+        key = structure, tuple((x.shape, x.dtype) if hasattr(x, "dtype") else (jnp.shape(x), jnp.result_type(x))
+                               for x in leaves)
         if key not in self._zeros:
             shardings = None if self.mesh is None else parallel.replicated(self.mesh)
             zeros = jax.jit(lambda p: Accumulator(jax.tree_util.tree_map(jnp.zeros_like, p), self._zero_counts()),
@@ -515,22 +517,21 @@ def _as_array(a: Any) -> Any:
     return a if isinstance(a, jax.Array) else np.asarray(a)
 
 
-def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> tuple[PyTree, Any, Any]:
-    """``(batch, mask, groups)`` with a leading chunk axis, after checking their shapes agree."""
+def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> list[tuple[PyTree, Any, Any]]:
+    """``[(batch, mask, groups)]`` of each chunk, after checking their shapes agree. One chunk given without the
+    chunk axis (``mask`` ``[width]``) is passed on as it is: a device array sliced here would cost an eager
+    operation per leaf on the host at every step."""
     mask = _as_array(mask)
     if mask.dtype != np.bool_ or mask.ndim not in (1, 2):
         raise ValueError(f"mask must be bool[n_chunks, width] (or bool[width] for one chunk): True for real "
                          f"examples, False for padding; got {mask.dtype}{list(mask.shape)}.")
     one_chunk = mask.ndim == 1
     batch = jax.tree_util.tree_map(_as_array, batch)
-    if one_chunk:
-        mask = mask[None]
-        batch = jax.tree_util.tree_map(lambda a: a[None], batch)
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
-        if tuple(np.shape(leaf)[:2]) != mask.shape:
+        if tuple(np.shape(leaf)[:mask.ndim]) != mask.shape:
             raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}; every leaf must "
-                             f"start with the mask's shape {tuple(mask.shape[1 if one_chunk else 0:])} "
-                             "(chunks, then examples).")
+                             f"start with the mask's shape {tuple(mask.shape)} "
+                             f"({'examples' if one_chunk else 'chunks, then examples'}).")
     if groups is None:
         if method.uses_groups:
             raise ValueError(f"method {method.name!r} needs each example's group: pass groups= "
@@ -538,12 +539,13 @@ def _chunked_inputs(batch: PyTree, mask: Any, groups: Any, method: Any) -> tuple
         groups = np.zeros(mask.shape, np.int32)
     else:
         groups = _as_array(groups)
-        groups = groups[None] if one_chunk else groups
         if groups.shape != mask.shape or not np.issubdtype(groups.dtype, np.integer):
             raise ValueError(f"groups must be integers of the mask's shape {tuple(mask.shape)}; got "
                              f"{groups.dtype}{list(groups.shape)}.")
         groups = groups.astype(np.int32) if groups.dtype != np.int32 else groups
-    return batch, mask, groups
+    if one_chunk:
+        return [(batch, mask, groups)]
+    return [(jax.tree_util.tree_map(lambda a, c=c: a[c], batch), mask[c], groups[c]) for c in range(mask.shape[0])]
 
 
 def _num_steps(epochs: float | None, steps: int | None, steps_per_epoch: int) -> int:

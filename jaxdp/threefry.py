@@ -23,7 +23,6 @@ _PARITY = np.uint32(0x1BD11BDA)
 BITS, STEP, LATTICE = 0, 1, 2
 
 MAX_DRAW = 2**32  # a draw's value index is one uint32 counter word
-_CHUNK = 2**20  # values per iteration of the drawing loop
 
 
 def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
@@ -80,23 +79,26 @@ def check_draw_size(size: int) -> None:
         raise ValueError(f"A noise draw holds fewer than 2**32 values (one counter word indexes them); got {size}.")
 
 
-def map_chunks(values_of: Callable[[jax.Array], jax.Array], size: int, dtype) -> jax.Array:
-    """``values_of(index)`` (a uint32 vector of value indices -> one value each) for indices ``0 .. size - 1``.
+def draw_values(values_of: Callable[[jax.Array], jax.Array], size: int, dtype, words: jax.Array) -> jax.Array:
+    """``values_of(index)`` (a uint32 vector of value indices -> one value each) for indices ``0 .. size - 1``,
+    computed once and kept (``words``: the draw's key words, traced).
 
-    A loop of at least two iterations over chunks of at most 2^20 values: XLA neither fuses a loop's output into
-    its consumers nor unrolls it (a one-iteration loop it inlines). Fused, the integer-only generator counts as
-    cheap and is recomputed in every consumer (Adam's two moments and the update, for each leaf), which
-    multiplies the compile time and the work. Value ``i`` depends only on ``i``, not on the chunking.
+    The values are made inside a ``lax.cond`` whose two branches are this same computation and whose predicate
+    depends on ``words`` (so XLA cannot fold it): XLA keeps a conditional's result as one buffer and does not
+    fuse it into its consumers. Fused, the integer-only generator counts as cheap and would be recomputed in
+    every consumer (Adam's two moments and the update, for each leaf), which multiplies the compile time and
+    the work. Inside the branch the generator is one element-wise loop that XLA's CPU backend can split over
+    its threads, where a loop over chunks of the draw (``lax.scan``, jaxdp's earlier way) writes each chunk in
+    place on one thread (CHANGELOG). Value ``i`` depends only on ``i``, so the values are those of any earlier
+    version of this function.
     """
     check_draw_size(size)
     if size == 0:
         return jnp.zeros((0,), dtype)
-    n_chunks = max(2, -(-size // _CHUNK))
-    chunk = -(-size // n_chunks)
+    words = jnp.asarray(words, jnp.uint32)
+    opaque = words[0] != words[1] + np.uint32(1)  # either way the same values: both branches are one computation
 
-    def body(carry, start):
-        return carry, values_of(start + jax.lax.iota(jnp.uint32, chunk))
+    def values():
+        return values_of(jax.lax.iota(jnp.uint32, size)).astype(dtype)
 
-    starts = jnp.arange(n_chunks, dtype=jnp.uint32) * np.uint32(chunk)
-    _, values = jax.lax.scan(body, None, starts)
-    return values.reshape(-1)[:size]
+    return jax.lax.cond(opaque, values, values)

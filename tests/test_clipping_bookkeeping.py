@@ -289,7 +289,8 @@ def test_cancellation_falls_back_to_materialised_norms():
     assert np.all(got[moderate] >= ref[moderate] * (1 - 1e-4))
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 50, 60), (3, 30, 3, 2), (3, 6, 72, 16)])  # ghost, materialised, ghost
+# ghost, materialised, ghost, one position (a Dense layer on vectors: the product of two norms)
+@pytest.mark.parametrize("shape", [(3, 4, 50, 60), (3, 30, 3, 2), (3, 6, 72, 16), (5, 1, 99, 256)])
 @pytest.mark.parametrize("cancel", [False, True])
 def test_kernel_norm_bounds_bound_the_summed_vector(shape, cancel):
     batch, t, k, o = shape

@@ -76,3 +76,26 @@ def test_a_batch_over_several_chunks_runs_the_one_compiled_program_and_takes_the
     np.testing.assert_allclose(np.asarray(one.params["w"]), np.asarray(three.params["w"]), rtol=1e-5, atol=1e-6)
     assert out.norms.shape == (3, 4) and out.losses.shape == (3, 4)
     assert int(one.opt_state[0].count) == int(three.opt_state[0].count) == 1  # the noise advanced once per step
+
+
+def test_one_chunk_without_the_chunk_axis_from_device_arrays_equals_the_host_chunk_and_bad_inputs_are_named():
+    """A one-chunk batch may come as device arrays without the chunk axis (passed to the program as they are) and
+    gives the step the host arrays with a chunk axis give; inputs whose shapes disagree are refused by name."""
+    plan = _linear_plan()
+    params = {"w": jnp.zeros((3, 2))}
+    rng = np.random.default_rng(1)
+    data = {"x": rng.normal(size=(64, 3)).astype(np.float32), "y": rng.integers(0, 2, 64).astype(np.int32)}
+    batch, mask = plan.gather(data, plan.batch(0))
+    assert mask.shape[0] == 1
+    host, host_out = plan.train_step(plan.init(params), batch, mask)
+    device_batch = jax.tree.map(lambda a: jnp.asarray(a[0]), batch)
+    device, device_out = plan.train_step(plan.init(params), device_batch, jnp.asarray(mask[0]))
+    np.testing.assert_array_equal(np.asarray(host.params["w"]), np.asarray(device.params["w"]))
+    np.testing.assert_array_equal(np.asarray(host_out.norms), np.asarray(device_out.norms))
+    with pytest.raises(ValueError, match=r"batch\['x'\] has shape \(5, 3\); every leaf must start with the mask's"):
+        plan.train_step(plan.init(params), {"x": np.ones((5, 3), np.float32), "y": np.zeros(mask.shape[1], np.int32)},
+                        mask[0])
+    with pytest.raises(ValueError, match=r"mask must be bool\[n_chunks, width\]"):
+        plan.train_step(plan.init(params), batch, mask.astype(np.float32))
+    with pytest.raises(ValueError, match=r"groups must be integers of the mask's shape"):
+        plan.train_step(plan.init(params), batch, mask, groups=np.zeros(3, np.int32))

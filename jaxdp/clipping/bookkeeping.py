@@ -9,7 +9,8 @@ gradients are never formed per example. Each example's squared weight-gradient n
 (``P_i``: the example's input patches, ``[T, K]``; ``dy_i``: ``[T, O]``) is computed per layer either from the
 "ghost" Gram form ``sum (P_i P_i^T) * (dy_i dy_i^T)`` (cost ``T^2 (K+O)``) or from the materialised
 ``P_i^T dy_i`` (cost ``T K O``), whichever is cheaper for that layer's shape (the ghost form only where its
-rounding-error bound stays tight, see below). With the clip factors ``c_i``
+rounding-error bound stays tight, see below); a layer with one position (``T = 1``: a Dense layer on vectors, as
+in an MLP) has the norm ``||P_i|| ||dy_i||``, computed as such. With the clip factors ``c_i``
 known, each layer's clipped gradient is one ordinary matmul ``sum_i P_i^T (c_i dy_i)``. Parameters outside
 intercepted layers (GroupNorm scales and biases, anything else) get ordinary per-example gradients by
 ``jax.vmap``, which is cheap for small parameter sets.
@@ -222,6 +223,15 @@ def _ghost_parts(p: jax.Array, d: jax.Array) -> jax.Array:
     return jnp.stack([ghost, loose.astype(ghost.dtype), abs_norms * (1 + _gamma(k + o + t + 4))], axis=1)
 
 
+def _rank_one_bounds(p: jax.Array, d: jax.Array) -> jax.Array:
+    """Per example, an upper bound of ``||fl(P^T fl(c D))|| / c`` for a layer with one position (``T = 1``: a
+    Dense layer on vectors). Then ``P_i^T D_i = p d^T`` has norm ``||p|| ||d||`` exactly, which
+    :func:`_abs_norms` bounds from above (there is no cancellation across positions to guard against, so no
+    Gram form and no materialised fallback); each entry the clipped sum adds is ``fl(p_k fl(c d_o))``, within
+    :func:`_sum_error` ``(1)`` of ``c p_k d_o``; ``2 u`` more covers the rounding of the final product."""
+    return _abs_norms(p, d) * np.float32(1 + _sum_error(1) + 2 * _ROUNDOFF)
+
+
 def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: int,
                               fallback_chunk: int) -> jax.Array:
     """Per example, an upper bound of ``||S_i|| / c_i`` where ``S_i = fl(P_i^T fl(c_i dy_i))`` is what the
@@ -230,6 +240,9 @@ def _layer_kernel_norm_bounds(x: jax.Array, dy: jax.Array, layer: Layer, chunk: 
     ``fallback_chunk`` examples at a time (one ``lax.cond`` per layer, outside the chunk loop)."""
     p, d = jax.eval_shape(lambda a, b: per_example_matrices(a[:1], b[:1], layer), x, dy)
     t, k, o = p.shape[1], p.shape[2], d.shape[2]
+    if t == 1:  # one position: the norm is a product of two vector norms, computed directly
+        return over_chunks(lambda a, b: _rank_one_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
+                           reduce=False)
     if not _uses_ghost(t, k, o):
         return over_chunks(lambda a, b: _materialised_bounds(*per_example_matrices(a, b, layer)), (x, dy), chunk,
                            reduce=False)

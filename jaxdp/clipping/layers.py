@@ -178,7 +178,9 @@ def summed_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> 
 
     def part(a, b):
         p, d = per_example_matrices(a, b, layer)
+        if p.shape[1] == 1:  # one position (a Dense layer on vectors): P^T D in the non-private gradient's layout
+            return jnp.einsum("bk,bo->ko", p[:, 0], d[:, 0], precision=lax.Precision.HIGHEST)
         # Output channels first: faster than "btk,bto->ko" on XLA's CPU backend in one-off timings.
-        return jnp.einsum("bto,btk->ok", d, p, precision=lax.Precision.HIGHEST)
+        return jnp.einsum("bto,btk->ok", d, p, precision=lax.Precision.HIGHEST).T
 
-    return over_chunks(part, (x, g), chunk, reduce=True).T
+    return over_chunks(part, (x, g), chunk, reduce=True)

@@ -294,10 +294,11 @@ class PlanWorkload(Workload):
         plan = self.make_plan(private, strategy, method, mechanism)
         width = plan.sampler.chunk_widths[-1]
         indices = np.arange(width) % len(self.groups)
-        batch = {k: jnp.asarray(v[indices][None]) for k, v in self.data.items()}
-        mask = jnp.asarray(_step_mask(width, self.batch_size)[None])
+        # Host arrays with a chunk axis, as plan.gather hands them to a user's loop (each step transfers them).
+        batch = {k: np.asarray(v[indices][None]) for k, v in self.data.items()}
+        mask = _step_mask(width, self.batch_size)[None]
         # A user passes each example's group only for a method that needs it.
-        groups = jnp.asarray(self.groups[indices][None]) if plan.private and plan.method.uses_groups else None
+        groups = self.groups[indices][None].astype(np.int32) if plan.private and plan.method.uses_groups else None
         holder = {"state": plan.init(self.params)}
         # train_step runs the plan's one compiled chunk program (once here: the batch fits one chunk).
         lowered, compile_s, memory = _timed_compile(
