@@ -67,6 +67,7 @@ reported epsilon is no guarantee against them (:data:`REPRODUCIBLE_NOTE`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -264,11 +265,16 @@ class DPPlan:
         if model_state and not self.has_model_state:
             raise ValueError("init(params, model_state) got a model state, but the plan was built without "
                              "has_model_state=True (and a loss_fn(params, batch, model_state)).")
-        state = TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params),
+        # The optimiser's state (zeros shaped like the parameters) from one compiled program, not one per leaf and
+        # operation: eagerly, a first run compiled some twenty small programs here. The noise's state (the secret
+        # key) is made outside it: a compiled program would hold the key as a constant, and JAX's persistent
+        # compilation cache would write it to disk.
+        opt_state = (self.noise.init(params), _jit_init(self.optimizer.init)(params))
+        state = TrainState(params=params, model_state=model_state, opt_state=opt_state,
                            method_state=self.init_method_state())
-        # Copies of every leaf: train_step donates the state, which must delete neither the caller's arrays nor
-        # those a later init returns again (the noise's init hands out the same key array every time).
-        return jax.tree_util.tree_map(jnp.array, state)
+        # Copies of every leaf (one program): train_step donates the state, which must delete neither the caller's
+        # arrays nor those a later init returns again (the noise's init hands out the same key array every time).
+        return _copy_tree(state)
 
     def init_method_state(self) -> Any:
         """The method's state before the first step (per-group bounds, a threshold; ``{}`` for DP-SGD)."""
@@ -510,6 +516,18 @@ def _mean_loss(loss_fn: LossFn) -> Callable[[PyTree, PyTree, Any], jax.Array]:
         return jnp.mean(_per_example(loss_fn(params, batch), leaves[0].shape[0]))
 
     return mean_loss
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_init(init: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
+    """An optimiser's ``init`` compiled (cached per function: a plan's ``init`` is called again on restarts)."""
+    return jax.jit(init)
+
+
+@jax.jit
+def _copy_tree(tree: PyTree) -> PyTree:
+    """Fresh copies of every leaf, in one compiled program (the tree is an argument: no value is compiled in)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def _as_array(a: Any) -> Any:

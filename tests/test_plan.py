@@ -99,3 +99,42 @@ def test_one_chunk_without_the_chunk_axis_from_device_arrays_equals_the_host_chu
         plan.train_step(plan.init(params), batch, mask.astype(np.float32))
     with pytest.raises(ValueError, match=r"groups must be integers of the mask's shape"):
         plan.train_step(plan.init(params), batch, mask, groups=np.zeros(3, np.int32))
+
+
+def test_no_compiled_program_holds_the_secret_noise_key(tmp_path):
+    """Every program JAX compiles goes to its persistent compilation cache when one is on (the study's sweeps turn
+    it on), and its cache key is computed from the program: a program holding the secret key as a constant would
+    write it to disk. Every module lowered for ``init`` and two ``train_step`` calls is searched for the key's
+    words; a program that compiles the key in is caught (the control)."""
+    import re
+
+    from jax._src import config as jax_config
+
+    previous = jax_config.jax_dump_ir_to.value
+    jax.config.update("jax_dump_ir_to", str(tmp_path))
+    jax.clear_caches()
+
+    def holding(words):
+        numbers = [str(int(w)) for w in words]
+        blob = "0x" + np.asarray(words, "<u4").tobytes().hex().upper()
+        return [p.name for p in sorted(tmp_path.iterdir()) if blob in p.read_text().upper()
+                or all(re.search(rf"(?<![0-9]){n}(?![0-9])", p.read_text()) for n in numbers)]
+
+    try:
+        plan = _linear_plan()
+        assert plan.dp.noise_mechanism == "lattice"
+        data = {"x": np.ones((64, 3), np.float32), "y": np.zeros(64, np.int32)}
+        state = plan.init({"w": jnp.zeros((3, 2))})
+        key = np.asarray(state.opt_state[0].key, np.uint32)
+        for step in range(2):
+            state, _ = plan.train_step(state, *plan.gather(data, plan.batch(step)))
+        jax.block_until_ready(state)
+        lowered = [p.name for p in tmp_path.iterdir()]
+        assert any("chunk_fn" in n for n in lowered) and any("init" in n for n in lowered), lowered
+        assert holding(key) == []
+        secret = key.copy()  # a host array closed over is compiled in as a constant
+        jax.block_until_ready(jax.jit(lambda x: x + secret)(jnp.zeros(4, jnp.uint32)))
+        assert len(holding(key)) == 1
+    finally:
+        jax.config.update("jax_dump_ir_to", previous)
+        jax.clear_caches()

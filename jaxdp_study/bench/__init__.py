@@ -19,6 +19,7 @@
 from jaxdp_study.bench.config_loop import loop_run_config, run_loop_benchmark
 from jaxdp_study.bench.reports import format_loop_table, format_runs_table, format_table, write_json
 from jaxdp_study.bench.step import METHOD_NAMES, run_benchmark
+from jaxdp_study.bench.timing import WARMUP_S
 from jaxdp_study.bench.torch_side import OPACUS_MODES, TORCH_INSTALL
 from jaxdp_study.bench.user_runs import run_user_loops
 from jaxdp_study.bench.workloads import (
@@ -34,7 +35,7 @@ from jaxdp_study.bench.workloads import (
 
 __all__ = [
     "ALL_STRATEGIES", "CONFIG_WORKLOADS", "LOOP_WORKLOADS", "METHOD_NAMES", "OPACUS_MODES", "PLAN_WORKLOADS",
-    "TORCH_INSTALL", "WORKLOADS", "ConfigWorkload", "PlanWorkload", "format_loop_table", "format_runs_table",
-    "format_table", "loop_run_config", "named_config", "run_benchmark", "run_loop_benchmark", "run_user_loops",
-    "write_json",
+    "TORCH_INSTALL", "WARMUP_S", "WORKLOADS", "ConfigWorkload", "PlanWorkload", "format_loop_table",
+    "format_runs_table", "format_table", "loop_run_config", "named_config", "run_benchmark", "run_loop_benchmark",
+    "run_user_loops", "write_json",
 ]

@@ -136,6 +136,7 @@ def run_benchmark(
     rounds: int = 3,
     steps_per_round: int = 1,
     settle_s: float = 1.0,
+    warmup_s: float = timing.WARMUP_S,
     include_noise_only: bool = True,
     torch_threads: int | None = None,
     mechanisms: Sequence[str] = (),
@@ -152,6 +153,8 @@ def run_benchmark(
     strategies = list(strategies if strategies is not None else (workload.strategies or ALL_STRATEGIES))
     method_names = list(methods)
     _check(strategies, method_names, opacus_modes if compare_opacus else (), rounds, steps_per_round, settle_s)
+    if not warmup_s >= 0:
+        raise ValueError(f"Need warmup_s >= 0; got {warmup_s}.")
     unknown = [m for m in mechanisms if m not in noise.MECHANISMS]
     if unknown:
         raise ValueError(f"Unknown noise mechanisms {unknown}; choose from {list(noise.MECHANISMS)}.")
@@ -161,13 +164,14 @@ def run_benchmark(
     entries, width = jax_entries(workload, strategies, method_names, include_noise_only, mechanisms)
     if compare_opacus:
         entries += torch_side.step_entries(spec, opacus_modes)
-    timing.run_rounds(entries, rounds, steps_per_round, settle_s, workload.batch_size)
+    timing.run_rounds(entries, rounds, steps_per_round, settle_s, workload.batch_size, warmup_s)
     timing.add_ratios(entries)
     environment = timing.environment()
     if compare_opacus:
         environment.update(torch_side.versions())
     config = dict(workload.settings(), chunk_width=width, strategies=strategies, rounds=rounds,
-                  steps_per_round=steps_per_round, settle_s=settle_s, compare_opacus=compare_opacus,
+                  steps_per_round=steps_per_round, settle_s=settle_s, warmup_s=warmup_s,
+                  compare_opacus=compare_opacus,
                   opacus_modes=list(opacus_modes) if compare_opacus else [], title=workload.title)
     if method_names:
         config["methods"] = method_names

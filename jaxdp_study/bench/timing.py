@@ -7,8 +7,12 @@ Every figure the benchmark prints is one of these:
   turn (JAX and torch interleaved), so slow phases of a noisy machine hit all entries alike. In each round an entry
   gets a pause of ``settle_s`` (XLA's and PyTorch's CPU thread pools keep spinning for a while after a step; without
   the pause each entry competes with the previous entry's idle threads), then one untimed step, which measures the
-  memory and brings the heap, caches and thread pools back to the state of a training loop, then
-  ``steps_per_round`` timed steps back to back, as a training loop runs them.
+  memory and brings the heap and caches back to the state of a training loop, then more untimed steps until
+  ``warmup_s`` has passed since that first step began (at least the one), then ``steps_per_round`` timed steps back
+  to back, as a training loop runs them. The warm-up is there because after the pause a step runs slower for a
+  while (the CPU's threads and clocks back up to speed): on the 2-core development machine the first 10-15 steps
+  of a millisecond-scale model took 1.2-1.5 times the later ones (digits CNN, Adult MLP, JAX and torch alike,
+  and not equally for every entry), so that timing them measured the pause, not the step.
 * ``compile_s``: the wall time of ``step.lower(...).compile()`` of the jitted step (JAX only); the jitted step then
   runs that executable (JAX's jit reuses it: no second compile).
 * ``peak_memory_bytes``: the largest growth of the process's resident memory during one step, over the rounds'
@@ -36,6 +40,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+
+# Seconds of untimed steps an entry runs after each settle pause before its timed steps (module docstring).
+WARMUP_S = 0.5
 
 
 @dataclasses.dataclass
@@ -76,15 +83,19 @@ def guarded(entry: Entry, build: Callable[[], Callable[[], None]]) -> Entry:
     return entry
 
 
-def timed_round(entry: Entry, steps: int, settle_s: float) -> list[float]:
+def timed_round(entry: Entry, steps: int, settle_s: float, warmup_s: float = WARMUP_S) -> list[float]:
     """One round of ``entry`` (module docstring): a pause of ``settle_s``, one untimed step that measures the
-    memory, then ``steps`` timed steps back to back; returns their wall times."""
+    memory, more untimed steps until ``warmup_s`` has passed since it began, then ``steps`` timed steps back to
+    back; returns their wall times."""
     time.sleep(settle_s)
+    started = time.perf_counter()
     before = _start_peak_rss()
     entry._run()
     growth = _peak_rss_growth(before)
     if growth is not None and (entry.framework == "torch" or jax.default_backend() == "cpu"):
         entry.peak_memory_bytes = max(entry.peak_memory_bytes or 0, growth)
+    while time.perf_counter() - started < warmup_s:
+        entry._run()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -94,12 +105,12 @@ def timed_round(entry: Entry, steps: int, settle_s: float) -> list[float]:
 
 
 def run_rounds(entries: Sequence[Entry], rounds: int, steps_per_round: int, settle_s: float,
-               batch_size: float) -> None:
+               batch_size: float, warmup_s: float = WARMUP_S) -> None:
     """Times every runnable entry in ``rounds`` interleaved rounds and sets its ``examples_per_s``."""
     for _ in range(rounds):
         for entry in entries:
             if entry._run is not None:
-                entry.step_s += timed_round(entry, steps_per_round, settle_s)
+                entry.step_s += timed_round(entry, steps_per_round, settle_s, warmup_s)
     for entry in entries:
         if entry.step_s:
             entry.examples_per_s = batch_size / statistics.median(entry.step_s)
