@@ -62,7 +62,7 @@ def run_loop_benchmark(config: Any, *, run: str | None = None, epochs: float | N
     Each round trains the run (:func:`loop_run_config`; ``epochs`` overrides ``config.train.epochs``) from
     scratch in a temporary directory with :func:`jaxdp.train.train_and_evaluate` — its own data (or
     ``datasets``), sampling, flips, diagnostics, evaluations and checkpoints — and then times the benchmark's step
-    for it (:func:`loop_step_entry`) as the step benchmark does: ``settle_s`` pause, one untimed step,
+    for it (:func:`loop_step_entry`) as the step benchmark does: ``settle_s`` pause, untimed warm-up steps,
     ``steps_per_round`` timed steps back to back. Each round's pair is close in time, so the machine's drifts hit
     both alike.
 
