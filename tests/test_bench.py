@@ -18,7 +18,7 @@ from jaxdp_study import bench, grid, measurements
 from jaxdp_study.bench import small_models, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = dict(rounds=2, settle_s=0.0)
+FAST = dict(rounds=2, settle_s=0.0, warmup_s=0.0)
 
 
 def tiny_resnet_config(**overrides):
@@ -182,6 +182,21 @@ def test_bad_arguments_are_refused():
         bench.run_benchmark(workload, methods=["dpsgd"], **FAST)
     with pytest.raises(ValueError, match="settle_s=-1"):
         bench.run_benchmark(workload, rounds=1, settle_s=-1)
+    with pytest.raises(ValueError, match="warmup_s >= 0; got -1"):
+        bench.run_benchmark(workload, rounds=1, warmup_s=-1)
+
+
+def test_a_round_warms_up_for_its_warmup_time_before_the_timed_steps():
+    from jaxdp_study.bench import timing
+
+    calls = []
+    entry = timing.Entry("fake", "jax", False)
+    entry._run = lambda: (calls.append(None), __import__("time").sleep(0.01))
+    times = timing.timed_round(entry, 3, settle_s=0.0, warmup_s=0.0)
+    assert len(times) == 3 and len(calls) == 4  # the untimed step that measures memory, then the timed ones
+    calls.clear()
+    times = timing.timed_round(entry, 3, settle_s=0.0, warmup_s=0.1)
+    assert len(times) == 3 and len(calls) >= 3 + 9  # about ten 10 ms steps of warm-up, then the timed ones
 
 
 def test_compare_opacus_without_torch_says_how_to_install(monkeypatch):
@@ -338,8 +353,8 @@ def test_cli_benchmarks_a_config_and_records_it(tmp_path, monkeypatch, capsys):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "bench.py"), "--config", str(ROOT / "configs" / "tiny.py"),
          "--image-size", "8", "--batch-size", "4", "--stage-sizes", "1", "--width", "4", "--num-groups", "2",
-         "--dataset-size", "200", "--rounds", "2", "--settle", "0", "--no-noise-only", "--strategies", "auto",
-         "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+         "--dataset-size", "200", "--rounds", "2", "--settle", "0", "--warmup", "0", "--no-noise-only",
+         "--strategies", "auto", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
         env={**__import__("os").environ, measurements.DIR_ENV: str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
