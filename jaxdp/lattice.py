@@ -194,6 +194,11 @@ _TABLE_CACHE_FORMAT = 1  # bump when the tables' construction changes: older fil
 PACKAGED_TABLES = (("rounded", 640.0), ("discrete", 640.0))
 
 
+def _half_width(stddev: float) -> int:
+    """The largest |n| a table of standard deviation ``stddev`` holds: ``ceil(12.5 stddev)`` (:data:`TAIL_STDDEVS`)."""
+    return max(1, math.ceil(TAIL_STDDEVS * stddev))
+
+
 def _table_file_name(kind: str, stddev: float) -> str:
     """The name of a table's file, in the package and in the cache folder (without the package's ``.gz``)."""
     return f"{kind}-{float(stddev).hex()}-v{_TABLE_CACHE_FORMAT}.json"
@@ -209,7 +214,7 @@ def write_packaged_tables() -> list[Path]:
     changes: ``python -c "from jaxdp import lattice; lattice.write_packaged_tables()"``)."""
     written = []
     for kind, stddev in PACKAGED_TABLES:
-        half_width = max(1, math.ceil(TAIL_STDDEVS * stddev))
+        half_width = _half_width(stddev)
         weights, tv_bound = _table_weights(kind, stddev, half_width)
         record = json.dumps(_table_record(_table_payload(kind, stddev, half_width, weights, tv_bound)))
         path = packaged_table_file(kind, stddev)
@@ -282,7 +287,7 @@ def alias_table(kind: str, stddev: float) -> AliasTable:
     if kind not in ("rounded", "discrete") or not 0 < stddev <= MAX_TABLE_STDDEV:
         raise ValueError(f"alias_table takes kind 'rounded' or 'discrete' and 0 < stddev <= {MAX_TABLE_STDDEV}; "
                          f"got {kind!r}, {stddev!r}.")
-    half_width = max(1, math.ceil(TAIL_STDDEVS * stddev))
+    half_width = _half_width(stddev)
     index_bits = max(1, (2 * half_width).bit_length())
     cached = _load_table(packaged_table_file(kind, stddev), kind, stddev, half_width)  # None if not shipped
     cache_file = table_cache_file(kind, stddev) if cached is None else None

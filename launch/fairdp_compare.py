@@ -172,14 +172,15 @@ def run_one(args, method: str, seed: int, workdir: Path, sex_counts: dict, extra
 
 def complete_rows(adult_dir: Path) -> list[tuple[str, int, list[str]]]:
     """(file, line number from 1, fields without fnlwgt) of each complete row, in fair-dp's order: adult.data then
-    adult.test (its first line skipped), blank lines skipped, rows with a ``?`` dropped (datasets/tabular.py)."""
+    adult.test (its first line skipped), blank lines skipped, rows with a ``?`` dropped (datasets/tabular.py), as
+    jaxdp's own parse of the files (jaxdp.data.adult) lists them."""
+    from jaxdp.data import adult as jaxdp_adult
+
     rows = []
-    for name in ADULT_SHA256:
-        for number, line in enumerate((adult_dir / name).read_text().split("\n"), 1):
-            fields = line.rstrip("\r").split(", ")
-            if (name == "adult.test" and number == 1) or not line.strip() or "?" in fields:
-                continue
-            rows.append((name, number, fields[:2] + fields[3:]))
+    for name in jaxdp_adult.FILE_NAMES:
+        path = adult_dir / name
+        fields, _, numbers, _ = jaxdp_adult._parse(path, path.read_text(), test_file=name == jaxdp_adult.TEST_NAME)
+        rows += [(name, number, row[:2] + row[3:]) for row, number in zip(fields, numbers, strict=True)]
     return rows
 
 
