@@ -10,9 +10,8 @@ Every figure the benchmark prints is one of these:
   memory and brings the heap and caches back to the state of a training loop, then more untimed steps until
   ``warmup_s`` has passed since that first step began (at least the one), then ``steps_per_round`` timed steps back
   to back, as a training loop runs them. The warm-up is there because after the pause a step runs slower for a
-  while (the CPU's threads and clocks back up to speed): on the 2-core development machine the first 10-15 steps
-  of a millisecond-scale model took 1.2-1.5 times the later ones (digits CNN, Adult MLP, JAX and torch alike,
-  and not equally for every entry), so that timing them measured the pause, not the step.
+  while (the CPU's threads and clocks back up to speed), JAX's and torch's alike and not equally for every entry:
+  timing the first steps of a millisecond-scale model measures the pause, not the step (CHANGELOG).
 * ``compile_s``: the wall time of ``step.lower(...).compile()`` of the jitted step (JAX only); the jitted step then
   runs that executable (JAX's jit reuses it: no second compile).
 * ``peak_memory_bytes``: the largest growth of the process's resident memory during one step, over the rounds'
