@@ -45,14 +45,18 @@ floating-point behaviour of the later steps, which see only ``y``.
 ``exp(-n^2 / 2 s^2)``; Canonne, Kamath & Steinke, "The discrete Gaussian for differential privacy", NeurIPS
 2020), the ``M_i`` powers of two with ``s_{i-1} >= 2.5 M_i``. Each level comes from an alias table (Walker 1977;
 Vose 1991) whose integer weights are the level's probabilities (computed with mpmath to 45 digits) rounded to
-multiples of ``2^-128``, realised exactly by one Threefry block per level (index bits and a 114-or-more-bit
-threshold). By Poisson summation (the convolution argument of Peikert, CRYPTO 2010, and Micciancio & Walter,
-CRYPTO 2017), ``R + M X`` with ``X ~ D_{Z,t}`` has, pointwise, the pmf of ``round(N(0, s^2 + M^2 t^2))`` (or of
-``D_{Z, sqrt(s^2 + M^2 t^2)}``) up to a factor ``(1 +- eps) / (1 -+ eps)``, ``eps = 2 sum_k exp(-2 pi^2 k^2 v)``,
-``v = (1/t^2 + M^2/s^2)^-1 >= 4.6`` here, so ``eps < 1e-39``. The sampler's total variation from
-``round(N(0, sigma^2))`` per draw is therefore at most the tables' (their rounding and the mass beyond
-``12.5 sigma_level`` they leave out) plus the smoothing error: :attr:`IntegerGaussian.tv_bound`, below
-:data:`TV_PER_DRAW` (1.7e-34) for every sampler built here.
+multiples of ``2^-128``, realised exactly by 128 random bits per level (index bits and a 114-or-more-bit
+uniform ``U`` compared with the column's threshold): a value's first Threefry block gives each level its index
+bits and ``U``'s top bits (one word per level), which decide the comparison unless they equal the threshold's top
+word (a tie: one value in 10^5 or fewer); a tied value's levels take the rest of ``U`` from blocks of their own
+(:meth:`IntegerGaussian.draw`). By Poisson summation (the convolution argument of Peikert, CRYPTO 2010, and
+Micciancio & Walter, CRYPTO 2017), ``R + M X`` with ``X ~ D_{Z,t}`` has, pointwise, the pmf of
+``round(N(0, s^2 + M^2 t^2))`` (or of ``D_{Z, sqrt(s^2 + M^2 t^2)}``) up to a factor ``(1 +- eps) / (1 -+ eps)``,
+``eps = 2 sum_k exp(-2 pi^2 k^2 v)``, ``v = (1/t^2 + M^2/s^2)^-1 >= 4.6`` here, so ``eps < 1e-39``. The sampler's
+total variation from ``round(N(0, sigma^2))`` per draw is therefore at most the tables' (their rounding and the
+mass beyond ``12.5 sigma_level`` they leave out) plus the smoothing error and the chance that a draw meets more
+tied values than it recomputes (:data:`TIE_FAILURE_PER_DRAW`, 1e-40 per value): :attr:`IntegerGaussian.tv_bound`,
+below :data:`TV_PER_DRAW` (1.7e-34) for every sampler built here.
 
 *The run.* Coupling each of the run's ``n`` draws with an ideal one, the real run's output differs from the ideal
 run's with probability at most ``n tau``; so if the ideal run is (epsilon, delta)-DP, the real one is
@@ -74,7 +78,10 @@ What this does not cover
   These change the sensitivity by a small relative amount; unlike the support holes above they cannot make an
   output impossible under one dataset and possible under the other.
 * The generator: Threefry-4x32-20's output is taken to be uniform random bits (see :mod:`jaxdp.threefry`).
-* Timing: drawing takes the same time whatever the values (no data-dependent branch or loop).
+* Timing: drawing takes the same work whatever the values (no data-dependent branch or loop; a draw recomputes
+  a fixed number of blocks whether they tie or not). The memory addresses it reads and writes do depend on them
+  (the tables' columns, which blocks are recomputed): an adversary who observes the training machine's caches is
+  outside this guarantee.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ import gzip
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -102,9 +110,13 @@ MAX_STDDEV = 4.0e7
 TAIL_STDDEVS = 12.5  # each table covers |n| <= ceil(12.5 s); the mass beyond is part of its total variation
 MAX_TABLE_STDDEV = 640.0  # the largest s of one table: 2 ceil(12.5 s) + 1 <= 2^14 cells
 SMOOTHING_RATIO = 2.5  # each level's fine part has s >= 2.5 M, M the multiplier of the coarse part
-RANDOM_BITS = 128  # one Threefry block per level: index bits, then the alias threshold
+RANDOM_BITS = 128  # per level: index bits, then the alias threshold's uniform U
 _DIGITS = 45  # mpmath precision of the tables' probabilities (the weights are multiples of 2^-128)
-_MAX_LEVELS = 3  # enough for MAX_STDDEV: 640, 163,840 and 4.19e7 are the capacities of 1 to 3 levels
+_MAX_LEVELS = 3  # enough for MAX_STDDEV: 640, 163,840 and 4.19e7 are the capacities of 1 to 3 levels (at most 4:
+# a value's levels take their columns from the four words of one block)
+TIE_BLOCK = 32  # values per block that a draw recomputes in full where one of them ties (IntegerGaussian.draw)
+# The probability, per value drawn, that a draw meets more tied blocks than it recomputes (tie_block_capacity).
+TIE_FAILURE_PER_DRAW = 1e-40
 
 
 def _normal_tail(x: float) -> float:
@@ -114,7 +126,8 @@ def _normal_tail(x: float) -> float:
 # Per table: at most 2^-114 from rounding the weights (2^14 cells, each within 2^-128) and the ideal mass beyond
 # 12.5 s (<= 2 Phi(-12.5)), once for the missing tail and once where it went (TV = half the L1 distance).
 TABLE_TV_BOUND = 2.0**-114 + 2 * _normal_tail(TAIL_STDDEVS) * 1.001
-# Per draw, every sampler built here: up to three tables, plus the smoothing error (below 1e-39 per level).
+# Per draw, every sampler built here: up to three tables, plus the smoothing error (below 1e-39 per level) and the
+# chance of more tied blocks than a draw recomputes (TIE_FAILURE_PER_DRAW).
 TV_PER_DRAW = _MAX_LEVELS * TABLE_TV_BOUND + 1e-38
 
 
@@ -322,18 +335,64 @@ def _table_weights(kind: str, stddev: float, half_width: int) -> tuple[list[int]
     return weights, tv_bound
 
 
-def _sample_level(block: list[jax.Array], table: AliasTable) -> jax.Array:
-    """One level's values (int32) from one Threefry block per value (four uint32 vectors)."""
-    x0, x1, x2, x3 = block
-    column = (x0 >> np.uint32(32 - table.index_bits)).astype(jnp.int32)
-    # Five 1-D gathers with int32 indices ("clip": they are in range): XLA's CPU backend ran a 2-D gather of the
-    # rows with uint32 indices, fused with what consumes it, about 10^4 times slower.
-    words = [jnp.take(jnp.asarray(np.ascontiguousarray(table.rows[:, j])), column, mode="clip") for j in range(5)]
-    u0 = x0 & np.uint32((1 << (32 - table.index_bits)) - 1)  # the threshold's top word holds the remaining bits
-    t0, t1, t2, t3 = words[1:]
+def _table_column(table: AliasTable, j: int) -> jax.Array:
+    """Column ``j`` of the table's rows as a constant: the alias (int32) for ``j = 0``, else threshold word ``j``."""
+    column = np.ascontiguousarray(table.rows[:, j])
+    return jnp.asarray(column.astype(np.int32) if j == 0 else column)
+
+
+def _take(table: AliasTable, j: int, column: jax.Array) -> jax.Array:
+    # 1-D gathers with int32 indices ("clip": they are in range): XLA's CPU backend ran a 2-D gather of the rows
+    # with uint32 indices, fused with what consumes it, about 10^4 times slower.
+    return jnp.take(_table_column(table, j), column, mode="clip")
+
+
+def _exact_level(word: jax.Array, rest: Sequence[jax.Array], table: AliasTable) -> jax.Array:
+    """One level's values (int32) from 128 random bits each: ``word``'s top ``index_bits`` bits choose the column,
+    its other bits are the top of the uniform ``U``, and the three words ``rest`` are the rest of ``U``; the cell
+    is the column where ``U`` is below the column's threshold (compared word by word), else its alias."""
+    column = (word >> np.uint32(32 - table.index_bits)).astype(jnp.int32)
+    u0 = word & np.uint32((1 << (32 - table.index_bits)) - 1)  # the threshold's top word holds the remaining bits
+    t0, t1, t2, t3 = (_take(table, j, column) for j in range(1, 5))
+    x1, x2, x3 = rest
     below = (u0 < t0) | ((u0 == t0) & ((x1 < t1) | ((x1 == t1) & ((x2 < t2) | ((x2 == t2) & (x3 < t3))))))
-    cell = jnp.where(below, column, words[0].astype(jnp.int32))
-    return cell - np.int32(table.half_width)
+    return jnp.where(below, column, _take(table, 0, column)) - np.int32(table.half_width)
+
+
+def _fast_level(word: jax.Array, table: AliasTable) -> tuple[jax.Array, jax.Array]:
+    """:func:`_exact_level`'s value from ``word`` alone wherever ``U``'s top bits differ from the threshold's top
+    word (they decide the comparison), and whether they are equal (a *tie*: the value then needs ``rest``).
+
+    Each gathered word has one use, so XLA fuses both gathers into the draw's one loop (a gather with two uses
+    became a fusion of its own, which recomputed the generator's block)."""
+    shift = 32 - table.index_bits
+    column = (word >> np.uint32(shift)).astype(jnp.int32)
+    # Both below 2^shift <= 2^24: the difference is exact in int32.
+    above = _take(table, 1, column).astype(jnp.int32) - (word & np.uint32((1 << shift) - 1)).astype(jnp.int32)
+    cell = jnp.where(above > 0, column, _take(table, 0, column)) - np.int32(table.half_width)
+    return cell, above == 0
+
+
+def tie_block_capacity(size: int, tables: Sequence[AliasTable]) -> int:
+    """How many blocks of :data:`TIE_BLOCK` values a draw of ``size`` values recomputes in full (all of them
+    when that is every block): the smallest number ``K`` such that more than ``K`` blocks hold a tie with
+    probability at most ``size * TIE_FAILURE_PER_DRAW``.
+
+    A value ties at level ``l`` with probability ``2^-(32 - index_bits_l)`` (``U``'s top bits are uniform and
+    independent of the column), so a block holds a tie with probability at most ``q = TIE_BLOCK sum_l
+    2^-(32 - index_bits_l)``, independently of the other blocks. With ``mu = blocks q`` (at least the expected
+    number of blocks with a tie), Chernoff's bound ``P(X >= m) <= e^-mu (e mu / m)^m`` for ``m > mu`` (increasing
+    in ``mu`` there, so it holds for the true mean too) is checked at ``m = K + 1``, with a factor ``e`` to spare.
+    """
+    blocks = -(-int(size) // TIE_BLOCK)
+    q = TIE_BLOCK * sum(2.0 ** -(32 - t.index_bits) for t in tables)
+    mu = blocks * q
+    log_budget = math.log(max(int(size), 1) * TIE_FAILURE_PER_DRAW) - 1.0
+    for capacity in range(blocks):
+        m = capacity + 1
+        if m > mu and -mu + m * (1.0 + math.log(mu) - math.log(m)) <= log_budget:
+            return capacity
+    return blocks
 
 
 # --- The integer noise -------------------------------------------------------------------------------------------
@@ -358,14 +417,34 @@ class IntegerGaussian:
     max_abs: int
 
     def draw(self, key_words: jax.Array, size: int, outer_multiplier: jax.Array | None = None) -> jax.Array:
-        """``size`` int32 draws keyed by the 128-bit ``key_words``: value ``i``, level ``l`` takes the block at
-        counter ``(i, l, 0, LATTICE)``. ``outer_multiplier``: a (traced) ``M1 <= multipliers[0]`` replacing it,
-        which lowers the standard deviation to ``sqrt(s0^2 + M1^2 inner_stddev^2)`` (:func:`outer_multiplier`)."""
-        words = list(jnp.asarray(key_words, jnp.uint32))
+        """``size`` int32 draws keyed by the 128-bit ``key_words``: value ``i``, level ``l`` takes its column and the
+        top bits of its ``U`` from word ``l`` of the block at counter ``(i, 0, 0, LATTICE)`` and the other 96 bits
+        of ``U`` from the block at ``(i, l, 1, LATTICE)``. ``outer_multiplier``: a (traced) ``M1 <=
+        multipliers[0]`` replacing it, which lowers the standard deviation to ``sqrt(s0^2 + M1^2 inner_stddev^2)``
+        (:func:`outer_multiplier`).
 
-        def values_of(index):
-            levels = [_sample_level(threefry.threefry4x32(words, [index, level, 0, threefry.LATTICE]), table)
-                      for level, table in enumerate(self.tables)]
+        How (the values are those of computing every level's 128 bits for every value):
+
+        1. one element-wise pass makes every value from its first block alone (:func:`_fast_level`) and marks the
+           values with a tie at some level (one in 10^5 or fewer);
+        2. the first ``K`` blocks of :data:`TIE_BLOCK` values holding a tie are recomputed in full, ``K`` fixed by
+           the size (:func:`tie_block_capacity`), whatever the values: the work, and so the time, do not depend on
+           them, though the addresses written (which blocks) do, as the tables' gathers' addresses already do.
+
+        More than ``K`` such blocks (probability at most ``TIE_FAILURE_PER_DRAW`` per value, in :attr:`tv_bound`)
+        would leave a tie in a later block decided as "not below". A draw whose ``K`` is all its blocks (a short
+        one) skips the first pass and computes every value in full.
+        """
+        threefry.check_draw_size(size)
+        if size == 0:
+            return jnp.zeros((0,), jnp.int32)
+        words = list(jnp.asarray(key_words, jnp.uint32))
+        LATTICE = threefry.LATTICE  # noqa: N806 (the counter domain's name)
+        blocks = -(-size // TIE_BLOCK)
+        threefry.check_draw_size(blocks * TIE_BLOCK)
+        capacity = tie_block_capacity(size, self.tables)
+
+        def combine(levels):
             value = levels[-1]
             for level in reversed(range(len(levels) - 1)):
                 multiplier = self.multipliers[level]
@@ -374,7 +453,29 @@ class IntegerGaussian:
                 value = levels[level] + multiplier * value
             return value
 
-        return threefry.draw_values(values_of, size, jnp.int32, words)
+        def exact(index):
+            first = threefry.threefry4x32(words, [index, 0, 0, LATTICE])
+            return combine([_exact_level(first[level], threefry.threefry4x32(words, [index, level, 1, LATTICE])[:3],
+                                         table) for level, table in enumerate(self.tables)])
+
+        if capacity >= blocks:
+            return threefry.computed_once(words, lambda: exact(jax.lax.iota(jnp.uint32, size)))
+
+        def first_pass():  # 2 v + (1 where some level ties): one int32 output, so one fused loop (|v| < 2^30)
+            first = threefry.threefry4x32(words, [jax.lax.iota(jnp.uint32, blocks * TIE_BLOCK), 0, 0, LATTICE])
+            cells, ties = zip(*(_fast_level(first[level], table) for level, table in enumerate(self.tables)),
+                              strict=True)
+            tie = functools.reduce(jnp.logical_or, ties)
+            return combine(list(cells)) * np.int32(2) + tie.astype(jnp.int32)
+
+        encoded = threefry.computed_once(words, first_pass).reshape(blocks, TIE_BLOCK)
+        tied = jnp.max(encoded & np.int32(1), axis=1) > 0
+        chosen = jnp.nonzero(tied, size=capacity, fill_value=blocks)[0]  # the first `capacity` tied blocks
+        index = chosen.astype(jnp.uint32)[:, None] * np.uint32(TIE_BLOCK) + jnp.arange(TIE_BLOCK, dtype=jnp.uint32)
+        # Unfilled places (fill_value = blocks) point past the end: their values are computed and dropped.
+        values = (encoded >> np.int32(1)).at[chosen].set(exact(index.reshape(-1)).reshape(capacity, TIE_BLOCK),
+                                                         mode="drop")
+        return values.reshape(-1)[:size]
 
 
 def _smoothing_error(fine: float, multiplier: int, coarse: float) -> float:
@@ -408,6 +509,7 @@ def integer_gaussian(stddev: float) -> IntegerGaussian:
         kind = "discrete"
     plan.append((kind, target))
     tables = tuple(alias_table(k, s) for k, s in plan)
+    assert len(tables) <= _MAX_LEVELS, (stddev, len(tables))  # a value's levels share one block's four words
     # The ideal standard deviations of the nested parts, innermost first, and the check that the whole reaches
     # stddev, in exact arithmetic.
     variance = Fraction(tables[-1].stddev) ** 2
@@ -424,7 +526,7 @@ def integer_gaussian(stddev: float) -> IntegerGaussian:
         max_abs = table.half_width + multiplier * max_abs
     if max_abs >= 2**31 - MAX_SUM:
         raise AssertionError(f"integer_gaussian({stddev}): |N| up to {max_abs} overflows int32 with k")
-    tv = sum(t.tv_bound for t in tables) + math.expm1(smoothing)
+    tv = sum(t.tv_bound for t in tables) + math.expm1(smoothing) + TIE_FAILURE_PER_DRAW
     assert tv <= TV_PER_DRAW
     return IntegerGaussian(math.sqrt(variance), tables, tuple(multipliers),
                            math.sqrt(inner[-2]) if len(tables) > 1 else None, smoothing, tv, max_abs)

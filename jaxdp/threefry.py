@@ -11,6 +11,7 @@ and :mod:`jaxdp.lattice` (the lattice mechanism) draw from it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,26 +80,26 @@ def check_draw_size(size: int) -> None:
         raise ValueError(f"A noise draw holds fewer than 2**32 values (one counter word indexes them); got {size}.")
 
 
+def computed_once(words: jax.Array, make: Callable[[], Any]) -> Any:
+    """``make()`` (a traced computation of the draw keyed by ``words``), computed once and kept.
+
+    It runs inside a ``lax.cond`` whose two branches are this same computation and whose predicate depends on
+    ``words`` (so XLA cannot fold it): XLA keeps a conditional's result as a buffer and does not fuse it into its
+    consumers. Fused, the integer-only generator counts as cheap and would be recomputed in every consumer (Adam's
+    two moments and the update, for each leaf), which multiplies the compile time and the work. Inside the branch
+    an element-wise draw is one loop that XLA's CPU backend can split over its threads, where a loop over chunks
+    of the draw (``lax.scan``, jaxdp's earlier way) writes each chunk in place on one thread (CHANGELOG). Either
+    branch gives the same values and takes the same time."""
+    words = jnp.asarray(words, jnp.uint32)
+    opaque = words[0] != words[1] + np.uint32(1)
+    return jax.lax.cond(opaque, make, make)
+
+
 def draw_values(values_of: Callable[[jax.Array], jax.Array], size: int, dtype, words: jax.Array) -> jax.Array:
     """``values_of(index)`` (a uint32 vector of value indices -> one value each) for indices ``0 .. size - 1``,
-    computed once and kept (``words``: the draw's key words, traced).
-
-    The values are made inside a ``lax.cond`` whose two branches are this same computation and whose predicate
-    depends on ``words`` (so XLA cannot fold it): XLA keeps a conditional's result as one buffer and does not
-    fuse it into its consumers. Fused, the integer-only generator counts as cheap and would be recomputed in
-    every consumer (Adam's two moments and the update, for each leaf), which multiplies the compile time and
-    the work. Inside the branch the generator is one element-wise loop that XLA's CPU backend can split over
-    its threads, where a loop over chunks of the draw (``lax.scan``, jaxdp's earlier way) writes each chunk in
-    place on one thread (CHANGELOG). Value ``i`` depends only on ``i``, so the values are those of any earlier
-    version of this function.
-    """
+    computed once and kept (:func:`computed_once`; ``words``: the draw's key words, traced). Value ``i`` depends
+    only on ``i``, so the values are those of any earlier version of this function."""
     check_draw_size(size)
     if size == 0:
         return jnp.zeros((0,), dtype)
-    words = jnp.asarray(words, jnp.uint32)
-    opaque = words[0] != words[1] + np.uint32(1)  # either way the same values: both branches are one computation
-
-    def values():
-        return values_of(jax.lax.iota(jnp.uint32, size)).astype(dtype)
-
-    return jax.lax.cond(opaque, values, values)
+    return computed_once(words, lambda: values_of(jax.lax.iota(jnp.uint32, size)).astype(dtype))

@@ -314,9 +314,98 @@ def test_each_level_picks_the_column_below_its_threshold_and_the_alias_at_or_abo
                                u & 0xFFFFFFFF])
                 expected.append(cell - table.half_width)
     block = jnp.asarray(np.array(blocks, np.uint32).T)
-    got = jax.jit(lambda b: lattice._sample_level(list(b), table))(block)
+    got = jax.jit(lambda b: lattice._exact_level(b[0], list(b[1:]), table))(block)
     np.testing.assert_array_equal(got, expected)
     assert len(expected) > len(table.rows)  # most columns have both outcomes
+    # The first pass decides from the first word alone: top bits one below the threshold's top word give the
+    # column, one above the alias, equal ones a tie (there the full comparison above decides).
+    words, cells, ties = [], [], []
+    for column, (alias, t0, *_) in enumerate(table.rows.tolist()):
+        for top, cell, tie in ((t0 - 1, column, False), (t0 + 1, alias, False), (t0, None, True)):
+            if 0 <= top < 2**bits:
+                words.append((column << bits) | top)
+                cells.append(cell - table.half_width if cell is not None else 0)
+                ties.append(tie)
+    cell, tie = jax.jit(lambda w: lattice._fast_level(w, table))(jnp.asarray(np.array(words, np.uint32)))
+    np.testing.assert_array_equal(tie, ties)
+    decided = ~np.array(ties)
+    np.testing.assert_array_equal(np.asarray(cell)[decided], np.array(cells)[decided])
+    assert decided.sum() > len(table.rows)
+
+
+def _every_value_in_full(sampler, key, size, multiplier=None):
+    """The draw computed the slow way: every level of every value from its 128 bits (its first block's word and
+    its own block), and how many (value, level) pairs tie (their top bits equal the threshold's)."""
+    words, index = list(jnp.asarray(key, jnp.uint32)), jax.lax.iota(jnp.uint32, size)
+    first = threefry.threefry4x32(words, [index, 0, 0, threefry.LATTICE])
+    levels, ties = [], 0
+    for level, table in enumerate(sampler.tables):
+        rest = threefry.threefry4x32(words, [index, level, 1, threefry.LATTICE])[:3]
+        levels.append(lattice._exact_level(first[level], rest, table))
+        ties = ties + jnp.sum(lattice._fast_level(first[level], table)[1])
+    value = levels[-1]
+    for level in reversed(range(len(levels) - 1)):
+        m = multiplier if (level == 0 and multiplier is not None) else sampler.multipliers[level]
+        value = levels[level] + m * value
+    return value, ties
+
+
+@pytest.mark.parametrize("stddev", [500.0, 400_000.0])
+def test_the_draw_is_every_value_computed_in_full_with_ties_among_them(stddev):
+    """2^20 values of a one-level and a three-level sampler (the Adult MLP's size of noise), with the traced outer
+    multiplier too: bit for bit the values computed in full, and ties happened (about 4 and 8 expected), so the
+    recomputed blocks were exercised. Shorter draws (one of them computed in full) are the same values' prefix."""
+    sampler, key, size = lattice.integer_gaussian(stddev), jnp.asarray([5, 7, 11, 13], jnp.uint32), 2**20
+    multipliers = [None] + ([jnp.int32(sampler.multipliers[0] - 3)] if sampler.multipliers else [])
+    for multiplier in reversed(multipliers):  # the default multiplier last: `full` below is its
+        drawn = jax.jit(lambda k, m: sampler.draw(k, size, outer_multiplier=m))(key, multiplier)
+        full, ties = jax.jit(lambda k, m: _every_value_in_full(sampler, k, size, m))(key, multiplier)
+        assert int(ties) > 0
+        np.testing.assert_array_equal(drawn, full)
+    assert lattice.tie_block_capacity(100, sampler.tables) == math.ceil(100 / lattice.TIE_BLOCK)  # all in full
+    assert lattice.tie_block_capacity(1000, sampler.tables) < math.ceil(1000 / lattice.TIE_BLOCK)  # two passes
+    for n in (100, 1000):
+        np.testing.assert_array_equal(jax.jit(lambda k, n=n: sampler.draw(k, n))(key), np.asarray(full)[:n])
+
+
+def test_without_its_recomputed_blocks_a_draw_differs_exactly_in_tied_blocks(monkeypatch):
+    """The test above has teeth: with no block recomputed (the failure the capacity makes unlikely), the draw
+    differs from the values in full, and only inside blocks that hold a tie."""
+    sampler, key, size = lattice.integer_gaussian(500.0), jnp.asarray([5, 7, 11, 13], jnp.uint32), 2**20
+    monkeypatch.setattr(lattice, "tie_block_capacity", lambda size, tables: 0)
+    drawn = np.asarray(jax.jit(lambda k: sampler.draw(k, size))(key))
+    full, _ = jax.jit(lambda k: _every_value_in_full(sampler, k, size))(key)
+    words = list(key)
+    first = threefry.threefry4x32(words, [jax.lax.iota(jnp.uint32, size), 0, 0, threefry.LATTICE])
+    tied_blocks = np.asarray(lattice._fast_level(first[0], sampler.tables[0])[1]).reshape(-1, lattice.TIE_BLOCK).any(1)
+    differs = (drawn != np.asarray(full)).reshape(-1, lattice.TIE_BLOCK).any(1)
+    assert differs.any() and not (differs & ~tied_blocks).any()
+
+
+@pytest.mark.parametrize("size", [2, 21_642, 91_650, 11_000_000])
+def test_the_recomputed_blocks_outnumber_the_tied_ones_but_with_negligible_probability(size):
+    """tie_block_capacity's K against the exact binomial tail (mpmath): more than K of the draw's blocks hold a
+    tie with probability at most size * TIE_FAILURE_PER_DRAW, and K is not far above what that needs (the tail
+    at 95% of K is above the budget), for the three-level sampler's tables (14, 14 and 8 column bits)."""
+    import mpmath
+
+    tables = lattice.integer_gaussian(400_000.0).tables
+    assert [t.index_bits for t in tables] == [14, 14, 8]
+    blocks = math.ceil(size / lattice.TIE_BLOCK)
+    capacity = lattice.tie_block_capacity(size, tables)
+    if capacity == blocks:  # every block recomputed: nothing can be left
+        assert size < 1000
+        return
+    with mpmath.workdps(80):
+        no_tie = mpmath.fprod((1 - mpmath.mpf(2) ** -(32 - t.index_bits)) ** lattice.TIE_BLOCK for t in tables)
+        q = 1 - no_tie
+
+        def tail(m):  # P(Binomial(blocks, q) >= m), as 1 - P(< m) at 80 digits (the budget is 1e-35 or more)
+            return 1 - mpmath.fsum(mpmath.binomial(blocks, j) * q**j * no_tie ** (blocks - j) for j in range(m))
+
+        budget = size * lattice.TIE_FAILURE_PER_DRAW
+        assert tail(capacity + 1) <= budget
+        assert tail(int(0.95 * capacity)) > budget  # Chernoff's bound costs under 5% more blocks
 
 
 def test_two_levels_are_pointwise_the_rounded_gaussian():
