@@ -172,14 +172,27 @@ def over_chunks(fn: Callable, arrays: Sequence[jax.Array], chunk: int, reduce: b
     return join([result, fn(*tail)]) if rest else result
 
 
+def examples_contracted(x: jax.Array, g: jax.Array) -> jax.Array:
+    """``x^T g`` (``[K, O]`` from ``x`` ``[B, K]`` and ``g`` ``[B, O]``: summed over the examples), at
+    ``precision=HIGHEST``.
+
+    On CPU ``x^T`` is first made an array of its own (``lax.optimization_barrier`` keeps XLA from folding the
+    transpose into the product): XLA's CPU backend then runs a row-major product in its multi-threaded YNNPACK
+    kernels, where a product contracting both operands' first axis went to a single-threaded kernel (the Adult
+    MLP's DP step, CHANGELOG). On other backends the product reads the operands as they are."""
+    if jax.default_backend() == "cpu":
+        return jnp.dot(lax.optimization_barrier(x.T), g, precision=lax.Precision.HIGHEST)
+    return jnp.einsum("bk,bo->ko", x, g, precision=lax.Precision.HIGHEST)
+
+
 def summed_kernel_grad(x: jax.Array, g: jax.Array, layer: Layer, chunk: int) -> jax.Array:
     """``sum_i P_i^T g_i`` (``[K, O]``: the layer's weight gradient, summed over the examples), for ``chunk``
     examples at a time, at ``precision=HIGHEST``."""
 
     def part(a, b):
         p, d = per_example_matrices(a, b, layer)
-        if p.shape[1] == 1:  # one position (a Dense layer on vectors): P^T D in the non-private gradient's layout
-            return jnp.einsum("bk,bo->ko", p[:, 0], d[:, 0], precision=lax.Precision.HIGHEST)
+        if p.shape[1] == 1:  # one position (a Dense layer on vectors)
+            return examples_contracted(p[:, 0], d[:, 0])
         # Output channels first: faster than "btk,bto->ko" on XLA's CPU backend in one-off timings.
         return jnp.einsum("bto,btk->ok", d, p, precision=lax.Precision.HIGHEST).T
 
