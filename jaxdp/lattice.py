@@ -347,16 +347,36 @@ def _take(table: AliasTable, j: int, column: jax.Array) -> jax.Array:
     return jnp.take(_table_column(table, j), column, mode="clip")
 
 
+def _exact_cells(word: jax.Array, rest: Sequence[jax.Array], tables: Sequence[AliasTable]) -> jax.Array:
+    """Each level's values (int32 ``[levels, n]``) from 128 random bits each: for level ``l`` (row ``l`` of ``word``
+    and of the three words ``rest``), ``word``'s top ``index_bits`` bits choose the column of ``tables[l]``, its
+    other bits are the top of the uniform ``U`` and ``rest`` is the rest of ``U``; the cell is the column where
+    ``U`` is below the column's threshold (compared word by word), else its alias.
+
+    The levels' tables are read as one concatenated table, and each gathered word has one use (``x - t`` wraps
+    exactly where ``x < t``), so that XLA compiles the levels as one fused loop."""
+    level_rows = np.cumsum([0] + [len(t.rows) for t in tables])[:-1].astype(np.int32)[:, None]
+    shift = np.array([32 - t.index_bits for t in tables], np.uint32)[:, None]
+    column = (word >> shift).astype(jnp.int32)
+    row = level_rows + column
+
+    def take(j):
+        values = np.concatenate([t.rows[:, j] for t in tables])
+        return jnp.take(jnp.asarray(values.astype(np.int32) if j == 0 else values), row, mode="clip")
+
+    # U's top bits are word's low bits: the threshold's top word holds the same number of bits.
+    x = [word & ((np.uint32(1) << shift) - np.uint32(1)), *rest]
+    below = None
+    for j in reversed(range(4)):
+        d = x[j] - take(j + 1)
+        below = (d > x[j]) if below is None else (d > x[j]) | ((d == 0) & below)
+    half_width = np.array([t.half_width for t in tables], np.int32)[:, None]
+    return jnp.where(below, column, take(0)) - half_width
+
+
 def _exact_level(word: jax.Array, rest: Sequence[jax.Array], table: AliasTable) -> jax.Array:
-    """One level's values (int32) from 128 random bits each: ``word``'s top ``index_bits`` bits choose the column,
-    its other bits are the top of the uniform ``U``, and the three words ``rest`` are the rest of ``U``; the cell
-    is the column where ``U`` is below the column's threshold (compared word by word), else its alias."""
-    column = (word >> np.uint32(32 - table.index_bits)).astype(jnp.int32)
-    u0 = word & np.uint32((1 << (32 - table.index_bits)) - 1)  # the threshold's top word holds the remaining bits
-    t0, t1, t2, t3 = (_take(table, j, column) for j in range(1, 5))
-    x1, x2, x3 = rest
-    below = (u0 < t0) | ((u0 == t0) & ((x1 < t1) | ((x1 == t1) & ((x2 < t2) | ((x2 == t2) & (x3 < t3))))))
-    return jnp.where(below, column, _take(table, 0, column)) - np.int32(table.half_width)
+    """One level's values (int32) from 128 random bits each (:func:`_exact_cells` for one table)."""
+    return _exact_cells(word[None], [r[None] for r in rest], (table,))[0]
 
 
 def _fast_level(word: jax.Array, table: AliasTable) -> tuple[jax.Array, jax.Array]:
@@ -454,9 +474,14 @@ class IntegerGaussian:
             return value
 
         def exact(index):
-            first = threefry.threefry4x32(words, [index, 0, 0, LATTICE])
-            return combine([_exact_level(first[level], threefry.threefry4x32(words, [index, level, 1, LATTICE])[:3],
-                                         table) for level, table in enumerate(self.tables)])
+            # Lanes [level, value]: each takes its level's word of the value's first block and its own block.
+            level = np.arange(len(self.tables), dtype=np.uint32)[:, None]
+            first = threefry.threefry4x32(words, [index[None, :], 0, 0, LATTICE])
+            word = first[len(self.tables) - 1]
+            for row in reversed(range(len(self.tables) - 1)):
+                word = jnp.where(level == row, first[row], word)
+            rest = threefry.threefry4x32(words, [index[None, :], level, 1, LATTICE])[:3]
+            return combine(list(_exact_cells(word, rest, self.tables)))
 
         if capacity >= blocks:
             return threefry.computed_once(words, lambda: exact(jax.lax.iota(jnp.uint32, size)))
