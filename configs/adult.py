@@ -10,7 +10,7 @@ levels and non-private training x the female fraction of the training set x 3 se
   its natural income rate), the same at every fraction of a seed; ``--seeds``-style replicates come from the
   ``seed`` axis (data.seed and train.seed: other rows, other training randomness). The numerical features are
   standardised with the test set's statistics, not the training rows' (jaxdp.data.adult says why).
-- Model: fair-dp's Adult network, an MLP 99-256-256-2 with tanh (91,650 parameters), all Dense layers:
+- Model: fair-dp's Adult network, an MLP 99-256-256-2 with tanh (91,906 parameters), all Dense layers:
   clipping_strategy "auto" runs "bookkeeping".
 - Privacy levels by their epsilon: the noise of each level is calibrated (dp.target_epsilon, PLD, delta 1e-6) to
   the paper's 1.15 / 4.98 / 16.2 on these 24,000 rows, q and steps (the paper's z = 1.5 / 0.7 / 0.5 would mean
