@@ -387,7 +387,7 @@ def _fast_level(word: jax.Array, table: AliasTable) -> tuple[jax.Array, jax.Arra
     became a fusion of its own, which recomputed the generator's block)."""
     shift = 32 - table.index_bits
     column = (word >> np.uint32(shift)).astype(jnp.int32)
-    # Both below 2^shift <= 2^24: the difference is exact in int32.
+    # Both below 2^shift <= 2^30 (index_bits >= 2): the difference is exact in int32.
     above = _take(table, 1, column).astype(jnp.int32) - (word & np.uint32((1 << shift) - 1)).astype(jnp.int32)
     cell = jnp.where(above > 0, column, _take(table, 0, column)) - np.int32(table.half_width)
     return cell, above == 0
