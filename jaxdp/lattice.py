@@ -335,16 +335,13 @@ def _table_weights(kind: str, stddev: float, half_width: int) -> tuple[list[int]
     return weights, tv_bound
 
 
-def _table_column(table: AliasTable, j: int) -> jax.Array:
-    """Column ``j`` of the table's rows as a constant: the alias (int32) for ``j = 0``, else threshold word ``j``."""
-    column = np.ascontiguousarray(table.rows[:, j])
-    return jnp.asarray(column.astype(np.int32) if j == 0 else column)
-
-
-def _take(table: AliasTable, j: int, column: jax.Array) -> jax.Array:
-    # 1-D gathers with int32 indices ("clip": they are in range): XLA's CPU backend ran a 2-D gather of the rows
-    # with uint32 indices, fused with what consumes it, about 10^4 times slower.
-    return jnp.take(_table_column(table, j), column, mode="clip")
+def _take(tables: Sequence[AliasTable], j: int, row: jax.Array) -> jax.Array:
+    """Word ``j`` of the tables' rows (concatenated in order; ``row`` indexes the concatenation): the alias (int32)
+    for ``j = 0``, else threshold word ``j``. 1-D gathers with int32 indices ("clip": they are in range): XLA's CPU
+    backend ran a 2-D gather of the rows with uint32 indices, fused with what consumes it, about 10^4 times
+    slower."""
+    values = np.concatenate([t.rows[:, j] for t in tables])
+    return jnp.take(jnp.asarray(values.astype(np.int32) if j == 0 else values), row, mode="clip")
 
 
 def _exact_cells(word: jax.Array, rest: Sequence[jax.Array], tables: Sequence[AliasTable]) -> jax.Array:
@@ -359,19 +356,14 @@ def _exact_cells(word: jax.Array, rest: Sequence[jax.Array], tables: Sequence[Al
     shift = np.array([32 - t.index_bits for t in tables], np.uint32)[:, None]
     column = (word >> shift).astype(jnp.int32)
     row = level_rows + column
-
-    def take(j):
-        values = np.concatenate([t.rows[:, j] for t in tables])
-        return jnp.take(jnp.asarray(values.astype(np.int32) if j == 0 else values), row, mode="clip")
-
     # U's top bits are word's low bits: the threshold's top word holds the same number of bits.
     x = [word & ((np.uint32(1) << shift) - np.uint32(1)), *rest]
     below = None
     for j in reversed(range(4)):
-        d = x[j] - take(j + 1)
+        d = x[j] - _take(tables, j + 1, row)
         below = (d > x[j]) if below is None else (d > x[j]) | ((d == 0) & below)
     half_width = np.array([t.half_width for t in tables], np.int32)[:, None]
-    return jnp.where(below, column, take(0)) - half_width
+    return jnp.where(below, column, _take(tables, 0, row)) - half_width
 
 
 def _exact_level(word: jax.Array, rest: Sequence[jax.Array], table: AliasTable) -> jax.Array:
@@ -388,8 +380,8 @@ def _fast_level(word: jax.Array, table: AliasTable) -> tuple[jax.Array, jax.Arra
     shift = 32 - table.index_bits
     column = (word >> np.uint32(shift)).astype(jnp.int32)
     # Both below 2^shift <= 2^30 (index_bits >= 2): the difference is exact in int32.
-    above = _take(table, 1, column).astype(jnp.int32) - (word & np.uint32((1 << shift) - 1)).astype(jnp.int32)
-    cell = jnp.where(above > 0, column, _take(table, 0, column)) - np.int32(table.half_width)
+    above = _take((table,), 1, column).astype(jnp.int32) - (word & np.uint32((1 << shift) - 1)).astype(jnp.int32)
+    cell = jnp.where(above > 0, column, _take((table,), 0, column)) - np.int32(table.half_width)
     return cell, above == 0
 
 

@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                      "a config's --loop)")
     how.add_argument("--settle", type=float, default=1.0, help="seconds to pause before each entry's round so the "
                      "previous entry's CPU thread pools go idle (jaxdp_study/bench/timing.py)")
-    how.add_argument("--warmup", type=float, default=None, help="seconds of untimed steps after each settle pause "
-                     f"before the timed ones (default {bench.WARMUP_S:g}; jaxdp_study/bench/timing.py)")
+    how.add_argument("--warmup", type=float, default=bench.WARMUP_S, help="seconds of untimed steps after each "
+                     f"settle pause before the timed ones (default {bench.WARMUP_S:g}; jaxdp_study/bench/timing.py)")
     loop = parser.add_argument_group("--loop")
     loop.add_argument("--loop", action="store_true", help="time whole training runs (module docstring)")
     loop.add_argument("--run", default=None, help="with --config: a regular expression picking a run of the "
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             workload, strategies=_names(args.strategies), methods=_methods(args.methods),
             compare_opacus=args.compare_opacus, opacus_modes=_names(args.opacus_modes) or bench.OPACUS_MODES,
             rounds=args.rounds, steps_per_round=args.steps_per_round or 1, settle_s=args.settle,
-            warmup_s=bench.WARMUP_S if args.warmup is None else args.warmup,
+            warmup_s=args.warmup,
             include_noise_only=not args.no_noise_only, torch_threads=args.torch_threads,
             mechanisms=_names(args.mechanisms) or ())
     except (ImportError, ValueError, FileNotFoundError, grid.SweepError) as error:
